@@ -1,0 +1,330 @@
+//! The typed configuration of one BalancedService, produced only by `api::validate`.
+//!
+//! Everything downstream (prober, pickers, listeners, controller) reads these
+//! types and never re-parses the spec's strings.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use super::spec::{HashSource, ListenerProtocol, PassiveCondition, RetryCondition};
+
+/// `namespace/name` of a BalancedService.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// Builds a key from its parts.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A validated BalancedService.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Which object this is.
+    pub key: ServiceKey,
+    /// Service whose EndpointSlices supply endpoints.
+    pub service: Option<String>,
+    /// Static endpoints.
+    pub endpoints: Vec<EndpointConfig>,
+    /// Listeners, in spec order.
+    pub listeners: Vec<ListenerConfig>,
+    /// Balancing algorithm.
+    pub algorithm: Algorithm,
+    /// Active health checks.
+    pub health: HealthCheck,
+    /// Passive ejection.
+    pub passive: PassiveHealth,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Upstream timeouts.
+    pub timeouts: Timeouts,
+    /// Proxy replicas.
+    pub replicas: u32,
+    /// Publish a `<name>-healthy` EndpointSlice.
+    pub publish_endpoint_slice: bool,
+}
+
+/// An endpoint and how it takes part in balancing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Address and (default) port.
+    pub addr: SocketAddr,
+    /// 1..=1000.
+    pub weight: u32,
+    /// Used only while no primary is available.
+    pub backup: bool,
+    /// 0 is unlimited.
+    pub max_connections: u32,
+}
+
+/// One listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Unique name.
+    pub name: String,
+    /// Port the proxy listens on.
+    pub port: u16,
+    /// HTTP or TCP.
+    pub protocol: ListenerProtocol,
+    /// Port on the endpoints; `None` is the endpoint's own port.
+    pub target_port: Option<TargetPort>,
+}
+
+/// A listener's port on the endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A named port of the Service's EndpointSlices.
+    Name(String),
+}
+
+/// Balancing algorithm with its parameters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Full scan for the fewest active requests per weight.
+    LeastConnections,
+    /// Best of two weighted random picks by active requests.
+    PowerOfTwoChoices,
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Weighted random.
+    Random,
+    /// Consistent hash of a request key.
+    ConsistentHash(HashKey),
+}
+
+impl Algorithm {
+    /// The spec's name for this algorithm.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Algorithm::LeastConnections => "LeastConnections",
+            Algorithm::PowerOfTwoChoices => "PowerOfTwoChoices",
+            Algorithm::RoundRobin => "RoundRobin",
+            Algorithm::Random => "Random",
+            Algorithm::ConsistentHash(_) => "ConsistentHash",
+        }
+    }
+}
+
+/// What ConsistentHash hashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// Client IP.
+    SourceIp,
+    /// A request header (lower-case name).
+    Header(http::HeaderName),
+    /// A cookie.
+    Cookie(String),
+}
+
+/// Active health check settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What one probe does.
+    pub probe: ProbeKind,
+    /// Between probes while up or rising.
+    pub interval: Duration,
+    /// One probe's limit.
+    pub timeout: Duration,
+    /// Successes in a row to become healthy.
+    pub rise: u32,
+    /// Failures in a row to become unhealthy.
+    pub fall: u32,
+    /// Between probes while down.
+    pub down_interval: Duration,
+    /// Port override.
+    pub port: Option<u16>,
+}
+
+/// The kinds of probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// TCP connect.
+    Tcp,
+    /// HTTP/1.1 request with an expected status.
+    Http(HttpProbe),
+    /// TLS handshake.
+    Tls(TlsProbe),
+}
+
+impl ProbeKind {
+    /// `TCP`, `HTTP` or `TLS`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ProbeKind::Tcp => "TCP",
+            ProbeKind::Http(_) => "HTTP",
+            ProbeKind::Tls(_) => "TLS",
+        }
+    }
+}
+
+/// The HTTP probe's request and expectation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpProbe {
+    /// Request method.
+    pub method: http::Method,
+    /// Path and query.
+    pub path: String,
+    /// Host header; `None` uses the endpoint address.
+    pub host: Option<String>,
+    /// Statuses that count as healthy.
+    pub expect: StatusMatch,
+}
+
+/// The TLS probe's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsProbe {
+    /// SNI; also the name verified when `verify` is set.
+    pub server_name: Option<String>,
+    /// Verify the chain against the system roots.
+    pub verify: bool,
+}
+
+/// A set of HTTP status classes and exact codes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusMatch {
+    rules: Vec<StatusRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StatusRule {
+    Class(u16),
+    Code(u16),
+}
+
+impl StatusMatch {
+    /// Parses `2xx` or `204`; `None` for anything else.
+    pub fn parse_rule(text: &str) -> Option<(bool, u16)> {
+        let bytes = text.as_bytes();
+        if bytes.len() != 3 || !(b'1'..=b'5').contains(&bytes[0]) {
+            return None;
+        }
+        let first = u16::from(bytes[0] - b'0');
+        if &text[1..] == "xx" {
+            return Some((true, first));
+        }
+        let code: u16 = text.parse().ok()?;
+        text.bytes()
+            .all(|b| b.is_ascii_digit())
+            .then_some((false, code))
+    }
+
+    /// Builds a matcher from already-checked rules.
+    pub fn from_rules(rules: &[(bool, u16)]) -> Self {
+        Self {
+            rules: rules
+                .iter()
+                .map(|&(class, n)| {
+                    if class {
+                        StatusRule::Class(n)
+                    } else {
+                        StatusRule::Code(n)
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `status` is expected.
+    pub fn matches(&self, status: u16) -> bool {
+        self.rules.iter().any(|rule| match *rule {
+            StatusRule::Class(c) => status / 100 == c,
+            StatusRule::Code(code) => status == code,
+        })
+    }
+}
+
+impl fmt::Display for StatusMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, rule) in self.rules.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            match rule {
+                StatusRule::Class(c) => write!(f, "{c}xx")?,
+                StatusRule::Code(code) => write!(f, "{code}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Passive ejection settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PassiveHealth {
+    /// Failures within the window that eject; 0 disables.
+    pub max_fails: u32,
+    /// Window and ejection length.
+    pub fail_timeout: Duration,
+    /// What counts as a failure.
+    pub on: Vec<PassiveCondition>,
+}
+
+/// Retry settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Conditions that retry.
+    pub on: Vec<RetryCondition>,
+    /// Total attempts; 0 is one per endpoint.
+    pub tries: u32,
+    /// Overall retry deadline; `None` is no limit.
+    pub timeout: Option<Duration>,
+    /// Largest request body buffered for replay.
+    pub max_body_bytes: u64,
+}
+
+impl RetryPolicy {
+    /// Whether `condition` is in `retry.on`.
+    pub fn retries_on(&self, condition: RetryCondition) -> bool {
+        self.on.contains(&condition)
+    }
+}
+
+/// Upstream timeouts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Connection establishment.
+    pub connect: Duration,
+    /// Request sent to response header.
+    pub response: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_rules_parse_classes_and_codes() {
+        assert_eq!(StatusMatch::parse_rule("2xx"), Some((true, 2)));
+        assert_eq!(StatusMatch::parse_rule("204"), Some((false, 204)));
+        for bad in ["6xx", "20x", "2XX", "99", "2000", "abc", "+20", ""] {
+            assert_eq!(StatusMatch::parse_rule(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn status_match_checks_class_and_code() {
+        let m = StatusMatch::from_rules(&[(true, 2), (false, 301)]);
+        assert!(m.matches(200) && m.matches(299) && m.matches(301));
+        assert!(!m.matches(302) && !m.matches(500) && !m.matches(199));
+        assert_eq!(m.to_string(), "2xx, 301");
+    }
+}

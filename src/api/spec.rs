@@ -1,0 +1,624 @@
+//! The `BalancedService` custom resource as users write it.
+//!
+//! These types are the wire contract (CRD schema, YAML files). They stay loose
+//! where a typed field would turn a user mistake into an unhelpful serde error
+//! (durations and status classes are strings, ports are `i32` like Kubernetes'
+//! own): `api::validate` turns them into the typed [`crate::api::Config`].
+//! Rules the CRD schema can carry (ranges, enums, patterns, CEL) are declared
+//! here too, so `kubectl apply` rejects bad objects before the controller sees them.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Pattern every duration string must match (a subset of Go's `time.ParseDuration`,
+/// so CEL's `duration()` can compare them in the CRD schema).
+pub const DURATION_PATTERN: &str = "^(0|[0-9]+(ms|s|m|h))$";
+
+/// Desired state of a BalancedService: where its endpoints come from, how they are
+/// checked, and how the proxy in front of them balances and retries.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "balanced.dev",
+    version = "v1alpha1",
+    kind = "BalancedService",
+    plural = "balancedservices",
+    shortname = "bsvc",
+    namespaced,
+    status = "BalancedServiceStatus",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.ready","description":"Endpoints serving / endpoints known"}"#,
+    printcolumn = r#"{"name":"Algorithm","type":"string","jsonPath":".spec.algorithm"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.service) || (has(self.endpoints) && size(self.endpoints) > 0)",
+     "message": "spec needs service or endpoints"},
+    {"rule": "has(self.hash) == (has(self.algorithm) && self.algorithm == 'ConsistentHash')",
+     "message": "spec.hash is required with algorithm ConsistentHash and only then"},
+]))]
+pub struct BalancedServiceSpec {
+    /// Name of a Service in the same namespace whose EndpointSlices supply endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub service: Option<String>,
+
+    /// Static endpoints, used alongside the Service's (the only source in standalone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub endpoints: Vec<StaticEndpoint>,
+
+    /// Ports the proxy listens on.
+    #[schemars(length(min = 1, max = 32))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"],
+        "x-kubernetes-validations" = [
+            {"rule": "self.all(l, self.filter(m, m.port == l.port).size() == 1)",
+             "message": "listener ports must be unique"}
+        ]
+    ))]
+    pub listeners: Vec<Listener>,
+
+    /// How the proxy picks an endpoint for a request or connection.
+    #[serde(default)]
+    pub algorithm: Algorithm,
+
+    /// What ConsistentHash hashes on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<HashSpec>,
+
+    /// Active health checks made by the controller (or standalone) for every endpoint.
+    #[serde(default)]
+    pub health_check: HealthCheckSpec,
+
+    /// Ejection of endpoints on the proxy's own failures (nginx max_fails / fail_timeout).
+    #[serde(default)]
+    pub passive_health: PassiveHealthSpec,
+
+    /// When and how often a failed request is retried on another endpoint.
+    #[serde(default)]
+    pub retry: RetrySpec,
+
+    /// Upstream connect and response timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsSpec,
+
+    /// The proxy Deployment made for this BalancedService.
+    #[serde(default)]
+    pub proxy: ProxySpec,
+
+    /// Maintain an EndpointSlice of the healthy endpoints for a `<name>-healthy` Service.
+    #[serde(default)]
+    pub publish_endpoint_slice: bool,
+}
+
+/// An endpoint named in the spec rather than discovered.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StaticEndpoint {
+    /// IPv4 or IPv6 address.
+    #[schemars(length(min = 1, max = 45))]
+    pub address: String,
+    /// Port the listeners forward to (a listener's numeric targetPort overrides it).
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Relative share of traffic, 1..=1000 (nginx `weight`).
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub weight: i32,
+    /// Served only while no primary endpoint is available (nginx `backup`).
+    #[serde(default)]
+    pub backup: bool,
+    /// Cap on concurrent requests/connections; 0 is unlimited (nginx `max_conns`).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_connections: i32,
+}
+
+/// One port the proxy serves.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Listener {
+    /// Unique name; also the Service port name.
+    #[schemars(length(min = 1, max = 15))]
+    pub name: String,
+    /// Port the proxy listens on.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// HTTP (HTTP/1.1 and h2c, balanced per request) or TCP (balanced per connection).
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// Port on the endpoints, a number or a port name of the Service's EndpointSlices;
+    /// defaults to the endpoint's own port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<PortRef>,
+}
+
+/// A port given as a number or as a named port.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(untagged)]
+pub enum PortRef {
+    /// A port number.
+    Number(i32),
+    /// A port name, resolved against EndpointSlice ports.
+    Name(String),
+}
+
+impl JsonSchema for PortRef {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PortRef".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "description": "Port number or port name"
+        })
+    }
+}
+
+/// Listener protocols.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and HTTP/2 cleartext, balanced per request.
+    #[default]
+    #[serde(rename = "HTTP")]
+    Http,
+    /// Raw TCP, balanced per connection.
+    #[serde(rename = "TCP")]
+    Tcp,
+}
+
+/// Load-balancing algorithms.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum Algorithm {
+    /// Fewest active requests per unit of weight, scanning every endpoint (nginx `least_conn`).
+    #[default]
+    LeastConnections,
+    /// Fewest active requests of two weighted random picks (Envoy LEAST_REQUEST, HAProxy `random(2)`).
+    PowerOfTwoChoices,
+    /// Smooth weighted round robin (nginx default).
+    RoundRobin,
+    /// Weighted random.
+    Random,
+    /// Consistent hash of a request key (see `hash`).
+    ConsistentHash,
+}
+
+/// The key ConsistentHash hashes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.source == 'SourceIP' || (has(self.name) && size(self.name) > 0)",
+     "message": "hash.name is required for Header and Cookie"}
+]))]
+pub struct HashSpec {
+    /// Where the key comes from.
+    pub source: HashSource,
+    /// Header or cookie name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
+    pub name: Option<String>,
+}
+
+/// Sources of a consistent-hash key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum HashSource {
+    /// The client's IP address (the only source for TCP listeners).
+    #[serde(rename = "SourceIP")]
+    SourceIp,
+    /// A request header.
+    Header,
+    /// A request cookie.
+    Cookie,
+}
+
+/// Active health check settings (Tengine `check`, HAProxy `check inter rise fall`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "duration(self.timeout) < duration(self.interval)",
+     "message": "healthCheck.timeout must be less than healthCheck.interval"}
+]))]
+pub struct HealthCheckSpec {
+    /// TCP (connect), HTTP (request, expected status) or TLS (handshake).
+    #[serde(default)]
+    pub protocol: ProbeProtocol,
+    /// Time between probes of an endpoint that is up or coming up.
+    #[serde(default = "default_interval")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub interval: String,
+    /// Time one probe may take.
+    #[serde(default = "default_probe_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub timeout: String,
+    /// Consecutive successes that make an endpoint healthy.
+    #[serde(default = "default_rise")]
+    #[schemars(range(min = 1, max = 100))]
+    pub rise: i32,
+    /// Consecutive failures that make an endpoint unhealthy.
+    #[serde(default = "default_fall")]
+    #[schemars(range(min = 1, max = 100))]
+    pub fall: i32,
+    /// Time between probes of an endpoint that is down (HAProxy `downinter`).
+    #[serde(default = "default_down_interval")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub down_interval: String,
+    /// Probe this port instead of the endpoint's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+    /// HTTP probe settings (protocol HTTP).
+    #[serde(default)]
+    pub http: HttpCheckSpec,
+    /// TLS probe settings (protocol TLS).
+    #[serde(default)]
+    pub tls: TlsCheckSpec,
+}
+
+/// Probe protocols.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ProbeProtocol {
+    /// The TCP connection is established.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// An HTTP/1.1 request gets an expected status.
+    #[serde(rename = "HTTP")]
+    Http,
+    /// A TLS handshake completes.
+    #[serde(rename = "TLS")]
+    Tls,
+}
+
+/// The request an HTTP probe sends and what it expects back.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpCheckSpec {
+    /// Request method.
+    #[serde(default = "default_method")]
+    #[schemars(pattern(r"^[A-Z]+$"), length(max = 16))]
+    pub method: String,
+    /// Request path (with query, if any).
+    #[serde(default = "default_path")]
+    #[schemars(pattern(r"^/"), length(max = 1024))]
+    pub path: String,
+    /// Host header; empty means the endpoint's address.
+    #[serde(default)]
+    #[schemars(length(max = 253))]
+    pub host: String,
+    /// Status classes (`2xx`) or exact codes (`204`) that count as healthy.
+    #[serde(default = "default_expect_status")]
+    #[schemars(length(min = 1, max = 16))]
+    #[schemars(inner(pattern(r"^([1-5]xx|[1-5][0-9][0-9])$")))]
+    pub expect_status: Vec<String>,
+}
+
+/// TLS probe settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsCheckSpec {
+    /// SNI name to send; empty sends none.
+    #[serde(default)]
+    #[schemars(length(max = 253))]
+    pub server_name: String,
+    /// Verify the certificate chain against the system roots and `serverName`.
+    #[serde(default)]
+    pub verify: bool,
+}
+
+/// Passive ejection on the proxy's own failures (nginx `max_fails` / `fail_timeout`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PassiveHealthSpec {
+    /// Failures within `failTimeout` that eject an endpoint; 0 disables ejection.
+    #[serde(default = "default_max_fails")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub max_fails: i32,
+    /// The window failures are counted in, and how long an ejection lasts.
+    #[serde(default = "default_fail_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub fail_timeout: String,
+    /// What counts as a failure: Error and Timeout by default; Http5xx codes only when named.
+    #[serde(default = "default_passive_on")]
+    #[schemars(length(max = 8))]
+    pub on: Vec<PassiveCondition>,
+}
+
+/// Failures passive health can count.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PassiveCondition {
+    /// Connect refused, reset, or other transport error.
+    Error,
+    /// Connect or response timeout.
+    Timeout,
+    /// Upstream answered 500.
+    Http500,
+    /// Upstream answered 502.
+    Http502,
+    /// Upstream answered 503.
+    Http503,
+    /// Upstream answered 504.
+    Http504,
+}
+
+/// Retry policy (nginx `proxy_next_upstream`, `_tries`, `_timeout`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Conditions that send a request to the next endpoint.
+    #[serde(default = "default_retry_on")]
+    #[schemars(length(max = 16))]
+    pub on: Vec<RetryCondition>,
+    /// Total attempts including the first; 0 means one per endpoint.
+    #[serde(default = "default_tries")]
+    #[schemars(range(min = 0, max = 100))]
+    pub tries: i32,
+    /// Stop retrying after this long; 0 is no limit.
+    #[serde(default = "default_retry_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub timeout: String,
+    /// Request bodies up to this size are buffered so they can be replayed on retry.
+    #[serde(default = "default_retry_buffer")]
+    #[schemars(range(min = 0, max = 16777216))]
+    pub max_body_bytes: i64,
+}
+
+/// Conditions a retry can be made on.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum RetryCondition {
+    /// Connect failure, reset, or a connection closed before a response.
+    Error,
+    /// Connect or response timeout.
+    Timeout,
+    /// The upstream sent a malformed or empty response header.
+    InvalidHeader,
+    /// Upstream answered 500.
+    Http500,
+    /// Upstream answered 502.
+    Http502,
+    /// Upstream answered 503.
+    Http503,
+    /// Upstream answered 504.
+    Http504,
+    /// Upstream answered 403.
+    Http403,
+    /// Upstream answered 404.
+    Http404,
+    /// Upstream answered 429.
+    Http429,
+    /// Also retry POST, PATCH and LOCK after they were sent.
+    NonIdempotent,
+}
+
+/// Upstream timeouts.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeoutsSpec {
+    /// Time to establish an upstream connection.
+    #[serde(default = "default_connect_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub connect: String,
+    /// Time from the request sent to the response header received.
+    #[serde(default = "default_response_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub response: String,
+}
+
+/// The per-service proxy Deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxySpec {
+    /// Proxy pods.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub replicas: i32,
+    /// Compute resources of the proxy container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+}
+
+/// What the controller observed, written to the status subresource.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalancedServiceStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `serving/total`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Endpoints that serve.
+    #[serde(default)]
+    pub ready_endpoints: i32,
+    /// Endpoints known.
+    #[serde(default)]
+    pub total_endpoints: i32,
+    /// Ready, Degraded, ProxyAvailable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Every endpoint and its health.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+/// A Kubernetes-style condition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase reason, e.g. `NoHealthyEndpoints`.
+    pub reason: String,
+    /// Human-readable detail.
+    #[serde(default)]
+    pub message: String,
+    /// When status last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// One endpoint as the controller sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointStatus {
+    /// IP address.
+    pub address: String,
+    /// The endpoint's port.
+    pub port: i32,
+    /// `pod/NAME` when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<String>,
+    /// Topology zone when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Serves traffic: probes say healthy and Kubernetes does not say not-ready or terminating.
+    pub healthy: bool,
+    /// Probe state: Unknown, Healthy or Unhealthy.
+    pub state: String,
+    /// Kubernetes' own view, when it disagrees: `NotReady` or `Terminating`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<String>,
+    /// When the probe state last changed (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// The last probe error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Failed probes in a row.
+    #[serde(default)]
+    pub consecutive_failures: i32,
+    /// Passed probes in a row.
+    #[serde(default)]
+    pub consecutive_successes: i32,
+}
+
+fn default_weight() -> i32 {
+    1
+}
+fn default_interval() -> String {
+    "3s".into()
+}
+fn default_probe_timeout() -> String {
+    "1s".into()
+}
+fn default_rise() -> i32 {
+    2
+}
+fn default_fall() -> i32 {
+    3
+}
+fn default_down_interval() -> String {
+    "10s".into()
+}
+fn default_method() -> String {
+    "GET".into()
+}
+fn default_path() -> String {
+    "/healthz".into()
+}
+fn default_expect_status() -> Vec<String> {
+    vec!["2xx".into(), "3xx".into()]
+}
+fn default_max_fails() -> i32 {
+    1
+}
+fn default_fail_timeout() -> String {
+    "10s".into()
+}
+fn default_passive_on() -> Vec<PassiveCondition> {
+    vec![PassiveCondition::Error, PassiveCondition::Timeout]
+}
+fn default_retry_on() -> Vec<RetryCondition> {
+    vec![RetryCondition::Error, RetryCondition::Timeout]
+}
+fn default_tries() -> i32 {
+    3
+}
+fn default_retry_timeout() -> String {
+    "10s".into()
+}
+fn default_retry_buffer() -> i64 {
+    64 * 1024
+}
+fn default_connect_timeout() -> String {
+    "1s".into()
+}
+fn default_response_timeout() -> String {
+    "60s".into()
+}
+fn default_replicas() -> i32 {
+    2
+}
+
+impl Default for HealthCheckSpec {
+    fn default() -> Self {
+        Self {
+            protocol: ProbeProtocol::default(),
+            interval: default_interval(),
+            timeout: default_probe_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+            down_interval: default_down_interval(),
+            port: None,
+            http: HttpCheckSpec::default(),
+            tls: TlsCheckSpec::default(),
+        }
+    }
+}
+
+impl Default for HttpCheckSpec {
+    fn default() -> Self {
+        Self {
+            method: default_method(),
+            path: default_path(),
+            host: String::new(),
+            expect_status: default_expect_status(),
+        }
+    }
+}
+
+impl Default for PassiveHealthSpec {
+    fn default() -> Self {
+        Self {
+            max_fails: default_max_fails(),
+            fail_timeout: default_fail_timeout(),
+            on: default_passive_on(),
+        }
+    }
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            on: default_retry_on(),
+            tries: default_tries(),
+            timeout: default_retry_timeout(),
+            max_body_bytes: default_retry_buffer(),
+        }
+    }
+}
+
+impl Default for TimeoutsSpec {
+    fn default() -> Self {
+        Self {
+            connect: default_connect_timeout(),
+            response: default_response_timeout(),
+        }
+    }
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_replicas(),
+            resources: None,
+        }
+    }
+}

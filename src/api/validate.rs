@@ -1,0 +1,735 @@
+//! Spec in, typed [`Config`] or every error out.
+//!
+//! Each error names the field path and the bad value
+//! (`spec.healthCheck.rise: must be >= 1, got 0`), and validation keeps going
+//! after the first error so a user fixes a file in one pass.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::config::*;
+use super::duration::{format_duration, parse_duration};
+use super::spec::{self, BalancedServiceSpec, PortRef};
+
+/// One problem with a spec: where and what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Field path, e.g. `spec.listeners[1].port`.
+    pub path: String,
+    /// What is wrong, with the value.
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in one spec.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<FieldError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects errors while the typed config is built.
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn port(&mut self, path: &str, value: i32) -> u16 {
+        match u16::try_from(value) {
+            Ok(p) if p >= 1 => p,
+            _ => {
+                self.add(path, format!("must be 1..=65535, got {value}"));
+                1
+            }
+        }
+    }
+
+    fn at_least(&mut self, path: &str, value: i32, min: i32) -> u32 {
+        if value < min {
+            self.add(path, format!("must be >= {min}, got {value}"));
+        }
+        value.max(0) as u32
+    }
+
+    fn duration(&mut self, path: &str, text: &str) -> Duration {
+        parse_duration(text).unwrap_or_else(|e| {
+            self.add(path, e);
+            Duration::ZERO
+        })
+    }
+
+    fn positive_duration(&mut self, path: &str, text: &str) -> Duration {
+        match parse_duration(text) {
+            Ok(Duration::ZERO) => {
+                self.add(path, format!("must be more than 0, got {text:?}"));
+                Duration::ZERO
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.add(path, e);
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// Turns a spec into a [`Config`], or into the list of everything wrong with it.
+pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, ValidationErrors> {
+    let mut errs = Errors::default();
+
+    let service = spec.service.clone();
+    if let Some(name) = &service
+        && !is_dns_label(name)
+    {
+        errs.add(
+            "spec.service",
+            format!("must be a Service name (lower-case letters, digits, '-'), got {name:?}"),
+        );
+    }
+
+    let endpoints = endpoints(&mut errs, &spec.endpoints);
+    let listeners = listeners(&mut errs, &spec.listeners);
+    let algorithm = algorithm(&mut errs, spec, &listeners);
+    let health = health_check(&mut errs, &spec.health_check);
+    let passive = passive(&mut errs, &spec.passive_health);
+    let retry = retry(&mut errs, &spec.retry);
+    let timeouts = Timeouts {
+        connect: errs.positive_duration("spec.timeouts.connect", &spec.timeouts.connect),
+        response: errs.positive_duration("spec.timeouts.response", &spec.timeouts.response),
+    };
+    let replicas = errs.at_least("spec.proxy.replicas", spec.proxy.replicas, 0);
+
+    if service.is_none() && spec.endpoints.is_empty() {
+        errs.add(
+            "spec",
+            "needs spec.service (a Service's endpoints) or spec.endpoints (static endpoints)",
+        );
+    }
+
+    if !errs.0.is_empty() {
+        return Err(ValidationErrors(errs.0));
+    }
+    Ok(Config {
+        key,
+        service,
+        endpoints,
+        listeners,
+        algorithm,
+        health,
+        passive,
+        retry,
+        timeouts,
+        replicas,
+        publish_endpoint_slice: spec.publish_endpoint_slice,
+    })
+}
+
+fn endpoints(errs: &mut Errors, specs: &[spec::StaticEndpoint]) -> Vec<EndpointConfig> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(specs.len());
+    for (i, ep) in specs.iter().enumerate() {
+        let path = format!("spec.endpoints[{i}]");
+        let ip: Option<IpAddr> = ep.address.parse().ok();
+        if ip.is_none() {
+            errs.add(
+                format!("{path}.address"),
+                format!("must be an IPv4 or IPv6 address, got {:?}", ep.address),
+            );
+        }
+        let port = errs.port(&format!("{path}.port"), ep.port);
+        if !(1..=1000).contains(&ep.weight) {
+            errs.add(
+                format!("{path}.weight"),
+                format!("must be 1..=1000, got {}", ep.weight),
+            );
+        }
+        let max_connections =
+            errs.at_least(&format!("{path}.maxConnections"), ep.max_connections, 0);
+        if let Some(ip) = ip {
+            let addr = SocketAddr::new(ip, port);
+            if !seen.insert(addr) {
+                errs.add(path, format!("{addr} is listed twice"));
+            }
+            out.push(EndpointConfig {
+                addr,
+                weight: ep.weight.clamp(1, 1000) as u32,
+                backup: ep.backup,
+                max_connections,
+            });
+        }
+    }
+    if !out.is_empty() && out.iter().all(|e| e.backup) {
+        errs.add(
+            "spec.endpoints",
+            "every endpoint is a backup; at least one must be a primary (backup: false)",
+        );
+    }
+    out
+}
+
+fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig> {
+    if specs.is_empty() {
+        errs.add("spec.listeners", "must name at least one listener");
+    }
+    let mut names = HashSet::new();
+    let mut ports = HashSet::new();
+    let mut out = Vec::with_capacity(specs.len());
+    for (i, l) in specs.iter().enumerate() {
+        let path = format!("spec.listeners[{i}]");
+        if !is_port_name(&l.name) {
+            errs.add(
+                format!("{path}.name"),
+                format!(
+                    "must be 1-15 lower-case letters, digits or '-', starting and ending with a letter or digit, got {:?}",
+                    l.name
+                ),
+            );
+        } else if !names.insert(l.name.clone()) {
+            errs.add(
+                format!("{path}.name"),
+                format!("{:?} is used twice", l.name),
+            );
+        }
+        let port = errs.port(&format!("{path}.port"), l.port);
+        if port == l.port as u16 && !ports.insert(port) {
+            errs.add(format!("{path}.port"), format!("{port} is used twice"));
+        }
+        let target_port = match &l.target_port {
+            None => None,
+            Some(PortRef::Number(n)) => Some(TargetPort::Number(
+                errs.port(&format!("{path}.targetPort"), *n),
+            )),
+            Some(PortRef::Name(name)) => match name.parse::<i32>() {
+                // YAML `targetPort: "8080"` means the number, as in a Service.
+                Ok(n) => Some(TargetPort::Number(
+                    errs.port(&format!("{path}.targetPort"), n),
+                )),
+                Err(_) if is_port_name(name) => Some(TargetPort::Name(name.clone())),
+                Err(_) => {
+                    errs.add(
+                        format!("{path}.targetPort"),
+                        format!("must be a port number or a port name, got {name:?}"),
+                    );
+                    None
+                }
+            },
+        };
+        out.push(ListenerConfig {
+            name: l.name.clone(),
+            port,
+            protocol: l.protocol,
+            target_port,
+        });
+    }
+    out
+}
+
+fn algorithm(
+    errs: &mut Errors,
+    spec: &BalancedServiceSpec,
+    listeners: &[ListenerConfig],
+) -> Algorithm {
+    let name = match spec.algorithm {
+        spec::Algorithm::LeastConnections => {
+            return no_hash(errs, spec, Algorithm::LeastConnections);
+        }
+        spec::Algorithm::PowerOfTwoChoices => {
+            return no_hash(errs, spec, Algorithm::PowerOfTwoChoices);
+        }
+        spec::Algorithm::RoundRobin => return no_hash(errs, spec, Algorithm::RoundRobin),
+        spec::Algorithm::Random => return no_hash(errs, spec, Algorithm::Random),
+        spec::Algorithm::ConsistentHash => "ConsistentHash",
+    };
+    let Some(hash) = &spec.hash else {
+        errs.add("spec.hash", format!("is required when algorithm is {name}"));
+        return Algorithm::ConsistentHash(HashKey::SourceIp);
+    };
+    let key_name = hash.name.as_deref().unwrap_or("");
+    let key = match hash.source {
+        HashSource::SourceIp => HashKey::SourceIp,
+        HashSource::Header => match http::HeaderName::from_bytes(key_name.as_bytes()) {
+            Ok(h) => HashKey::Header(h),
+            Err(_) => {
+                errs.add(
+                    "spec.hash.name",
+                    format!("must be a header name, got {key_name:?}"),
+                );
+                HashKey::SourceIp
+            }
+        },
+        HashSource::Cookie => {
+            if key_name.is_empty() || !key_name.bytes().all(is_cookie_name_byte) {
+                errs.add(
+                    "spec.hash.name",
+                    format!("must be a cookie name, got {key_name:?}"),
+                );
+            }
+            HashKey::Cookie(key_name.to_string())
+        }
+    };
+    if !matches!(key, HashKey::SourceIp)
+        && let Some(i) = listeners
+            .iter()
+            .position(|l| l.protocol == ListenerProtocol::Tcp)
+    {
+        errs.add(
+            "spec.hash.source",
+            format!(
+                "{:?} needs HTTP listeners, but spec.listeners[{i}] is TCP; use SourceIP",
+                hash.source
+            ),
+        );
+    }
+    Algorithm::ConsistentHash(key)
+}
+
+fn no_hash(errs: &mut Errors, spec: &BalancedServiceSpec, algorithm: Algorithm) -> Algorithm {
+    if spec.hash.is_some() {
+        errs.add(
+            "spec.hash",
+            format!(
+                "is only used with algorithm ConsistentHash, got algorithm {}",
+                algorithm.name()
+            ),
+        );
+    }
+    algorithm
+}
+
+fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
+    let interval = errs.positive_duration("spec.healthCheck.interval", &hc.interval);
+    let timeout = errs.positive_duration("spec.healthCheck.timeout", &hc.timeout);
+    if !interval.is_zero() && !timeout.is_zero() && timeout >= interval {
+        errs.add(
+            "spec.healthCheck.timeout",
+            format!(
+                "must be less than interval ({}), got {}",
+                format_duration(interval),
+                hc.timeout
+            ),
+        );
+    }
+    let rise = errs.at_least("spec.healthCheck.rise", hc.rise, 1);
+    let fall = errs.at_least("spec.healthCheck.fall", hc.fall, 1);
+    let down_interval = errs.positive_duration("spec.healthCheck.downInterval", &hc.down_interval);
+    let port = hc.port.map(|p| errs.port("spec.healthCheck.port", p));
+    let probe = match hc.protocol {
+        spec::ProbeProtocol::Tcp => ProbeKind::Tcp,
+        spec::ProbeProtocol::Http => ProbeKind::Http(http_probe(errs, &hc.http)),
+        spec::ProbeProtocol::Tls => {
+            let name = &hc.tls.server_name;
+            if !name.is_empty() && rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                errs.add(
+                    "spec.healthCheck.tls.serverName",
+                    format!("must be a DNS name or IP address, got {name:?}"),
+                );
+            }
+            ProbeKind::Tls(TlsProbe {
+                server_name: (!name.is_empty()).then(|| name.clone()),
+                verify: hc.tls.verify,
+            })
+        }
+    };
+    HealthCheck {
+        probe,
+        interval,
+        timeout,
+        rise,
+        fall,
+        down_interval,
+        port,
+    }
+}
+
+fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
+    let method = http::Method::from_bytes(h.method.as_bytes())
+        .ok()
+        .filter(|m| !h.method.is_empty() && m.as_str().bytes().all(|b| b.is_ascii_uppercase()))
+        .unwrap_or_else(|| {
+            errs.add(
+                "spec.healthCheck.http.method",
+                format!(
+                    "must be an upper-case HTTP method like GET or HEAD, got {:?}",
+                    h.method
+                ),
+            );
+            http::Method::GET
+        });
+    if !h.path.starts_with('/')
+        || h.path
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        errs.add(
+            "spec.healthCheck.http.path",
+            format!(
+                "must start with '/' and contain no spaces or control characters, got {:?}",
+                h.path
+            ),
+        );
+    }
+    if h.host
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        errs.add(
+            "spec.healthCheck.http.host",
+            format!(
+                "must contain no spaces or control characters, got {:?}",
+                h.host
+            ),
+        );
+    }
+    if h.expect_status.is_empty() {
+        errs.add(
+            "spec.healthCheck.http.expectStatus",
+            "must list at least one status class (2xx) or code (204)",
+        );
+    }
+    let mut rules = Vec::new();
+    for (i, s) in h.expect_status.iter().enumerate() {
+        match StatusMatch::parse_rule(s) {
+            Some(rule) => rules.push(rule),
+            None => errs.add(
+                format!("spec.healthCheck.http.expectStatus[{i}]"),
+                format!("must be a class like 2xx or a code like 204, got {s:?}"),
+            ),
+        }
+    }
+    HttpProbe {
+        method,
+        path: h.path.clone(),
+        host: (!h.host.is_empty()).then(|| h.host.clone()),
+        expect: StatusMatch::from_rules(&rules),
+    }
+}
+
+fn passive(errs: &mut Errors, p: &spec::PassiveHealthSpec) -> PassiveHealth {
+    let max_fails = errs.at_least("spec.passiveHealth.maxFails", p.max_fails, 0);
+    let fail_timeout = if max_fails > 0 {
+        errs.positive_duration("spec.passiveHealth.failTimeout", &p.fail_timeout)
+    } else {
+        errs.duration("spec.passiveHealth.failTimeout", &p.fail_timeout)
+    };
+    let mut on = p.on.clone();
+    on.dedup();
+    PassiveHealth {
+        max_fails,
+        fail_timeout,
+        on,
+    }
+}
+
+fn retry(errs: &mut Errors, r: &spec::RetrySpec) -> RetryPolicy {
+    let tries = errs.at_least("spec.retry.tries", r.tries, 0);
+    let timeout = errs.duration("spec.retry.timeout", &r.timeout);
+    if r.max_body_bytes < 0 {
+        errs.add(
+            "spec.retry.maxBodyBytes",
+            format!("must be >= 0, got {}", r.max_body_bytes),
+        );
+    }
+    let mut on = r.on.clone();
+    on.dedup();
+    RetryPolicy {
+        on,
+        tries,
+        timeout: (!timeout.is_zero()).then_some(timeout),
+        max_body_bytes: r.max_body_bytes.max(0) as u64,
+    }
+}
+
+/// RFC 1123 label: what a Service name may be.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// IANA service name: what a Service port name may be.
+fn is_port_name(s: &str) -> bool {
+    is_dns_label(s) && s.len() <= 15 && s.bytes().any(|b| b.is_ascii_lowercase())
+}
+
+fn is_cookie_name_byte(b: u8) -> bool {
+    b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::spec::{HashSpec, Listener, PortRef, ProbeProtocol};
+
+    fn base() -> BalancedServiceSpec {
+        serde_yaml::from_str(
+            "endpoints: [{address: 127.0.0.1, port: 8081}]\nlisteners: [{name: http, port: 8080}]\n",
+        )
+        .unwrap()
+    }
+
+    fn errors_of(edit: impl FnOnce(&mut BalancedServiceSpec)) -> Vec<String> {
+        let mut spec = base();
+        edit(&mut spec);
+        match validate(ServiceKey::new("default", "web"), &spec) {
+            Ok(_) => vec![],
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn assert_error(edit: impl FnOnce(&mut BalancedServiceSpec), expected: &str) {
+        let errors = errors_of(edit);
+        assert!(
+            errors.iter().any(|e| e == expected),
+            "expected {expected:?} in {errors:#?}"
+        );
+    }
+
+    #[test]
+    fn minimal_spec_gets_the_documented_defaults() {
+        let cfg = validate(ServiceKey::new("default", "web"), &base()).unwrap();
+        assert_eq!(cfg.algorithm, super::Algorithm::LeastConnections);
+        assert_eq!(cfg.health.probe, ProbeKind::Tcp);
+        assert_eq!(cfg.health.interval, Duration::from_secs(3));
+        assert_eq!(cfg.health.timeout, Duration::from_secs(1));
+        assert_eq!((cfg.health.rise, cfg.health.fall), (2, 3));
+        assert_eq!(cfg.health.down_interval, Duration::from_secs(10));
+        assert_eq!(cfg.passive.max_fails, 1);
+        assert_eq!(cfg.passive.fail_timeout, Duration::from_secs(10));
+        assert_eq!(
+            cfg.retry.on,
+            vec![RetryCondition::Error, RetryCondition::Timeout]
+        );
+        assert_eq!(cfg.retry.tries, 3);
+        assert_eq!(cfg.retry.timeout, Some(Duration::from_secs(10)));
+        assert_eq!(cfg.timeouts.connect, Duration::from_secs(1));
+        assert_eq!(cfg.timeouts.response, Duration::from_secs(60));
+        assert_eq!(cfg.listeners[0].protocol, ListenerProtocol::Http);
+        assert_eq!(cfg.endpoints[0].weight, 1);
+        assert_eq!(cfg.replicas, 2);
+    }
+
+    #[test]
+    fn rise_and_fall_must_be_at_least_one() {
+        assert_error(
+            |s| s.health_check.rise = 0,
+            "spec.healthCheck.rise: must be >= 1, got 0",
+        );
+        assert_error(
+            |s| s.health_check.fall = -2,
+            "spec.healthCheck.fall: must be >= 1, got -2",
+        );
+    }
+
+    #[test]
+    fn ports_must_be_in_range() {
+        assert_error(
+            |s| s.listeners[0].port = 0,
+            "spec.listeners[0].port: must be 1..=65535, got 0",
+        );
+        assert_error(
+            |s| s.endpoints[0].port = 70000,
+            "spec.endpoints[0].port: must be 1..=65535, got 70000",
+        );
+        assert_error(
+            |s| s.health_check.port = Some(65536),
+            "spec.healthCheck.port: must be 1..=65535, got 65536",
+        );
+        assert_error(
+            |s| s.listeners[0].target_port = Some(PortRef::Number(-1)),
+            "spec.listeners[0].targetPort: must be 1..=65535, got -1",
+        );
+    }
+
+    #[test]
+    fn timeout_must_be_less_than_interval() {
+        assert_error(
+            |s| s.health_check.timeout = "3s".into(),
+            "spec.healthCheck.timeout: must be less than interval (3s), got 3s",
+        );
+    }
+
+    #[test]
+    fn durations_must_parse() {
+        assert_error(
+            |s| s.health_check.interval = "3 seconds".into(),
+            "spec.healthCheck.interval: must be a duration like 500ms, 3s or 2m, got \"3 seconds\"",
+        );
+        assert_error(
+            |s| s.timeouts.connect = "0".into(),
+            "spec.timeouts.connect: must be more than 0, got \"0\"",
+        );
+    }
+
+    #[test]
+    fn weights_must_be_between_1_and_1000() {
+        assert_error(
+            |s| s.endpoints[0].weight = 0,
+            "spec.endpoints[0].weight: must be 1..=1000, got 0",
+        );
+        assert_error(
+            |s| s.endpoints[0].weight = 1001,
+            "spec.endpoints[0].weight: must be 1..=1000, got 1001",
+        );
+    }
+
+    #[test]
+    fn listeners_must_exist_and_be_unique() {
+        assert_error(
+            |s| s.listeners.clear(),
+            "spec.listeners: must name at least one listener",
+        );
+        let second = |name: &str, port| Listener {
+            name: name.into(),
+            port,
+            protocol: ListenerProtocol::Http,
+            target_port: None,
+        };
+        assert_error(
+            |s| s.listeners.push(second("admin", 8080)),
+            "spec.listeners[1].port: 8080 is used twice",
+        );
+        assert_error(
+            |s| s.listeners.push(second("http", 8081)),
+            "spec.listeners[1].name: \"http\" is used twice",
+        );
+        assert_error(
+            |s| s.listeners[0].name = "HTTP".into(),
+            "spec.listeners[0].name: must be 1-15 lower-case letters, digits or '-', starting and ending with a letter or digit, got \"HTTP\"",
+        );
+    }
+
+    #[test]
+    fn status_rules_are_classes_or_codes() {
+        assert_error(
+            |s| {
+                s.health_check.protocol = ProbeProtocol::Http;
+                s.health_check.http.expect_status = vec!["2xx".into(), "20x".into()];
+            },
+            "spec.healthCheck.http.expectStatus[1]: must be a class like 2xx or a code like 204, got \"20x\"",
+        );
+    }
+
+    #[test]
+    fn addresses_must_be_ips() {
+        assert_error(
+            |s| s.endpoints[0].address = "web.local".into(),
+            "spec.endpoints[0].address: must be an IPv4 or IPv6 address, got \"web.local\"",
+        );
+        assert!(errors_of(|s| s.endpoints[0].address = "::1".into()).is_empty());
+    }
+
+    #[test]
+    fn duplicate_endpoints_are_named() {
+        assert_error(
+            |s| s.endpoints.push(s.endpoints[0].clone()),
+            "spec.endpoints[1]: 127.0.0.1:8081 is listed twice",
+        );
+    }
+
+    #[test]
+    fn hash_goes_with_consistent_hash_only() {
+        assert_error(
+            |s| s.algorithm = spec::Algorithm::ConsistentHash,
+            "spec.hash: is required when algorithm is ConsistentHash",
+        );
+        assert_error(
+            |s| {
+                s.hash = Some(HashSpec {
+                    source: HashSource::SourceIp,
+                    name: None,
+                })
+            },
+            "spec.hash: is only used with algorithm ConsistentHash, got algorithm LeastConnections",
+        );
+        assert_error(
+            |s| {
+                s.algorithm = spec::Algorithm::ConsistentHash;
+                s.hash = Some(HashSpec {
+                    source: HashSource::Header,
+                    name: Some("bad header".into()),
+                });
+            },
+            "spec.hash.name: must be a header name, got \"bad header\"",
+        );
+        assert_error(
+            |s| {
+                s.algorithm = spec::Algorithm::ConsistentHash;
+                s.listeners[0].protocol = ListenerProtocol::Tcp;
+                s.hash = Some(HashSpec {
+                    source: HashSource::Cookie,
+                    name: Some("session".into()),
+                });
+            },
+            "spec.hash.source: Cookie needs HTTP listeners, but spec.listeners[0] is TCP; use SourceIP",
+        );
+    }
+
+    #[test]
+    fn a_source_of_endpoints_is_required() {
+        assert_error(
+            |s| s.endpoints.clear(),
+            "spec: needs spec.service (a Service's endpoints) or spec.endpoints (static endpoints)",
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let errors = errors_of(|s| {
+            s.health_check.rise = 0;
+            s.health_check.fall = 0;
+            s.listeners[0].port = 0;
+        });
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+    }
+
+    #[test]
+    fn all_backups_is_an_error() {
+        assert_error(
+            |s| s.endpoints[0].backup = true,
+            "spec.endpoints: every endpoint is a backup; at least one must be a primary (backup: false)",
+        );
+    }
+
+    #[test]
+    fn http_probe_fields_are_checked() {
+        assert_error(
+            |s| {
+                s.health_check.protocol = ProbeProtocol::Http;
+                s.health_check.http.path = "healthz".into();
+            },
+            "spec.healthCheck.http.path: must start with '/' and contain no spaces or control characters, got \"healthz\"",
+        );
+        assert_error(
+            |s| {
+                s.health_check.protocol = ProbeProtocol::Http;
+                s.health_check.http.method = "get".into();
+            },
+            "spec.healthCheck.http.method: must be an upper-case HTTP method like GET or HEAD, got \"get\"",
+        );
+    }
+}

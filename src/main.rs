@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", balanced::api::crd_yaml());
+}
