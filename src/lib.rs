@@ -3,3 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod health;
+pub mod metrics;
+pub mod proxy;
+pub mod signal;
+pub mod source;
+pub mod standalone;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;

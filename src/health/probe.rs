@@ -1,0 +1,240 @@
+//! One probe is one async function: connect, maybe speak, decide, within a timeout.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::tls::TlsClients;
+use crate::api::config::{HttpProbe, ProbeKind, TlsProbe};
+use crate::api::duration::format_duration;
+
+/// Why a probe failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeError {
+    /// Timeouts are counted apart from other failures.
+    pub timed_out: bool,
+    /// What an operator reads in status: `connect: connection refused`.
+    pub message: String,
+}
+
+impl fmt::Display for ProbeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl ProbeError {
+    fn failed(message: impl Into<String>) -> Self {
+        Self {
+            timed_out: false,
+            message: message.into(),
+        }
+    }
+}
+
+/// The step a probe was at, so a timeout says where the endpoint stalled.
+#[derive(Clone, Copy)]
+enum Phase {
+    Connect,
+    Handshake,
+    Response,
+}
+
+/// Runs one probe of `kind` against `addr`, bounded by `timeout`.
+pub async fn probe(
+    kind: &ProbeKind,
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: &TlsClients,
+) -> Result<(), ProbeError> {
+    let mut phase = Phase::Connect;
+    match tokio::time::timeout(timeout, run(kind, addr, tls, &mut phase)).await {
+        Ok(result) => result,
+        Err(_) => Err(ProbeError {
+            timed_out: true,
+            message: format!(
+                "timeout: {} after {}",
+                match phase {
+                    Phase::Connect => "no connection",
+                    Phase::Handshake => "no TLS handshake",
+                    Phase::Response => "no response",
+                },
+                format_duration(timeout)
+            ),
+        }),
+    }
+}
+
+async fn run(
+    kind: &ProbeKind,
+    addr: SocketAddr,
+    tls: &TlsClients,
+    phase: &mut Phase,
+) -> Result<(), ProbeError> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| ProbeError::failed(format!("connect: {}", io_text(&e))))?;
+    // Close with RST, not FIN: thousands of probes a second must not leave
+    // TIME_WAIT sockets behind (HAProxy closes its checks the same way).
+    let _ = stream.set_zero_linger();
+    let _ = stream.set_nodelay(true);
+    match kind {
+        ProbeKind::Tcp => Ok(()),
+        ProbeKind::Http(http) => {
+            *phase = Phase::Response;
+            http_probe(stream, addr, http).await
+        }
+        ProbeKind::Tls(settings) => {
+            *phase = Phase::Handshake;
+            tls_probe(stream, addr, settings, tls).await
+        }
+    }
+}
+
+async fn http_probe(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    http: &HttpProbe,
+) -> Result<(), ProbeError> {
+    let host = match &http.host {
+        Some(h) => h.clone(),
+        None => addr.to_string(),
+    };
+    let request = format!(
+        "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balanced-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        http.method, http.path
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| ProbeError::failed(format!("http: send: {}", io_text(&e))))?;
+    let status = read_status(&mut stream).await?;
+    if http.expect.matches(status) {
+        Ok(())
+    } else {
+        Err(ProbeError::failed(format!(
+            "http: status {status}, expected {}",
+            http.expect
+        )))
+    }
+}
+
+/// Reads just the status line: the check module and HAProxy decide on it alone.
+async fn read_status(stream: &mut TcpStream) -> Result<u16, ProbeError> {
+    let mut buf = [0u8; 1024];
+    let mut len = 0;
+    loop {
+        let n = stream
+            .read(&mut buf[len..])
+            .await
+            .map_err(|e| ProbeError::failed(format!("http: read: {}", io_text(&e))))?;
+        if n == 0 {
+            return Err(ProbeError::failed(
+                "http: connection closed before a status line",
+            ));
+        }
+        len += n;
+        if let Some(end) = buf[..len].windows(2).position(|w| w == b"\r\n") {
+            return parse_status_line(&buf[..end]);
+        }
+        if len == buf.len() {
+            return Err(ProbeError::failed(
+                "http: status line longer than 1024 bytes",
+            ));
+        }
+    }
+}
+
+fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {
+    let bad = || {
+        let shown: String = String::from_utf8_lossy(line).chars().take(64).collect();
+        ProbeError::failed(format!("http: malformed status line {shown:?}"))
+    };
+    let rest = line.strip_prefix(b"HTTP/1.").ok_or_else(bad)?;
+    let code = rest
+        .get(2..5)
+        .filter(|_| rest.get(1) == Some(&b' '))
+        .ok_or_else(bad)?;
+    if !code.iter().all(u8::is_ascii_digit) || rest.get(5).is_some_and(|b| *b != b' ') {
+        return Err(bad());
+    }
+    let status = code
+        .iter()
+        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    if !(100..=599).contains(&status) {
+        return Err(bad());
+    }
+    Ok(status)
+}
+
+async fn tls_probe(
+    stream: TcpStream,
+    addr: SocketAddr,
+    settings: &TlsProbe,
+    tls: &TlsClients,
+) -> Result<(), ProbeError> {
+    let config = tls
+        .config(settings.verify)
+        .map_err(|e| ProbeError::failed(format!("tls: {e}")))?;
+    let name = match &settings.server_name {
+        Some(n) => ServerName::try_from(n.clone())
+            .map_err(|e| ProbeError::failed(format!("tls: server name: {e}")))?,
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let mut session = connector
+        .connect(name, stream)
+        .await
+        .map_err(|e| ProbeError::failed(format!("tls: handshake: {}", io_text(&e))))?;
+    let _ = session.shutdown().await;
+    Ok(())
+}
+
+/// io::Error text without the `(os error 111)` noise.
+fn io_text(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => "connection refused".into(),
+        io::ErrorKind::ConnectionReset => "connection reset".into(),
+        io::ErrorKind::UnexpectedEof => "connection closed".into(),
+        _ => {
+            let text = e.to_string();
+            match text.find(" (os error") {
+                Some(i) => text[..i].to_lowercase(),
+                None => text,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_parse() {
+        assert_eq!(parse_status_line(b"HTTP/1.1 200 OK"), Ok(200));
+        assert_eq!(
+            parse_status_line(b"HTTP/1.0 503 Service Unavailable"),
+            Ok(503)
+        );
+        assert_eq!(parse_status_line(b"HTTP/1.1 204"), Ok(204));
+        for bad in [
+            &b"HTTP/2 200"[..],
+            b"HTTP/1.1 20 OK",
+            b"HTTP/1.1 2000 OK",
+            b"SSH-2.0-OpenSSH",
+            b"HTTP/1.1 999 X",
+        ] {
+            assert!(
+                parse_status_line(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The scheduler: one timer task per endpoint, started, re-targeted and stopped
+//! as services change, with every health transition sent to subscribers.
+//!
+//! Probes of one endpoint never overlap (the next is scheduled after the last
+//! finished) and the first probe of each endpoint lands at a random point of its
+//! interval, so 10,000 endpoints do not fire in the same millisecond.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::probe::probe;
+use super::state::{Health, HealthState};
+use super::tls::TlsClients;
+use crate::api::config::{HealthCheck, ServiceKey};
+use crate::metrics::{EndpointLabels, ProbeLabels, ProbeMetrics, ServiceLabels, TransitionLabels};
+
+/// A change of an endpoint's health.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The BalancedService.
+    pub service: ServiceKey,
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// Health before.
+    pub from: Health,
+    /// Health now.
+    pub to: Health,
+    /// The failure that caused it, for transitions to Unhealthy.
+    pub error: Option<String>,
+    /// When it happened.
+    pub at: SystemTime,
+}
+
+/// An endpoint to probe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    /// The endpoint's identity: its address and port.
+    pub addr: SocketAddr,
+    /// A state to start from instead of Unknown (inherited from an earlier status).
+    pub seed: Option<HealthState>,
+}
+
+impl Target {
+    /// A target with no inherited state.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, seed: None }
+    }
+}
+
+/// Runs probes for every endpoint of every service it is given.
+#[derive(Clone)]
+pub struct Prober {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    services: Mutex<HashMap<ServiceKey, ServiceEntry>>,
+    transitions: broadcast::Sender<Transition>,
+    generation: watch::Sender<u64>,
+    metrics: ProbeMetrics,
+    tls: TlsClients,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+struct ServiceEntry {
+    check: Arc<HealthCheck>,
+    endpoints: HashMap<SocketAddr, EndpointEntry>,
+}
+
+struct EndpointEntry {
+    state: Arc<Mutex<HealthState>>,
+    stop: CancellationToken,
+}
+
+impl Prober {
+    /// A prober whose tasks all stop when `shutdown` is cancelled.
+    pub fn new(metrics: ProbeMetrics, shutdown: CancellationToken) -> Self {
+        let (transitions, _) = broadcast::channel(4096);
+        let (generation, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                services: Mutex::new(HashMap::new()),
+                transitions,
+                generation,
+                metrics,
+                tls: TlsClients::default(),
+                shutdown,
+                tasks: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// Every transition from now on. A receiver that lags gets `Lagged` and should
+    /// re-read [`Prober::states`].
+    pub fn subscribe(&self) -> broadcast::Receiver<Transition> {
+        self.inner.transitions.subscribe()
+    }
+
+    /// A counter bumped on every transition and every change of targets: cheap
+    /// "something changed" for consumers that rebuild a snapshot.
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
+    /// Sets what a service probes. Endpoints that stay keep their state (and keep
+    /// their timers unless the check changed); removed ones stop at once.
+    pub fn update_service(&self, key: &ServiceKey, check: &HealthCheck, targets: &[Target]) {
+        let mut services = self.inner.services.lock().expect("prober lock poisoned");
+        let entry = services.entry(key.clone()).or_insert_with(|| ServiceEntry {
+            check: Arc::new(check.clone()),
+            endpoints: HashMap::new(),
+        });
+        let check_changed = *entry.check != *check;
+        if check_changed {
+            entry.check = Arc::new(check.clone());
+        }
+
+        let wanted: HashMap<SocketAddr, &Target> = targets.iter().map(|t| (t.addr, t)).collect();
+        entry.endpoints.retain(|addr, ep| {
+            let keep = wanted.contains_key(addr);
+            if !keep {
+                ep.stop.cancel();
+                self.inner
+                    .metrics
+                    .forget_endpoint(&key.to_string(), &addr.to_string());
+            }
+            keep
+        });
+        for (addr, target) in wanted {
+            match entry.endpoints.get_mut(&addr) {
+                Some(ep) if check_changed => {
+                    ep.stop.cancel();
+                    ep.stop = self.spawn(key, addr, entry.check.clone(), ep.state.clone());
+                }
+                Some(_) => {}
+                None => {
+                    let state = Arc::new(Mutex::new(target.seed.clone().unwrap_or_default()));
+                    let stop = self.spawn(key, addr, entry.check.clone(), state.clone());
+                    entry.endpoints.insert(addr, EndpointEntry { state, stop });
+                }
+            }
+        }
+        drop(services);
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Stops probing every endpoint of a service.
+    pub fn remove_service(&self, key: &ServiceKey) {
+        let removed = self
+            .inner
+            .services
+            .lock()
+            .expect("prober lock poisoned")
+            .remove(key);
+        if let Some(entry) = removed {
+            for (addr, ep) in entry.endpoints {
+                ep.stop.cancel();
+                self.inner
+                    .metrics
+                    .forget_endpoint(&key.to_string(), &addr.to_string());
+            }
+            self.inner.generation.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// The services being probed.
+    pub fn services(&self) -> Vec<ServiceKey> {
+        let services = self.inner.services.lock().expect("prober lock poisoned");
+        let mut keys: Vec<_> = services.keys().cloned().collect();
+        keys.sort();
+        keys
+    }
+
+    /// Current state of every endpoint of a service, sorted by address.
+    pub fn states(&self, key: &ServiceKey) -> Vec<(SocketAddr, HealthState)> {
+        let services = self.inner.services.lock().expect("prober lock poisoned");
+        let mut out: Vec<_> = services
+            .get(key)
+            .map(|entry| {
+                entry
+                    .endpoints
+                    .iter()
+                    .map(|(addr, ep)| {
+                        (*addr, ep.state.lock().expect("state lock poisoned").clone())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort_by_key(|(addr, _)| *addr);
+        out
+    }
+
+    /// Waits until every probe task has stopped (after shutdown was cancelled).
+    pub async fn stopped(&self) {
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+    }
+
+    fn spawn(
+        &self,
+        key: &ServiceKey,
+        addr: SocketAddr,
+        check: Arc<HealthCheck>,
+        state: Arc<Mutex<HealthState>>,
+    ) -> CancellationToken {
+        let stop = self.inner.shutdown.child_token();
+        let task = EndpointTask {
+            service: key.clone(),
+            addr,
+            check,
+            state,
+            inner: self.inner.clone(),
+            stop: stop.clone(),
+        };
+        self.inner.tasks.spawn(task.run());
+        stop
+    }
+}
+
+struct EndpointTask {
+    service: ServiceKey,
+    addr: SocketAddr,
+    check: Arc<HealthCheck>,
+    state: Arc<Mutex<HealthState>>,
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+}
+
+impl EndpointTask {
+    async fn run(self) {
+        let service = self.service.to_string();
+        let endpoint = self.addr.to_string();
+        let probe_addr =
+            SocketAddr::new(self.addr.ip(), self.check.port.unwrap_or(self.addr.port()));
+        let labels = |result| ProbeLabels {
+            service: service.clone(),
+            endpoint: endpoint.clone(),
+            result,
+        };
+        let counters = [labels("success"), labels("failure"), labels("timeout")]
+            .map(|l| self.inner.metrics.probes.get_or_create(&l).clone());
+        let histogram = self
+            .inner
+            .metrics
+            .duration
+            .get_or_create(&ServiceLabels {
+                service: service.clone(),
+            })
+            .clone();
+        let healthy_gauge = self
+            .inner
+            .metrics
+            .healthy
+            .get_or_create(&EndpointLabels {
+                service: service.clone(),
+                endpoint: endpoint.clone(),
+            })
+            .clone();
+        healthy_gauge.set(i64::from(
+            self.state.lock().expect("state lock poisoned").is_healthy(),
+        ));
+
+        let first = spread(self.check.interval);
+        if self.sleep(first).await.is_err() {
+            return;
+        }
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = probe(&self.check.probe, probe_addr, self.check.timeout, &self.inner.tls) => r,
+            };
+            histogram.observe(started.elapsed().as_secs_f64());
+            let counter = match &result {
+                Ok(()) => &counters[0],
+                Err(e) if e.timed_out => &counters[2],
+                Err(_) => &counters[1],
+            };
+            counter.inc();
+
+            let now = SystemTime::now();
+            let (changed, delay, error) = {
+                let mut state = self.state.lock().expect("state lock poisoned");
+                let outcome = result.as_ref().map(|_| ()).map_err(|e| e.message.as_str());
+                let changed = state.record(outcome, self.check.rise, self.check.fall, now);
+                let delay = state.next_delay(self.check.interval, self.check.down_interval);
+                (
+                    changed.map(|from| (from, state.health)),
+                    delay,
+                    state.last_error.clone(),
+                )
+            };
+            if let Some((from, to)) = changed {
+                self.announce(from, to, error, now, &healthy_gauge);
+            }
+            if self.sleep(jitter(delay)).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    fn announce(
+        &self,
+        from: Health,
+        to: Health,
+        error: Option<String>,
+        at: SystemTime,
+        gauge: &prometheus_client::metrics::gauge::Gauge,
+    ) {
+        gauge.set(i64::from(to == Health::Healthy));
+        self.inner
+            .metrics
+            .transitions
+            .get_or_create(&TransitionLabels {
+                service: self.service.to_string(),
+                to: to.as_str(),
+            })
+            .inc();
+        let error = if to == Health::Healthy { None } else { error };
+        tracing::info!(
+            service = %self.service,
+            endpoint = %self.addr,
+            from = %from,
+            to = %to,
+            error = error.as_deref(),
+            "endpoint health changed"
+        );
+        // Nobody listening is fine: standalone without a proxy has no subscribers.
+        let _ = self.inner.transitions.send(Transition {
+            service: self.service.clone(),
+            endpoint: self.addr,
+            from,
+            to,
+            error,
+            at,
+        });
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
+    async fn sleep(&self, d: Duration) -> Result<(), ()> {
+        tokio::select! {
+            _ = self.stop.cancelled() => Err(()),
+            _ = tokio::time::sleep(d) => Ok(()),
+        }
+    }
+}
+
+/// A random point in `[0, interval)`: where an endpoint's first probe lands.
+fn spread(interval: Duration) -> Duration {
+    let millis = interval.as_millis().max(1) as u64;
+    Duration::from_millis(rand::rng().random_range(0..millis))
+}
+
+/// `delay` give or take 5%, so endpoints started together drift apart.
+fn jitter(delay: Duration) -> Duration {
+    let factor = rand::rng().random_range(0.95..1.05);
+    delay.mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_and_jitter_stay_in_bounds() {
+        let interval = Duration::from_secs(1);
+        for _ in 0..1000 {
+            assert!(spread(interval) < interval);
+            let j = jitter(interval);
+            assert!(
+                j >= Duration::from_millis(950) && j <= Duration::from_millis(1050),
+                "{j:?}"
+            );
+        }
+    }
+}

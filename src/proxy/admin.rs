@@ -1,0 +1,99 @@
+//! The admin HTTP server: `/status`, `/metrics`, `/healthz`, `/readyz`.
+//!
+//! Kept apart from the listeners so a flood of client traffic cannot hide the
+//! process's own view of itself, and bound to loopback by default.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What the admin server shows; standalone and the proxy each provide one.
+pub trait AdminView: Send + Sync + 'static {
+    /// The `/status` document, as JSON text.
+    fn status(&self) -> String;
+    /// Whether `/readyz` answers 200.
+    fn ready(&self) -> bool;
+    /// The `/metrics` text.
+    fn metrics(&self) -> String;
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, view: Arc<dyn AdminView>, shutdown: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "admin: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let view = view.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let view = view.clone();
+                async move { Ok::<_, Infallible>(route(&*view, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
+
+fn route(view: &dyn AdminView, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+    }
+    match req.uri().path() {
+        "/status" => {
+            let body = view.status();
+            Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .expect("static response parts are valid")
+        }
+        "/metrics" => Response::builder()
+            .header(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)
+            .body(Full::new(Bytes::from(view.metrics())))
+            .expect("static response parts are valid"),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if view.ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /status, /metrics, /healthz or /readyz\n",
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("static response parts are valid")
+}

@@ -1,0 +1,3 @@
+//! Where configuration comes from: a file (standalone) or the cluster.
+
+pub mod file;

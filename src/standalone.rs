@@ -1,0 +1,223 @@
+//! `balanced standalone`: the prober (and, with the proxy, the listeners) driven
+//! by a YAML file instead of the cluster.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::config::Config;
+use crate::api::load::LoadErrors;
+use crate::health::report::report;
+use crate::health::{Prober, Target, TlsClients, probe};
+use crate::metrics::Metrics;
+use crate::proxy::admin::{self, AdminView};
+use crate::source::file;
+
+/// Options of `balanced standalone`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The BalancedService YAML file.
+    pub file: PathBuf,
+    /// How often the file is checked for changes.
+    pub poll: Duration,
+}
+
+/// Why standalone could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file at start-up is invalid (exit code 2).
+    #[error("invalid configuration in {file}:\n  {}", .errors.0.join("\n  "))]
+    InvalidConfig {
+        /// The file.
+        file: String,
+        /// Every problem.
+        errors: LoadErrors,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot watch for SIGHUP: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Probes (and serves) the file's BalancedServices until `shutdown` is cancelled,
+/// with the admin server on `admin_listener`.
+pub async fn run(
+    opts: Options,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let configs = file::read_configs(&opts.file).map_err(|errors| Error::InvalidConfig {
+        file: opts.file.display().to_string(),
+        errors,
+    })?;
+    let mut updates =
+        file::watch(opts.file.clone(), opts.poll, shutdown.clone()).map_err(Error::Signal)?;
+
+    let metrics = Arc::new(Metrics::new());
+    let prober = Prober::new(metrics.probe.clone(), shutdown.clone());
+    let state = Arc::new(State {
+        configs: ArcSwap::from_pointee(Vec::new()),
+        prober: prober.clone(),
+        metrics,
+        draining: AtomicBool::new(false),
+    });
+    state.apply(configs);
+    tracing::info!(
+        file = %opts.file.display(),
+        admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        services = state.configs.load().len(),
+        "standalone running"
+    );
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        state.clone(),
+        shutdown.clone(),
+    ));
+
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(configs) = updates.recv() => state.apply(configs),
+        }
+    }
+    state.draining.store(true, Ordering::Relaxed);
+    prober.stopped().await;
+    let _ = admin_task.await;
+    Ok(())
+}
+
+struct State {
+    configs: ArcSwap<Vec<Config>>,
+    prober: Prober,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+}
+
+impl State {
+    /// Applies the difference: services that stay keep their endpoints' state.
+    fn apply(&self, configs: Vec<Config>) {
+        let old = self.configs.load();
+        for gone in old
+            .iter()
+            .filter(|o| !configs.iter().any(|c| c.key == o.key))
+        {
+            tracing::info!(service = %gone.key, "service removed");
+            self.prober.remove_service(&gone.key);
+        }
+        for cfg in &configs {
+            let targets: Vec<Target> = cfg.endpoints.iter().map(|e| Target::new(e.addr)).collect();
+            self.prober.update_service(&cfg.key, &cfg.health, &targets);
+        }
+        self.configs.store(Arc::new(configs));
+    }
+}
+
+impl AdminView for State {
+    fn status(&self) -> String {
+        let keys: Vec<_> = self.configs.load().iter().map(|c| c.key.clone()).collect();
+        serde_json::to_string_pretty(&report(&self.prober, &keys)).unwrap_or_default()
+    }
+
+    fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed)
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+}
+
+/// One probe of one endpoint, as `--once` prints it.
+#[derive(Clone, Debug)]
+pub struct OnceResult {
+    /// `namespace/name`.
+    pub service: String,
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// `TCP`, `HTTP` or `TLS`.
+    pub check: &'static str,
+    /// The probe's error, if it failed.
+    pub error: Option<String>,
+    /// How long it took.
+    pub took: Duration,
+}
+
+/// `--once`: probes every endpoint of the file once, concurrently.
+pub async fn once(path: &std::path::Path) -> Result<Vec<OnceResult>, Error> {
+    let configs = file::read_configs(path).map_err(|errors| Error::InvalidConfig {
+        file: path.display().to_string(),
+        errors,
+    })?;
+    let tls = TlsClients::default();
+    let probes = configs.iter().flat_map(|cfg| {
+        let tls = tls.clone();
+        cfg.endpoints.iter().map(move |ep| {
+            let tls = tls.clone();
+            async move {
+                let hc = &cfg.health;
+                let addr = SocketAddr::new(ep.addr.ip(), hc.port.unwrap_or(ep.addr.port()));
+                let started = Instant::now();
+                let result = probe(&hc.probe, addr, hc.timeout, &tls).await;
+                OnceResult {
+                    service: cfg.key.to_string(),
+                    endpoint: ep.addr,
+                    check: hc.probe.name(),
+                    error: result.err().map(|e| e.message),
+                    took: started.elapsed(),
+                }
+            }
+        })
+    });
+    Ok(futures::future::join_all(probes).await)
+}
+
+/// Renders `--once` results as a table; the bool is whether every service has a healthy endpoint.
+pub fn once_table(results: &[OnceResult]) -> (String, bool) {
+    let mut rows = vec![[
+        "SERVICE".to_string(),
+        "ENDPOINT".to_string(),
+        "CHECK".to_string(),
+        "RESULT".to_string(),
+        "TIME".to_string(),
+        "DETAIL".to_string(),
+    ]];
+    for r in results {
+        rows.push([
+            r.service.clone(),
+            r.endpoint.to_string(),
+            r.check.to_string(),
+            if r.error.is_none() {
+                "healthy"
+            } else {
+                "unhealthy"
+            }
+            .to_string(),
+            format!("{:.1}ms", r.took.as_secs_f64() * 1000.0),
+            r.error.clone().unwrap_or_default(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    let mut services: Vec<&str> = results.iter().map(|r| r.service.as_str()).collect();
+    services.dedup();
+    let all_served = services
+        .iter()
+        .all(|s| results.iter().any(|r| r.service == *s && r.error.is_none()));
+    (out, all_served)
+}

@@ -1,0 +1,240 @@
+//! Fake backends on real loopback sockets, shared by unit and integration tests
+//! (feature `test-util`): servers that answer, refuse, hang, or die and come back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// How an HTTP backend answers.
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// Every request gets this status and the backend's name as body.
+    Status(u16),
+    /// Like `Status(200)` after a delay.
+    Slow(Duration),
+}
+
+/// A server on loopback that can be killed (listener and open connections
+/// closed, as if the process died) and revived on the same address.
+pub struct Backend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Name it answers with.
+    pub name: String,
+    behavior: Behavior,
+    kind: Kind,
+    accepted: Arc<AtomicU64>,
+    kill: CancellationToken,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Http,
+    Hang,
+}
+
+impl Backend {
+    /// An HTTP/1.1 + h2c backend on a free loopback port.
+    pub async fn http(name: &str, behavior: Behavior) -> Backend {
+        Self::start(
+            name,
+            behavior,
+            Kind::Http,
+            "127.0.0.1:0".parse().expect("literal"),
+        )
+        .await
+    }
+
+    /// A backend that accepts connections and never says anything.
+    pub async fn hang() -> Backend {
+        Self::start(
+            "hang",
+            Behavior::Status(200),
+            Kind::Hang,
+            "127.0.0.1:0".parse().expect("literal"),
+        )
+        .await
+    }
+
+    /// TCP connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Closes the listener and every open connection.
+    pub fn kill(&self) {
+        self.kill.cancel();
+    }
+
+    /// Listens again on the same address with the same behaviour.
+    pub async fn revive(&mut self) {
+        self.kill.cancel();
+        let (_, kill, accepted) =
+            spawn(&self.name, self.behavior.clone(), self.kind, self.addr).await;
+        self.kill = kill;
+        self.accepted = accepted;
+    }
+
+    async fn start(name: &str, behavior: Behavior, kind: Kind, addr: SocketAddr) -> Backend {
+        let (addr, kill, accepted) = spawn(name, behavior.clone(), kind, addr).await;
+        Backend {
+            addr,
+            name: name.to_string(),
+            behavior,
+            kind,
+            accepted,
+            kill,
+        }
+    }
+}
+
+/// Starts the accept loop; returns the bound address, its kill switch and accept counter.
+async fn spawn(
+    name: &str,
+    behavior: Behavior,
+    kind: Kind,
+    addr: SocketAddr,
+) -> (SocketAddr, CancellationToken, Arc<AtomicU64>) {
+    let listener = bind_retrying(addr).await;
+    let addr = listener
+        .local_addr()
+        .expect("bound listener has an address");
+    let kill = CancellationToken::new();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let (task_kill, task_accepted) = (kill.clone(), accepted.clone());
+    let name = name.to_string();
+    {
+        let kill = task_kill;
+        let accepted = task_accepted;
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    _ = kill.cancelled() => return,
+                    a = listener.accept() => match a { Ok((s, _)) => s, Err(_) => continue },
+                };
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let kill = kill.clone();
+                let name = name.clone();
+                let behavior = behavior.clone();
+                tokio::spawn(async move {
+                    match kind {
+                        Kind::Hang => {
+                            kill.cancelled().await;
+                            drop(stream);
+                        }
+                        Kind::Http => {
+                            tokio::select! {
+                                _ = kill.cancelled() => {}
+                                _ = serve_http(stream, name, behavior) => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+    }
+    (addr, kill, accepted)
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill.cancel();
+    }
+}
+
+async fn serve_http(stream: TcpStream, name: String, behavior: Behavior) {
+    let service = service_fn(move |_req: Request<Incoming>| {
+        let name = name.clone();
+        let behavior = behavior.clone();
+        async move {
+            let status = match behavior {
+                Behavior::Status(code) => code,
+                Behavior::Slow(delay) => {
+                    tokio::time::sleep(delay).await;
+                    200
+                }
+            };
+            let response = Response::builder()
+                .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+                .header("x-backend", name.as_str())
+                .body(Full::new(Bytes::from(name)))
+                .expect("valid response parts");
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+        .await;
+}
+
+/// Binds, retrying briefly: a revived backend's port may still be held for a moment.
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => last = Some(e),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("cannot bind {addr}: {last:?}");
+}
+
+/// A loopback address where nothing listens (connections are refused).
+pub async fn refusing_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    listener
+        .local_addr()
+        .expect("bound listener has an address")
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// GETs `http://addr/path` over a fresh connection; returns status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}

@@ -1,0 +1,279 @@
+//! The prober against real loopback servers that answer, refuse, hang and die.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use balanced::api::config::{HealthCheck, HttpProbe, ProbeKind, ServiceKey, StatusMatch, TlsProbe};
+use balanced::health::{Health, Prober, Target, TlsClients, probe};
+use balanced::metrics::Metrics;
+use balanced::testing::{Backend, Behavior, eventually, refusing_addr};
+use tokio_util::sync::CancellationToken;
+
+fn http_kind(expect: &[(bool, u16)]) -> ProbeKind {
+    ProbeKind::Http(HttpProbe {
+        method: http::Method::GET,
+        path: "/healthz".into(),
+        host: None,
+        expect: StatusMatch::from_rules(expect),
+    })
+}
+
+fn check(probe: ProbeKind, interval_ms: u64, rise: u32, fall: u32) -> HealthCheck {
+    HealthCheck {
+        probe,
+        interval: Duration::from_millis(interval_ms),
+        timeout: Duration::from_millis(interval_ms / 2),
+        rise,
+        fall,
+        down_interval: Duration::from_millis(interval_ms),
+        port: None,
+    }
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const DEFAULT_EXPECT: &[(bool, u16)] = &[(true, 2), (true, 3)];
+
+#[tokio::test]
+async fn tcp_probe_passes_on_a_listener_and_names_a_refusal() {
+    let tls = TlsClients::default();
+    let up = Backend::http("up", Behavior::Status(200)).await;
+    assert_eq!(probe(&ProbeKind::Tcp, up.addr, SECOND, &tls).await, Ok(()));
+
+    let err = probe(&ProbeKind::Tcp, refusing_addr().await, SECOND, &tls)
+        .await
+        .unwrap_err();
+    assert_eq!(err.message, "connect: connection refused");
+    assert!(!err.timed_out);
+}
+
+#[tokio::test]
+async fn http_probe_times_out_on_a_backend_that_never_answers() {
+    let hang = Backend::hang().await;
+    let timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let err = probe(
+        &http_kind(DEFAULT_EXPECT),
+        hang.addr,
+        timeout,
+        &TlsClients::default(),
+    )
+    .await
+    .unwrap_err();
+    let took = started.elapsed();
+    assert!(err.timed_out, "{err:?}");
+    assert_eq!(err.message, "timeout: no response after 300ms");
+    // The timeout plus scheduling slack, never the OS's own multi-minute limits.
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(500),
+        "took {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn http_probe_judges_the_status() {
+    let tls = TlsClients::default();
+    let ok = Backend::http("ok", Behavior::Status(200)).await;
+    let err500 = Backend::http("err", Behavior::Status(500)).await;
+    let moved = Backend::http("moved", Behavior::Status(301)).await;
+
+    assert_eq!(
+        probe(&http_kind(DEFAULT_EXPECT), ok.addr, SECOND, &tls).await,
+        Ok(())
+    );
+    assert_eq!(
+        probe(&http_kind(DEFAULT_EXPECT), moved.addr, SECOND, &tls).await,
+        Ok(())
+    );
+    let e = probe(&http_kind(DEFAULT_EXPECT), err500.addr, SECOND, &tls)
+        .await
+        .unwrap_err();
+    assert_eq!(e.message, "http: status 500, expected 2xx, 3xx");
+    let e = probe(&http_kind(&[(true, 2)]), moved.addr, SECOND, &tls)
+        .await
+        .unwrap_err();
+    assert_eq!(e.message, "http: status 301, expected 2xx");
+    let e = probe(&http_kind(&[(false, 500)]), err500.addr, SECOND, &tls).await;
+    assert_eq!(e, Ok(()), "an exact code can make 500 the expected answer");
+}
+
+#[tokio::test]
+async fn tls_probe_completes_a_handshake_and_verifies_only_when_asked() {
+    let (addr, _stop) = support::tls_backend().await;
+    let tls = TlsClients::default();
+    let lenient = ProbeKind::Tls(TlsProbe {
+        server_name: Some("localhost".into()),
+        verify: false,
+    });
+    assert_eq!(probe(&lenient, addr, SECOND, &tls).await, Ok(()));
+
+    let strict = ProbeKind::Tls(TlsProbe {
+        server_name: Some("localhost".into()),
+        verify: true,
+    });
+    let err = probe(&strict, addr, SECOND, &tls).await.unwrap_err();
+    assert!(
+        err.message.starts_with("tls: "),
+        "a self-signed certificate must fail verification: {err:?}"
+    );
+
+    // A plain HTTP server is not a TLS endpoint.
+    let plain = Backend::http("plain", Behavior::Status(200)).await;
+    let err = probe(&lenient, plain.addr, SECOND, &tls).await.unwrap_err();
+    assert!(err.message.starts_with("tls: handshake: "), "{err:?}");
+}
+
+fn health_of(prober: &Prober, key: &ServiceKey, addr: SocketAddr) -> Option<Health> {
+    prober
+        .states(key)
+        .into_iter()
+        .find(|(a, _)| *a == addr)
+        .map(|(_, s)| s.health)
+}
+
+#[tokio::test]
+async fn an_endpoint_that_goes_down_and_comes_back_follows_fall_and_rise() {
+    let mut backend = Backend::http("b", Behavior::Status(200)).await;
+    let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
+    let mut transitions = prober.subscribe();
+    let key = ServiceKey::new("default", "web");
+    prober.update_service(
+        &key,
+        &check(http_kind(DEFAULT_EXPECT), 100, 2, 2),
+        &[Target::new(backend.addr)],
+    );
+    assert_eq!(
+        health_of(&prober, &key, backend.addr),
+        Some(Health::Unknown)
+    );
+
+    let t = tokio::time::timeout(SECOND, transitions.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (t.from, t.to, t.endpoint),
+        (Health::Unknown, Health::Healthy, backend.addr)
+    );
+
+    backend.kill();
+    let t = tokio::time::timeout(SECOND, transitions.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((t.from, t.to), (Health::Healthy, Health::Unhealthy));
+    assert_eq!(t.error.as_deref(), Some("connect: connection refused"));
+    let states = prober.states(&key);
+    assert_eq!(
+        states[0].1.consecutive_failures, 2,
+        "fall is 2: exactly two failures"
+    );
+
+    backend.revive().await;
+    let t = tokio::time::timeout(SECOND, transitions.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((t.from, t.to), (Health::Unhealthy, Health::Healthy));
+    assert_eq!(prober.states(&key)[0].1.last_error, None);
+}
+
+#[tokio::test]
+async fn removed_endpoints_stop_being_probed_at_once_and_others_keep_state() {
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
+    let key = ServiceKey::new("default", "web");
+    let hc = check(ProbeKind::Tcp, 50, 1, 1);
+    prober.update_service(&key, &hc, &[Target::new(a.addr), Target::new(b.addr)]);
+    eventually(SECOND, "both healthy", || async {
+        let s = prober.states(&key);
+        s.iter()
+            .all(|(_, st)| st.health == Health::Healthy)
+            .then_some(())
+    })
+    .await;
+
+    prober.update_service(&key, &hc, &[Target::new(a.addr)]);
+    let b_count = b.accepted();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.accepted(), b_count, "a removed endpoint got probed again");
+    assert!(
+        a.accepted() > 2,
+        "the remaining endpoint keeps being probed"
+    );
+    assert_eq!(
+        health_of(&prober, &key, a.addr),
+        Some(Health::Healthy),
+        "kept its state"
+    );
+    assert_eq!(health_of(&prober, &key, b.addr), None);
+
+    prober.remove_service(&key);
+    let a_count = a.accepted();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.accepted(), a_count);
+}
+
+#[tokio::test]
+async fn probes_are_spread_over_the_interval() {
+    // 200 endpoints on one listener's port space would be 200 listeners; instead
+    // probe one backend 200 times under different addresses of 127.0.0.0/8.
+    let backend = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = backend.local_addr().unwrap().port();
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let rec = arrivals.clone();
+    let started = Instant::now();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = backend.accept().await {
+            rec.lock().unwrap().push(started.elapsed());
+            drop(s);
+        }
+    });
+    let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
+    let targets: Vec<Target> = (1..=200u8)
+        .map(|i| Target::new(SocketAddr::from(([127, 0, 1, i], port))))
+        .collect();
+    prober.update_service(
+        &ServiceKey::new("d", "many"),
+        &check(ProbeKind::Tcp, 1000, 1, 1),
+        &targets,
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let times = arrivals.lock().unwrap().clone();
+    assert!(
+        times.len() >= 150,
+        "only {} of 200 first probes within the interval",
+        times.len()
+    );
+    let first_half = times
+        .iter()
+        .filter(|t| **t < Duration::from_millis(500))
+        .count();
+    assert!(
+        (50..=150).contains(&first_half),
+        "{first_half} of {} first probes in the first half of the interval: not spread",
+        times.len()
+    );
+}
+
+#[tokio::test]
+async fn inherited_state_is_served_without_waiting_for_rise() {
+    let backend = Backend::http("b", Behavior::Status(200)).await;
+    let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
+    let key = ServiceKey::new("default", "web");
+    let seed = balanced::health::HealthState::inherited(Health::Healthy, None);
+    prober.update_service(
+        &key,
+        &check(ProbeKind::Tcp, 1000, 3, 3),
+        &[Target {
+            addr: backend.addr,
+            seed: Some(seed),
+        }],
+    );
+    assert_eq!(
+        health_of(&prober, &key, backend.addr),
+        Some(Health::Healthy)
+    );
+}

@@ -1,0 +1,53 @@
+//! Helpers for integration tests that need dev-only crates (rcgen).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A TLS server with a self-signed certificate for `localhost`; completes
+/// handshakes and closes. Dropping the token stops it.
+pub async fn tls_backend() -> (SocketAddr, CancellationToken) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = token.cancelled() => return,
+                a = listener.accept() => a.unwrap().0,
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(stream).await;
+            });
+        }
+    });
+    (addr, stop)
+}
+
+/// A standalone YAML document with the given endpoints and health-check lines.
+pub fn standalone_yaml(name: &str, endpoints: &[SocketAddr], health: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("    - {{address: {}, port: {}}}", a.ip(), a.port()))
+        .collect();
+    format!(
+        "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n{}\n  listeners: [{{name: http, port: 18080}}]\n  healthCheck:\n{health}\n",
+        eps.join("\n")
+    )
+}
