@@ -1,0 +1,261 @@
+//! `balanced standalone` end to end: a file, real backends, the admin server.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use balanced::standalone::{self, Options};
+use balanced::testing::{Backend, Behavior, eventually, http_get, refusing_addr};
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const FAST: &str =
+    "    interval: 200ms\n    timeout: 100ms\n    rise: 2\n    fall: 2\n    downInterval: 200ms";
+
+struct Running {
+    admin: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), standalone::Error>>,
+}
+
+async fn start(file: &Path) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let opts = Options {
+        file: file.to_path_buf(),
+        poll: Duration::from_millis(50),
+    };
+    let task = tokio::spawn(standalone::run(opts, listener, shutdown.clone()));
+    Running {
+        admin,
+        shutdown,
+        task,
+    }
+}
+
+async fn status(admin: SocketAddr) -> Value {
+    let (code, body) = http_get(admin, "/status").await.unwrap();
+    assert_eq!(code, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn state_of(admin: SocketAddr, port: u16) -> Option<String> {
+    let s = status(admin).await;
+    s["services"][0]["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["port"] == port)
+        .map(|e| e["state"].as_str().unwrap().to_string())
+}
+
+async fn wait_state(admin: SocketAddr, port: u16, want: &str, within: Duration) {
+    eventually(within, &format!("{port} to be {want}"), || async move {
+        (state_of(admin, port).await.as_deref() == Some(want)).then_some(())
+    })
+    .await;
+}
+
+fn temp_file(name: &str, text: &str) -> tempdir::File {
+    tempdir::File::new(name, text)
+}
+
+mod tempdir {
+    //! A file under the target dir's tmp, removed on drop.
+    pub struct File(pub std::path::PathBuf);
+    impl File {
+        pub fn new(name: &str, text: &str) -> Self {
+            let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+            let path = dir.join(format!("{name}-{}.yaml", std::process::id()));
+            std::fs::write(&path, text).unwrap();
+            File(path)
+        }
+        pub fn write(&self, text: &str) {
+            // Write then rename, as editors and ConfigMap updates do.
+            let tmp = self.0.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, &self.0).unwrap();
+        }
+    }
+    impl Drop for File {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn status_follows_a_killed_and_revived_backend_within_a_second() {
+    let mut a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    let file = temp_file(
+        "killrevive",
+        &support::standalone_yaml("web", &[a.addr, b.addr], FAST),
+    );
+    let run = start(&file.0).await;
+
+    wait_state(run.admin, a.addr.port(), "Healthy", Duration::from_secs(2)).await;
+    let s = status(run.admin).await;
+    let svc = &s["services"][0];
+    assert_eq!(
+        (svc["namespace"].as_str(), svc["name"].as_str()),
+        (Some("default"), Some("web"))
+    );
+    let ep = &svc["endpoints"][0];
+    for field in [
+        "address",
+        "port",
+        "state",
+        "lastError",
+        "consecutiveSuccesses",
+        "consecutiveFailures",
+        "lastTransitionTime",
+    ] {
+        assert!(
+            ep.get(field).is_some(),
+            "/status endpoint lacks {field}: {ep}"
+        );
+    }
+
+    a.kill();
+    wait_state(
+        run.admin,
+        a.addr.port(),
+        "Unhealthy",
+        Duration::from_secs(1),
+    )
+    .await;
+    assert_eq!(
+        state_of(run.admin, b.addr.port()).await.as_deref(),
+        Some("Healthy")
+    );
+    a.revive().await;
+    wait_state(run.admin, a.addr.port(), "Healthy", Duration::from_secs(1)).await;
+
+    let (code, metrics) = http_get(run.admin, "/metrics").await.unwrap();
+    assert_eq!(code, 200);
+    for name in [
+        "balanced_probes_total{",
+        "balanced_probe_duration_seconds_bucket{",
+        "balanced_endpoint_healthy{",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in /metrics");
+    }
+    assert!(metrics.contains("result=\"failure\""));
+    assert_eq!(http_get(run.admin, "/healthz").await.unwrap().0, 200);
+    assert_eq!(http_get(run.admin, "/readyz").await.unwrap().0, 200);
+
+    run.shutdown.cancel();
+    run.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn reload_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_file() {
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    let file = temp_file("reload", &support::standalone_yaml("web", &[a.addr], FAST));
+    let run = start(&file.0).await;
+    wait_state(run.admin, a.addr.port(), "Healthy", Duration::from_secs(2)).await;
+
+    // Adding b keeps a's state: a never goes back to Unknown.
+    file.write(&support::standalone_yaml("web", &[a.addr, b.addr], FAST));
+    eventually(Duration::from_secs(2), "b to appear", || async {
+        state_of(run.admin, b.addr.port()).await.map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        state_of(run.admin, a.addr.port()).await.as_deref(),
+        Some("Healthy")
+    );
+    wait_state(run.admin, b.addr.port(), "Healthy", Duration::from_secs(2)).await;
+
+    // A bad file changes nothing.
+    file.write(&support::standalone_yaml(
+        "web",
+        &[a.addr],
+        &FAST.replace("rise: 2", "rise: 0"),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        state_of(run.admin, b.addr.port()).await.as_deref(),
+        Some("Healthy")
+    );
+    assert!(!run.task.is_finished());
+
+    // Removing b stops showing it.
+    file.write(&support::standalone_yaml("web", &[a.addr], FAST));
+    eventually(Duration::from_secs(2), "b to disappear", || async {
+        state_of(run.admin, b.addr.port())
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    run.shutdown.cancel();
+    run.task.await.unwrap().unwrap();
+}
+
+#[test]
+fn a_bad_file_at_start_exits_2_with_every_error() {
+    let text = support::standalone_yaml(
+        "web",
+        &["127.0.0.1:0".parse().unwrap()],
+        &FAST.replace("rise: 2", "rise: 0"),
+    );
+    let file = temp_file("bad", &text);
+    let out = Command::new(env!("CARGO_BIN_EXE_balanced"))
+        .args(["standalone", "-f"])
+        .arg(&file.0)
+        .args(["--admin", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("document 1 (default/web): spec.endpoints[0].port: must be 1..=65535, got 0"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("document 1 (default/web): spec.healthCheck.rise: must be >= 1, got 0"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn once_prints_a_table_and_exits_by_whether_every_service_is_served() {
+    let up = Backend::http("up", Behavior::Status(200)).await;
+    let down = refusing_addr().await;
+    let good = temp_file(
+        "once-good",
+        &support::standalone_yaml("web", &[up.addr, down], FAST),
+    );
+    let bad = temp_file("once-bad", &support::standalone_yaml("web", &[down], FAST));
+    let exe = env!("CARGO_BIN_EXE_balanced");
+
+    let run = |path: std::path::PathBuf| {
+        tokio::task::spawn_blocking(move || {
+            Command::new(exe)
+                .args(["standalone", "--once", "-f"])
+                .arg(path)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(good.0.clone()).await.unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(table.starts_with("SERVICE"), "{table}");
+    assert!(
+        table.contains(&format!("{}  TCP    healthy", up.addr)),
+        "{table}"
+    );
+    assert!(table.contains("connect: connection refused"), "{table}");
+
+    let out = run(bad.0.clone()).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
