@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod balance;
 pub mod health;
 pub mod metrics;
 pub mod proxy;

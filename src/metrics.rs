@@ -114,11 +114,174 @@ impl ProbeMetrics {
     }
 }
 
+/// Response classes and failure kinds an upstream attempt ends in.
+pub const OUTCOMES: [&str; 7] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error", "timeout"];
+
+/// Labels of `balanced_upstream_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// `address:port`.
+    pub endpoint: String,
+    /// Status class (`2xx`) or `error` / `timeout`.
+    pub code: &'static str,
+}
+
+/// Labels of `balanced_upstream_retries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// The retry condition (`Error`, `Timeout`, `Http502`, ...).
+    pub reason: &'static str,
+}
+
+/// Labels of `balanced_downstream_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DownstreamLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// Listener name.
+    pub listener: String,
+    /// Status class answered to the client.
+    pub code: &'static str,
+}
+
+/// Live counters of one endpoint, handed to the balancer so the request path
+/// never looks a label set up.
+#[derive(Clone, Debug, Default)]
+pub struct EndpointStats {
+    /// Requests (HTTP) or connections (TCP) in flight: also what least connections reads.
+    pub active: Gauge,
+    /// Attempts by outcome, indexed like [`OUTCOMES`].
+    pub outcomes: [Counter; 7],
+    /// Passive ejections.
+    pub ejections: Counter,
+}
+
+impl EndpointStats {
+    /// Counts an attempt that ended with `status`.
+    pub fn record_status(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.outcomes[class].inc();
+    }
+    /// Counts an attempt that got no response.
+    pub fn record_failure(&self, timed_out: bool) {
+        self.outcomes[if timed_out { 6 } else { 5 }].inc();
+    }
+    /// Attempts so far, all outcomes.
+    pub fn total(&self) -> u64 {
+        self.outcomes.iter().map(|c| c.get()).sum()
+    }
+}
+
+/// Data-plane metrics.
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    /// Upstream attempts by endpoint and outcome.
+    pub upstream: Family<UpstreamLabels, Counter>,
+    /// Upstream attempt latency (to response header) per service.
+    pub duration: HistogramFamily<ServiceLabels>,
+    /// In-flight requests per endpoint.
+    pub active: Family<EndpointLabels, Gauge>,
+    /// Retries by reason.
+    pub retries: Family<RetryLabels, Counter>,
+    /// Passive ejections per endpoint.
+    pub ejections: Family<EndpointLabels, Counter>,
+    /// Answers to clients by listener and class.
+    pub downstream: Family<DownstreamLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            upstream: Family::default(),
+            duration: Family::new_with_constructor(latency_histogram),
+            active: Family::default(),
+            retries: Family::default(),
+            ejections: Family::default(),
+            downstream: Family::default(),
+        };
+        registry.register(
+            "balanced_upstream_requests",
+            "Upstream attempts by endpoint and outcome (status class, error, timeout)",
+            m.upstream.clone(),
+        );
+        registry.register(
+            "balanced_upstream_request_duration_seconds",
+            "Time from sending an upstream request to its response header",
+            m.duration.clone(),
+        );
+        registry.register(
+            "balanced_upstream_active_requests",
+            "Requests or connections in flight per endpoint",
+            m.active.clone(),
+        );
+        registry.register(
+            "balanced_upstream_retries",
+            "Retries by reason",
+            m.retries.clone(),
+        );
+        registry.register(
+            "balanced_endpoint_ejections",
+            "Passive ejections (maxFails within failTimeout)",
+            m.ejections.clone(),
+        );
+        registry.register(
+            "balanced_downstream_requests",
+            "Responses to clients by listener and status class",
+            m.downstream.clone(),
+        );
+        m
+    }
+
+    /// Registered live counters for one endpoint.
+    pub fn endpoint_stats(&self, service: &str, endpoint: &str) -> EndpointStats {
+        let labels = EndpointLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        EndpointStats {
+            active: self.active.get_or_create(&labels).clone(),
+            outcomes: OUTCOMES.map(|code| {
+                self.upstream
+                    .get_or_create(&UpstreamLabels {
+                        service: service.to_string(),
+                        endpoint: endpoint.to_string(),
+                        code,
+                    })
+                    .clone()
+            }),
+            ejections: self.ejections.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Drops the series of an endpoint that left the service.
+    pub fn forget_endpoint(&self, service: &str, endpoint: &str) {
+        let labels = EndpointLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        self.active.remove(&labels);
+        self.ejections.remove(&labels);
+        for code in OUTCOMES {
+            self.upstream.remove(&UpstreamLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+                code,
+            });
+        }
+    }
+}
+
 /// Every metric of the process and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
     /// Prober metrics.
     pub probe: ProbeMetrics,
+    /// Data-plane metrics.
+    pub proxy: ProxyMetrics,
 }
 
 impl Default for Metrics {
@@ -132,7 +295,12 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let probe = ProbeMetrics::register(&mut registry);
-        Self { registry, probe }
+        let proxy = ProxyMetrics::register(&mut registry);
+        Self {
+            registry,
+            probe,
+            proxy,
+        }
     }
 
     /// The exposition text served on `/metrics`.

@@ -1,0 +1,286 @@
+//! Choosing an endpoint: immutable snapshots of the endpoint set, live
+//! per-endpoint counters that survive snapshot swaps, the pickers, and passive
+//! ejection.
+//!
+//! The request path loads one snapshot (`ArcSwap`, no lock), picks by index, and
+//! keeps that snapshot for the whole request so retry bookkeeping stays valid
+//! even if a new snapshot is swapped in meanwhile.
+
+pub mod passive;
+pub mod picker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+
+use crate::api::config::Algorithm;
+use crate::metrics::EndpointStats;
+pub use passive::{Passive, now_ms};
+
+/// Live state of one endpoint, shared by every snapshot that contains it.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Address and port (its identity).
+    pub addr: SocketAddr,
+    /// Passive ejection state.
+    pub passive: Passive,
+    /// Counters and the active-requests gauge.
+    pub stats: EndpointStats,
+}
+
+impl Endpoint {
+    /// An endpoint with its own (unregistered) counters.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self::with_stats(addr, EndpointStats::default())
+    }
+
+    /// An endpoint reporting into registered metrics.
+    pub fn with_stats(addr: SocketAddr, stats: EndpointStats) -> Self {
+        Self {
+            addr,
+            passive: Passive::default(),
+            stats,
+        }
+    }
+
+    /// Requests or connections in flight.
+    pub fn active(&self) -> u64 {
+        self.stats.active.get().max(0) as u64
+    }
+}
+
+/// What a snapshot knows about one endpoint besides its live state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberSpec {
+    /// Identity.
+    pub addr: SocketAddr,
+    /// 1..=1000.
+    pub weight: u32,
+    /// Used only while no primary is available.
+    pub backup: bool,
+    /// 0 is unlimited.
+    pub max_connections: u32,
+    /// Active health checks say it may serve.
+    pub healthy: bool,
+}
+
+/// One endpoint in a snapshot.
+#[derive(Clone, Debug)]
+pub struct Member {
+    /// Live state.
+    pub endpoint: Arc<Endpoint>,
+    /// Snapshot attributes.
+    pub spec: MemberSpec,
+}
+
+impl Member {
+    fn full(&self) -> bool {
+        self.spec.max_connections > 0
+            && self.endpoint.active() >= u64::from(self.spec.max_connections)
+    }
+}
+
+/// An immutable view of a service's endpoints, built on config or health changes.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Every endpoint, primaries and backups.
+    pub members: Vec<Member>,
+    /// The algorithm in force.
+    pub algorithm: Algorithm,
+    rr_sequence: Vec<u32>,
+    ring: Vec<(u64, u32)>,
+}
+
+/// Per-request record of the members already tried (never the same one twice).
+#[derive(Clone, Debug, Default)]
+pub struct Tried(Vec<usize>);
+
+impl Tried {
+    /// Marks `index` tried.
+    pub fn add(&mut self, index: usize) {
+        self.0.push(index);
+    }
+    /// Whether `index` was tried.
+    pub fn contains(&self, index: usize) -> bool {
+        self.0.contains(&index)
+    }
+    /// How many were tried.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Whether none was tried.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The endpoints of one service and the cursors its pickers advance.
+pub struct Balancer {
+    snapshot: ArcSwap<Snapshot>,
+    rr_cursor: AtomicUsize,
+    tie_cursor: AtomicUsize,
+}
+
+impl Default for Balancer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Balancer {
+    /// An empty balancer (every pick fails until `update`).
+    pub fn new() -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(Snapshot::build(
+                Algorithm::LeastConnections,
+                Vec::new(),
+            )),
+            rr_cursor: AtomicUsize::new(0),
+            tie_cursor: AtomicUsize::new(0),
+        }
+    }
+
+    /// The current snapshot; hold it for the whole request.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Swaps in a new endpoint set. Endpoints that stay keep their live counters
+    /// and ejection state; `make` creates the state of new ones. Returns the
+    /// addresses that left.
+    pub fn update(
+        &self,
+        algorithm: Algorithm,
+        specs: Vec<MemberSpec>,
+        make: impl Fn(SocketAddr) -> Endpoint,
+    ) -> Vec<SocketAddr> {
+        let old = self.snapshot.load_full();
+        let members = specs
+            .into_iter()
+            .map(|spec| {
+                let endpoint = old
+                    .members
+                    .iter()
+                    .find(|m| m.spec.addr == spec.addr)
+                    .map(|m| m.endpoint.clone())
+                    .unwrap_or_else(|| Arc::new(make(spec.addr)));
+                Member { endpoint, spec }
+            })
+            .collect::<Vec<Member>>();
+        let removed = old
+            .members
+            .iter()
+            .filter(|o| !members.iter().any(|m| m.spec.addr == o.spec.addr))
+            .map(|o| o.spec.addr)
+            .collect();
+        self.snapshot
+            .store(Arc::new(Snapshot::build(algorithm, members)));
+        removed
+    }
+
+    /// Picks a member of `snap` not in `tried`; `key` is the request's hash key
+    /// (ConsistentHash), `now` the ejection clock ([`now_ms`]).
+    pub fn pick(
+        &self,
+        snap: &Snapshot,
+        tried: &Tried,
+        key: Option<u64>,
+        now: u64,
+    ) -> Option<usize> {
+        let members = &snap.members;
+        let live = |m: &Member| m.spec.healthy && !m.endpoint.passive.is_ejected(now);
+        let primaries = |i: usize| {
+            let m = &members[i];
+            !m.spec.backup && live(m) && !tried.contains(i) && !m.full()
+        };
+        if let Some(i) = self.pick_among(snap, key, &primaries) {
+            return Some(i);
+        }
+        let backups = |i: usize| {
+            let m = &members[i];
+            m.spec.backup && live(m) && !tried.contains(i) && !m.full()
+        };
+        if let Some(i) = self.pick_among(snap, key, &backups) {
+            return Some(i);
+        }
+        // Every endpoint down (probes or ejections): try them anyway rather than
+        // black-hole the service (nginx does the same when all peers failed).
+        if members.iter().any(live) {
+            return None;
+        }
+        let any = |i: usize| !tried.contains(i) && !members[i].full();
+        let primary_any = |i: usize| !members[i].spec.backup && any(i);
+        self.pick_among(snap, key, &primary_any)
+            .or_else(|| self.pick_among(snap, key, &any))
+    }
+
+    fn pick_among(
+        &self,
+        snap: &Snapshot,
+        key: Option<u64>,
+        ok: &dyn Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let members = &snap.members;
+        match &snap.algorithm {
+            Algorithm::LeastConnections => picker::least_connections(
+                members,
+                self.tie_cursor.fetch_add(1, Ordering::Relaxed),
+                ok,
+            ),
+            Algorithm::PowerOfTwoChoices => picker::power_of_two(members, ok),
+            Algorithm::Random => picker::weighted_random(members, ok),
+            Algorithm::RoundRobin => {
+                if snap.rr_sequence.is_empty() {
+                    picker::weighted_random(members, ok)
+                } else {
+                    let start = self.rr_cursor.fetch_add(1, Ordering::Relaxed);
+                    picker::round_robin(&snap.rr_sequence, start, ok)
+                }
+            }
+            Algorithm::ConsistentHash(_) => match key {
+                Some(k) => picker::ring_lookup(&snap.ring, k, ok),
+                None => picker::least_connections(
+                    members,
+                    self.tie_cursor.fetch_add(1, Ordering::Relaxed),
+                    ok,
+                ),
+            },
+        }
+    }
+}
+
+impl Snapshot {
+    fn build(algorithm: Algorithm, members: Vec<Member>) -> Self {
+        let weights: Vec<u32> = members.iter().map(|m| m.spec.weight.max(1)).collect();
+        let rr_sequence = match algorithm {
+            Algorithm::RoundRobin => picker::smooth_sequence(&weights),
+            _ => Vec::new(),
+        };
+        let ring = match algorithm {
+            Algorithm::ConsistentHash(_) => {
+                let addrs: Vec<SocketAddr> = members.iter().map(|m| m.spec.addr).collect();
+                picker::build_ring(&addrs, &weights)
+            }
+            _ => Vec::new(),
+        };
+        Self {
+            members,
+            algorithm,
+            rr_sequence,
+            ring,
+        }
+    }
+
+    /// Members that may serve now (healthy, not ejected).
+    pub fn serving(&self, now: u64) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.spec.healthy && !m.endpoint.passive.is_ejected(now))
+            .count()
+    }
+}
+
+#[cfg(test)]
+mod tests;

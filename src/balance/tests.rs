@@ -1,0 +1,310 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::*;
+use crate::api::config::HashKey;
+
+fn addr(i: usize) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, i as u8], 8080))
+}
+
+fn spec(i: usize, weight: u32) -> MemberSpec {
+    MemberSpec {
+        addr: addr(i),
+        weight,
+        backup: false,
+        max_connections: 0,
+        healthy: true,
+    }
+}
+
+fn balancer(algorithm: Algorithm, specs: Vec<MemberSpec>) -> Balancer {
+    let b = Balancer::new();
+    b.update(algorithm, specs, Endpoint::new);
+    b
+}
+
+/// Picks `n` times; with `hold`, each pick stays active (a long request).
+fn counts(b: &Balancer, n: usize, hold: bool) -> Vec<usize> {
+    let snap = b.snapshot();
+    let mut c = vec![0; snap.members.len()];
+    for _ in 0..n {
+        let i = b
+            .pick(&snap, &Tried::default(), None, now_ms())
+            .expect("a member");
+        c[i] += 1;
+        if hold {
+            snap.members[i].endpoint.stats.active.inc();
+        }
+    }
+    c
+}
+
+#[test]
+fn least_connections_shares_ties_evenly_between_equal_endpoints() {
+    let b = balancer(
+        Algorithm::LeastConnections,
+        (0..3).map(|i| spec(i, 1)).collect(),
+    );
+    assert_eq!(counts(&b, 300, false), vec![100, 100, 100]);
+}
+
+#[test]
+fn least_connections_loads_endpoints_in_proportion_to_weight() {
+    let b = balancer(
+        Algorithm::LeastConnections,
+        vec![spec(0, 1), spec(1, 2), spec(2, 3)],
+    );
+    let c = counts(&b, 600, true);
+    for (got, want) in c.iter().zip([100, 200, 300]) {
+        assert!(got.abs_diff(want) <= 1, "{c:?}");
+    }
+}
+
+#[test]
+fn least_connections_prefers_the_idle_endpoint() {
+    let b = balancer(
+        Algorithm::LeastConnections,
+        (0..3).map(|i| spec(i, 1)).collect(),
+    );
+    let snap = b.snapshot();
+    snap.members[0].endpoint.stats.active.set(5);
+    snap.members[2].endpoint.stats.active.set(5);
+    for _ in 0..10 {
+        assert_eq!(b.pick(&snap, &Tried::default(), None, now_ms()), Some(1));
+    }
+}
+
+#[test]
+fn round_robin_is_smooth_and_weighted() {
+    let b = balancer(
+        Algorithm::RoundRobin,
+        vec![spec(0, 5), spec(1, 1), spec(2, 1)],
+    );
+    let snap = b.snapshot();
+    let seq: Vec<usize> = (0..7)
+        .map(|_| b.pick(&snap, &Tried::default(), None, now_ms()).unwrap())
+        .collect();
+    // nginx's smooth WRR for {a=5, b=1, c=1}: a a b a c a a.
+    assert_eq!(seq, vec![0, 0, 1, 0, 2, 0, 0]);
+    let b = balancer(Algorithm::RoundRobin, (0..4).map(|i| spec(i, 1)).collect());
+    assert_eq!(counts(&b, 400, false), vec![100; 4]);
+}
+
+#[test]
+fn random_follows_weights() {
+    let b = balancer(Algorithm::Random, vec![spec(0, 1), spec(1, 3)]);
+    let c = counts(&b, 20_000, false);
+    let share = c[1] as f64 / 20_000.0;
+    assert!((0.72..0.78).contains(&share), "{c:?}");
+}
+
+#[test]
+fn power_of_two_choices_avoids_the_loaded_endpoint() {
+    let b = balancer(
+        Algorithm::PowerOfTwoChoices,
+        (0..2).map(|i| spec(i, 1)).collect(),
+    );
+    let snap = b.snapshot();
+    snap.members[0].endpoint.stats.active.set(10);
+    let c = counts(&b, 1000, false);
+    assert!(c[1] > 700, "the idle endpoint should win most pairs: {c:?}");
+}
+
+#[test]
+fn max_connections_skips_a_full_endpoint() {
+    let mut specs: Vec<_> = (0..2).map(|i| spec(i, 1)).collect();
+    specs[0].max_connections = 2;
+    for algorithm in [
+        Algorithm::LeastConnections,
+        Algorithm::RoundRobin,
+        Algorithm::Random,
+    ] {
+        let b = balancer(algorithm.clone(), specs.clone());
+        let snap = b.snapshot();
+        snap.members[0].endpoint.stats.active.set(2);
+        snap.members[1].endpoint.stats.active.set(50);
+        for _ in 0..20 {
+            assert_eq!(
+                b.pick(&snap, &Tried::default(), None, now_ms()),
+                Some(1),
+                "{algorithm:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn backups_serve_only_while_no_primary_is_available() {
+    let mut specs: Vec<_> = (0..3).map(|i| spec(i, 1)).collect();
+    specs[2].backup = true;
+    let b = balancer(Algorithm::LeastConnections, specs.clone());
+    let c = counts(&b, 100, false);
+    assert_eq!(c[2], 0, "backup used while primaries are healthy: {c:?}");
+
+    specs[0].healthy = false;
+    specs[1].healthy = false;
+    b.update(Algorithm::LeastConnections, specs.clone(), Endpoint::new);
+    assert_eq!(counts(&b, 10, false), vec![0, 0, 10]);
+
+    // An ejected primary counts as unavailable too.
+    specs[0].healthy = true;
+    b.update(Algorithm::LeastConnections, specs, Endpoint::new);
+    let snap = b.snapshot();
+    snap.members[0]
+        .endpoint
+        .passive
+        .record_failure(now_ms(), 1, Duration::from_secs(10));
+    assert_eq!(b.pick(&snap, &Tried::default(), None, now_ms()), Some(2));
+}
+
+#[test]
+fn tried_endpoints_are_skipped() {
+    for algorithm in [
+        Algorithm::LeastConnections,
+        Algorithm::PowerOfTwoChoices,
+        Algorithm::RoundRobin,
+        Algorithm::Random,
+        Algorithm::ConsistentHash(HashKey::SourceIp),
+    ] {
+        let b = balancer(algorithm.clone(), (0..3).map(|i| spec(i, 1)).collect());
+        let snap = b.snapshot();
+        let mut tried = Tried::default();
+        for _ in 0..3 {
+            let i = b.pick(&snap, &tried, Some(42), now_ms()).unwrap();
+            assert!(!tried.contains(i), "{algorithm:?} picked {i} twice");
+            tried.add(i);
+        }
+        assert_eq!(
+            b.pick(&snap, &tried, Some(42), now_ms()),
+            None,
+            "{algorithm:?}"
+        );
+    }
+}
+
+#[test]
+fn when_every_endpoint_is_down_they_are_tried_anyway() {
+    let specs: Vec<_> = (0..2)
+        .map(|i| MemberSpec {
+            healthy: false,
+            ..spec(i, 1)
+        })
+        .collect();
+    let b = balancer(Algorithm::LeastConnections, specs);
+    let snap = b.snapshot();
+    let mut tried = Tried::default();
+    let first = b
+        .pick(&snap, &tried, None, now_ms())
+        .expect("tries a down endpoint");
+    tried.add(first);
+    let second = b
+        .pick(&snap, &tried, None, now_ms())
+        .expect("and the other");
+    assert_ne!(first, second);
+}
+
+#[test]
+fn consistent_hash_moves_few_keys_when_one_endpoint_leaves() {
+    let n = 10;
+    let algorithm = Algorithm::ConsistentHash(HashKey::SourceIp);
+    let b = balancer(algorithm.clone(), (0..n).map(|i| spec(i, 1)).collect());
+    let keys: Vec<u64> = (0..10_000u32)
+        .map(|k| picker::hash_key(&k.to_le_bytes()))
+        .collect();
+    let owner = |b: &Balancer| -> Vec<SocketAddr> {
+        let snap = b.snapshot();
+        keys.iter()
+            .map(|k| {
+                snap.members[b
+                    .pick(&snap, &Tried::default(), Some(*k), now_ms())
+                    .unwrap()]
+                .spec
+                .addr
+            })
+            .collect()
+    };
+    let before = owner(&b);
+    let mut per: HashMap<SocketAddr, usize> = HashMap::new();
+    for a in &before {
+        *per.entry(*a).or_default() += 1;
+    }
+    assert!(
+        per.values().all(|&c| (500..1500).contains(&c)),
+        "unbalanced ring: {per:?}"
+    );
+
+    b.update(
+        algorithm,
+        (0..n - 1).map(|i| spec(i, 1)).collect(),
+        Endpoint::new,
+    );
+    let after = owner(&b);
+    let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
+    assert!(
+        moved as f64 <= keys.len() as f64 * 2.0 / n as f64,
+        "{moved} of {} keys moved",
+        keys.len()
+    );
+    // Only keys of the removed endpoint move.
+    assert!(
+        before
+            .iter()
+            .zip(&after)
+            .all(|(x, y)| x == y || *x == addr(n - 1))
+    );
+}
+
+#[test]
+fn consistent_hash_is_stable_for_a_key_and_skips_down_endpoints() {
+    let algorithm = Algorithm::ConsistentHash(HashKey::SourceIp);
+    let mut specs: Vec<_> = (0..5).map(|i| spec(i, 1)).collect();
+    let b = balancer(algorithm.clone(), specs.clone());
+    let snap = b.snapshot();
+    let key = picker::hash_key(b"user-1");
+    let first = b
+        .pick(&snap, &Tried::default(), Some(key), now_ms())
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            b.pick(&snap, &Tried::default(), Some(key), now_ms()),
+            Some(first)
+        );
+    }
+    specs[first].healthy = false;
+    b.update(algorithm, specs, Endpoint::new);
+    let snap = b.snapshot();
+    let next = b
+        .pick(&snap, &Tried::default(), Some(key), now_ms())
+        .unwrap();
+    assert_ne!(next, first);
+}
+
+#[test]
+fn live_counters_survive_a_snapshot_swap() {
+    let b = balancer(
+        Algorithm::LeastConnections,
+        (0..2).map(|i| spec(i, 1)).collect(),
+    );
+    let before = b.snapshot();
+    before.members[0].endpoint.stats.active.set(7);
+    before.members[0]
+        .endpoint
+        .passive
+        .record_failure(now_ms(), 1, Duration::from_secs(10));
+    let removed = b.update(
+        Algorithm::RoundRobin,
+        vec![spec(0, 3), spec(2, 1)],
+        Endpoint::new,
+    );
+    assert_eq!(removed, vec![addr(1)]);
+    let after = b.snapshot();
+    assert_eq!(after.members[0].endpoint.active(), 7);
+    assert!(after.members[0].endpoint.passive.is_ejected(now_ms()));
+    assert!(Arc::ptr_eq(
+        &before.members[0].endpoint,
+        &after.members[0].endpoint
+    ));
+    assert_eq!(after.members[1].endpoint.active(), 0);
+}
