@@ -14,10 +14,7 @@ const ADDRS: usize = 100;
 const SERVICES: usize = 100;
 
 fn main() {
-    let seconds: u64 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(30);
+    let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -72,19 +69,14 @@ fn main() {
     let _ = child.wait();
 
     let endpoints = SERVICES * ADDRS;
-    println!(
-        "prober benchmark: {endpoints} endpoints, TCP checks, interval 1s, {seconds}s measured"
-    );
+    println!("prober benchmark: {endpoints} endpoints, TCP checks, interval 1s, {seconds}s measured");
     println!("  healthy endpoints      {healthy_before} after warm-up, {healthy_after} at the end");
     println!("  probes per second      {:.0}", (probes1 - probes0) / wall);
     println!(
         "  CPU                    {:.1}% of one core",
         100.0 * (cpu1 - cpu0) / wall
     );
-    println!(
-        "  resident memory (peak) {:.1} MiB",
-        peak_rss as f64 / 1024.0
-    );
+    println!("  resident memory (peak) {:.1} MiB", peak_rss as f64 / 1024.0);
 }
 
 async fn start_backends() -> Vec<u16> {
@@ -111,10 +103,7 @@ async fn admin_get(path: &str) -> String {
 }
 
 async fn count_healthy() -> usize {
-    admin_get("/status")
-        .await
-        .matches("\"state\": \"Healthy\"")
-        .count()
+    admin_get("/status").await.matches("\"state\": \"Healthy\"").count()
 }
 
 async fn probe_count() -> f64 {

@@ -42,6 +42,15 @@ enum Command {
         /// How often to check the file for changes (SIGHUP reloads at once).
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         poll: std::time::Duration,
+        /// Address the listeners bind.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::IpAddr,
+        /// On SIGTERM, fail /readyz for this long before closing listeners.
+        #[arg(long, default_value = "0", value_parser = parse_duration)]
+        drain_delay: std::time::Duration,
+        /// Time in-flight requests get to finish on shutdown.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        grace: std::time::Duration,
     },
     /// Print the BalancedService CRD.
     Crd,
@@ -54,8 +63,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCED_LOG")
-        .unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCED_LOG").unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -81,9 +89,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     use balanced::standalone;
     match command {
         Command::Crd => print!("{}", balanced::api::crd_yaml()),
-        Command::Standalone {
-            file, once: true, ..
-        } => {
+        Command::Standalone { file, once: true, .. } => {
             let (table, all_served) = standalone::once_table(&standalone::once(&file).await?);
             print!("{table}");
             return Ok(if all_served {
@@ -93,13 +99,24 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             });
         }
         Command::Standalone {
-            file, admin, poll, ..
+            file,
+            admin,
+            poll,
+            bind,
+            drain_delay,
+            grace,
+            ..
         } => {
             let shutdown = balanced::signal::shutdown_token()?;
             let admin = tokio::net::TcpListener::bind(admin)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {admin} (--admin): {e}"))?;
-            standalone::run(standalone::Options { file, poll }, admin, shutdown).await?;
+            let mut opts = standalone::Options::new(file);
+            opts.poll = poll;
+            opts.bind = bind;
+            opts.drain_delay = drain_delay;
+            opts.limits.grace = grace;
+            standalone::run(opts, admin, shutdown).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -75,11 +75,7 @@ impl ProbeMetrics {
             healthy: Family::default(),
             transitions: Family::default(),
         };
-        registry.register(
-            "balanced_probes",
-            "Active health probes by result",
-            m.probes.clone(),
-        );
+        registry.register("balanced_probes", "Active health probes by result", m.probes.clone());
         registry.register(
             "balanced_probe_duration_seconds",
             "Time an active health probe took",
@@ -218,11 +214,7 @@ impl ProxyMetrics {
             "Requests or connections in flight per endpoint",
             m.active.clone(),
         );
-        registry.register(
-            "balanced_upstream_retries",
-            "Retries by reason",
-            m.retries.clone(),
-        );
+        registry.register("balanced_upstream_retries", "Retries by reason", m.retries.clone());
         registry.register(
             "balanced_endpoint_ejections",
             "Passive ejections (maxFails within failTimeout)",
@@ -296,18 +288,13 @@ impl Metrics {
         let mut registry = Registry::default();
         let probe = ProbeMetrics::register(&mut registry);
         let proxy = ProxyMetrics::register(&mut registry);
-        Self {
-            registry,
-            probe,
-            proxy,
-        }
+        Self { registry, probe, proxy }
     }
 
     /// The exposition text served on `/metrics`.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
 }

@@ -1,7 +1,7 @@
 //! `balanced standalone`: the prober (and, with the proxy, the listeners) driven
 //! by a YAML file instead of the cluster.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,10 +13,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::config::Config;
 use crate::api::load::LoadErrors;
+use crate::balance::MemberSpec;
+use crate::health::Health;
 use crate::health::report::report;
 use crate::health::{Prober, Target, TlsClients, probe};
 use crate::metrics::Metrics;
 use crate::proxy::admin::{self, AdminView};
+use crate::proxy::{Dataplane, Limits};
 use crate::source::file;
 
 /// Options of `balanced standalone`.
@@ -26,6 +29,25 @@ pub struct Options {
     pub file: PathBuf,
     /// How often the file is checked for changes.
     pub poll: Duration,
+    /// Address the listeners bind.
+    pub bind: IpAddr,
+    /// Connection limits and shutdown grace.
+    pub limits: Limits,
+    /// On SIGTERM, how long `/readyz` fails before listeners stop accepting.
+    pub drain_delay: Duration,
+}
+
+impl Options {
+    /// Options for `file` with the command-line defaults.
+    pub fn new(file: impl Into<PathBuf>) -> Self {
+        Self {
+            file: file.into(),
+            poll: Duration::from_secs(1),
+            bind: IpAddr::from([0, 0, 0, 0]),
+            limits: Limits::default(),
+            drain_delay: Duration::ZERO,
+        }
+    }
 }
 
 /// Why standalone could not run.
@@ -39,73 +61,93 @@ pub enum Error {
         /// Every problem.
         errors: LoadErrors,
     },
+    /// Listeners could not be bound at start-up.
+    #[error("cannot start listeners:\n  {}", .0.join("\n  "))]
+    Listen(Vec<String>),
     /// Signal handlers could not be installed.
     #[error("cannot watch for SIGHUP: {0}")]
     Signal(std::io::Error),
 }
 
-/// Probes (and serves) the file's BalancedServices until `shutdown` is cancelled,
+/// Probes and serves the file's BalancedServices until `shutdown` is cancelled,
 /// with the admin server on `admin_listener`.
-pub async fn run(
-    opts: Options,
-    admin_listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
+pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
     let configs = file::read_configs(&opts.file).map_err(|errors| Error::InvalidConfig {
         file: opts.file.display().to_string(),
         errors,
     })?;
-    let mut updates =
-        file::watch(opts.file.clone(), opts.poll, shutdown.clone()).map_err(Error::Signal)?;
+    // Everything runs on `stop`, cancelled after the drain delay, so `/readyz`
+    // can fail while listeners still serve.
+    let stop = CancellationToken::new();
+    let mut updates = file::watch(opts.file.clone(), opts.poll, stop.clone()).map_err(Error::Signal)?;
 
     let metrics = Arc::new(Metrics::new());
-    let prober = Prober::new(metrics.probe.clone(), shutdown.clone());
+    let prober = Prober::new(metrics.probe.clone(), stop.clone());
+    let dataplane = Dataplane::new(metrics.proxy.clone(), opts.bind, opts.limits.clone(), stop.clone());
     let state = Arc::new(State {
         configs: ArcSwap::from_pointee(Vec::new()),
         prober: prober.clone(),
+        dataplane,
         metrics,
         draining: AtomicBool::new(false),
     });
-    state.apply(configs);
+    let errors = state.apply(configs);
+    if !errors.is_empty() {
+        stop.cancel();
+        return Err(Error::Listen(errors));
+    }
+    let mut health_changes = prober.generation();
     tracing::info!(
         file = %opts.file.display(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         services = state.configs.load().len(),
         "standalone running"
     );
-    let admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        state.clone(),
-        shutdown.clone(),
-    ));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone(), stop.clone()));
 
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(configs) = updates.recv() => state.apply(configs),
+            Some(configs) = updates.recv() => {
+                for e in state.apply(configs) {
+                    tracing::error!(error = %e, "listener not changed");
+                }
+            }
+            changed = health_changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                state.refresh();
+            }
         }
     }
     state.draining.store(true, Ordering::Relaxed);
+    if !opts.drain_delay.is_zero() {
+        tracing::info!(delay = ?opts.drain_delay, "draining: /readyz fails, listeners still serve");
+        tokio::time::sleep(opts.drain_delay).await;
+    }
+    stop.cancel();
+    state.dataplane.stopped().await;
     prober.stopped().await;
     let _ = admin_task.await;
     Ok(())
 }
 
 struct State {
-    configs: ArcSwap<Vec<Config>>,
+    configs: ArcSwap<Vec<Arc<Config>>>,
     prober: Prober,
+    dataplane: Dataplane,
     metrics: Arc<Metrics>,
     draining: AtomicBool,
 }
 
 impl State {
-    /// Applies the difference: services that stay keep their endpoints' state.
-    fn apply(&self, configs: Vec<Config>) {
+    /// Applies the difference: services and endpoints that stay keep their
+    /// state, listeners that stay keep their sockets. Returns listener errors.
+    fn apply(&self, configs: Vec<Config>) -> Vec<String> {
+        let configs: Vec<Arc<Config>> = configs.into_iter().map(Arc::new).collect();
         let old = self.configs.load();
-        for gone in old
-            .iter()
-            .filter(|o| !configs.iter().any(|c| c.key == o.key))
-        {
+        for gone in old.iter().filter(|o| !configs.iter().any(|c| c.key == o.key)) {
             tracing::info!(service = %gone.key, "service removed");
             self.prober.remove_service(&gone.key);
         }
@@ -113,14 +155,47 @@ impl State {
             let targets: Vec<Target> = cfg.endpoints.iter().map(|e| Target::new(e.addr)).collect();
             self.prober.update_service(&cfg.key, &cfg.health, &targets);
         }
+        let errors = self.dataplane.apply(&configs);
         self.configs.store(Arc::new(configs));
+        self.refresh();
+        errors
+    }
+
+    /// Rebuilds every service's endpoint snapshot from its config and the probes.
+    fn refresh(&self) {
+        for cfg in self.configs.load().iter() {
+            let states = self.prober.states(&cfg.key);
+            let members = cfg
+                .endpoints
+                .iter()
+                .map(|e| MemberSpec {
+                    addr: e.addr,
+                    weight: e.weight,
+                    backup: e.backup,
+                    max_connections: e.max_connections,
+                    healthy: states.iter().any(|(a, s)| *a == e.addr && s.health == Health::Healthy),
+                })
+                .collect();
+            self.dataplane.set_endpoints(cfg.clone(), members);
+        }
     }
 }
 
 impl AdminView for State {
     fn status(&self) -> String {
         let keys: Vec<_> = self.configs.load().iter().map(|c| c.key.clone()).collect();
-        serde_json::to_string_pretty(&report(&self.prober, &keys)).unwrap_or_default()
+        let mut status = report(&self.prober, &keys);
+        for (svc, key) in status.services.iter_mut().zip(&keys) {
+            let live = self.dataplane.live(key);
+            for ep in &mut svc.endpoints {
+                let addr = ep.address.parse().map(|ip| SocketAddr::new(ip, ep.port));
+                if let Some(l) = addr.ok().and_then(|a| live.get(&a)) {
+                    ep.active_connections = l.active;
+                    ep.ejected = l.ejected_for.is_some();
+                }
+            }
+        }
+        serde_json::to_string_pretty(&status).unwrap_or_default()
     }
 
     fn ready(&self) -> bool {
@@ -191,12 +266,7 @@ pub fn once_table(results: &[OnceResult]) -> (String, bool) {
             r.service.clone(),
             r.endpoint.to_string(),
             r.check.to_string(),
-            if r.error.is_none() {
-                "healthy"
-            } else {
-                "unhealthy"
-            }
-            .to_string(),
+            if r.error.is_none() { "healthy" } else { "unhealthy" }.to_string(),
             format!("{:.1}ms", r.took.as_secs_f64() * 1000.0),
             r.error.clone().unwrap_or_default(),
         ]);
@@ -206,11 +276,7 @@ pub fn once_table(results: &[OnceResult]) -> (String, bool) {
         .collect();
     let mut out = String::new();
     for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let line: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

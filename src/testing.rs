@@ -42,18 +42,14 @@ pub struct Backend {
 enum Kind {
     Http,
     Hang,
+    Drop,
+    TcpEcho,
 }
 
 impl Backend {
     /// An HTTP/1.1 + h2c backend on a free loopback port.
     pub async fn http(name: &str, behavior: Behavior) -> Backend {
-        Self::start(
-            name,
-            behavior,
-            Kind::Http,
-            "127.0.0.1:0".parse().expect("literal"),
-        )
-        .await
+        Self::start(name, behavior, Kind::Http, "127.0.0.1:0".parse().expect("literal")).await
     }
 
     /// A backend that accepts connections and never says anything.
@@ -62,6 +58,29 @@ impl Backend {
             "hang",
             Behavior::Status(200),
             Kind::Hang,
+            "127.0.0.1:0".parse().expect("literal"),
+        )
+        .await
+    }
+
+    /// A backend that reads the start of a request, then resets the connection
+    /// without answering (a crash mid-request).
+    pub async fn drop_after_request() -> Backend {
+        Self::start(
+            "drop",
+            Behavior::Status(200),
+            Kind::Drop,
+            "127.0.0.1:0".parse().expect("literal"),
+        )
+        .await
+    }
+
+    /// A raw TCP server that echoes every byte back.
+    pub async fn tcp_echo(name: &str) -> Backend {
+        Self::start(
+            name,
+            Behavior::Status(200),
+            Kind::TcpEcho,
             "127.0.0.1:0".parse().expect("literal"),
         )
         .await
@@ -80,8 +99,7 @@ impl Backend {
     /// Listens again on the same address with the same behaviour.
     pub async fn revive(&mut self) {
         self.kill.cancel();
-        let (_, kill, accepted) =
-            spawn(&self.name, self.behavior.clone(), self.kind, self.addr).await;
+        let (_, kill, accepted) = spawn(&self.name, self.behavior.clone(), self.kind, self.addr).await;
         self.kill = kill;
         self.accepted = accepted;
     }
@@ -107,9 +125,7 @@ async fn spawn(
     addr: SocketAddr,
 ) -> (SocketAddr, CancellationToken, Arc<AtomicU64>) {
     let listener = bind_retrying(addr).await;
-    let addr = listener
-        .local_addr()
-        .expect("bound listener has an address");
+    let addr = listener.local_addr().expect("bound listener has an address");
     let kill = CancellationToken::new();
     let accepted = Arc::new(AtomicU64::new(0));
     let (task_kill, task_accepted) = (kill.clone(), accepted.clone());
@@ -139,6 +155,20 @@ async fn spawn(
                                 _ = serve_http(stream, name, behavior) => {}
                             }
                         }
+                        Kind::Drop => {
+                            let mut stream = stream;
+                            let mut buf = [0u8; 1024];
+                            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+                            let _ = stream.set_zero_linger();
+                            drop(stream);
+                        }
+                        Kind::TcpEcho => {
+                            let (mut r, mut w) = stream.into_split();
+                            tokio::select! {
+                                _ = kill.cancelled() => {}
+                                _ = tokio::io::copy(&mut r, &mut w) => {}
+                            }
+                        }
                     }
                 });
             }
@@ -154,10 +184,30 @@ impl Drop for Backend {
 }
 
 async fn serve_http(stream: TcpStream, name: String, behavior: Behavior) {
-    let service = service_fn(move |_req: Request<Incoming>| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
         let name = name.clone();
         let behavior = behavior.clone();
         async move {
+            if req.headers().contains_key(http::header::UPGRADE) {
+                // WebSocket-style upgrade: switch protocols, then echo raw bytes.
+                let upgrade = hyper::upgrade::on(&mut req);
+                tokio::spawn(async move {
+                    if let Ok(io) = upgrade.await {
+                        let (mut r, mut w) = tokio::io::split(TokioIo::new(io));
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                });
+                let response = Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header(http::header::UPGRADE, "websocket")
+                    .header(http::header::CONNECTION, "upgrade")
+                    .header("x-backend", name.as_str())
+                    .body(Full::new(Bytes::new()))
+                    .expect("valid response parts");
+                return Ok::<_, Infallible>(response);
+            }
+            // Drain the request body so keep-alive connections stay usable.
+            let _ = http_body_util::BodyExt::collect(req.into_body()).await;
             let status = match behavior {
                 Behavior::Status(code) => code,
                 Behavior::Slow(delay) => {
@@ -191,14 +241,18 @@ async fn bind_retrying(addr: SocketAddr) -> TcpListener {
     panic!("cannot bind {addr}: {last:?}");
 }
 
+/// A loopback port free right now (for listeners that must name a port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind loopback")
+}
+
 /// A loopback address where nothing listens (connections are refused).
 pub async fn refusing_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind loopback");
-    listener
-        .local_addr()
-        .expect("bound listener has an address")
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    listener.local_addr().expect("bound listener has an address")
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `limit`.

@@ -2,10 +2,7 @@
 
 #[test]
 fn crds_directory_matches_the_generated_crd() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crds/balancedservices.balanced.dev.yaml"
-    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/balancedservices.balanced.dev.yaml");
     let on_disk = std::fs::read_to_string(path).unwrap_or_default();
     let generated = balanced::api::crd_yaml();
     if on_disk != generated {
@@ -13,9 +10,7 @@ fn crds_directory_matches_the_generated_crd() {
             std::fs::write(path, &generated).unwrap();
             return;
         }
-        panic!(
-            "{path} is out of date: run `BALANCED_BLESS=1 cargo test --test crd` (or `cargo run -- crd > {path}`)"
-        );
+        panic!("{path} is out of date: run `BALANCED_BLESS=1 cargo test --test crd` (or `cargo run -- crd > {path}`)");
     }
 }
 
@@ -27,12 +22,7 @@ fn examples_parse_and_validate() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let text = std::fs::read_to_string(&path).unwrap();
-            let result = if path
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("standalone")
-            {
+            let result = if path.file_name().unwrap().to_string_lossy().starts_with("standalone") {
                 balanced::source::file::configs_from_text(&text).map(|_| ())
             } else {
                 balanced::api::load_configs(&text).map(|_| ())

@@ -53,14 +53,9 @@ async fn http_probe_times_out_on_a_backend_that_never_answers() {
     let hang = Backend::hang().await;
     let timeout = Duration::from_millis(300);
     let started = Instant::now();
-    let err = probe(
-        &http_kind(DEFAULT_EXPECT),
-        hang.addr,
-        timeout,
-        &TlsClients::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = probe(&http_kind(DEFAULT_EXPECT), hang.addr, timeout, &TlsClients::default())
+        .await
+        .unwrap_err();
     let took = started.elapsed();
     assert!(err.timed_out, "{err:?}");
     assert_eq!(err.message, "timeout: no response after 300ms");
@@ -78,10 +73,7 @@ async fn http_probe_judges_the_status() {
     let err500 = Backend::http("err", Behavior::Status(500)).await;
     let moved = Backend::http("moved", Behavior::Status(301)).await;
 
-    assert_eq!(
-        probe(&http_kind(DEFAULT_EXPECT), ok.addr, SECOND, &tls).await,
-        Ok(())
-    );
+    assert_eq!(probe(&http_kind(DEFAULT_EXPECT), ok.addr, SECOND, &tls).await, Ok(()));
     assert_eq!(
         probe(&http_kind(DEFAULT_EXPECT), moved.addr, SECOND, &tls).await,
         Ok(())
@@ -143,38 +135,23 @@ async fn an_endpoint_that_goes_down_and_comes_back_follows_fall_and_rise() {
         &check(http_kind(DEFAULT_EXPECT), 100, 2, 2),
         &[Target::new(backend.addr)],
     );
-    assert_eq!(
-        health_of(&prober, &key, backend.addr),
-        Some(Health::Unknown)
-    );
+    assert_eq!(health_of(&prober, &key, backend.addr), Some(Health::Unknown));
 
-    let t = tokio::time::timeout(SECOND, transitions.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
     assert_eq!(
         (t.from, t.to, t.endpoint),
         (Health::Unknown, Health::Healthy, backend.addr)
     );
 
     backend.kill();
-    let t = tokio::time::timeout(SECOND, transitions.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
     assert_eq!((t.from, t.to), (Health::Healthy, Health::Unhealthy));
     assert_eq!(t.error.as_deref(), Some("connect: connection refused"));
     let states = prober.states(&key);
-    assert_eq!(
-        states[0].1.consecutive_failures, 2,
-        "fall is 2: exactly two failures"
-    );
+    assert_eq!(states[0].1.consecutive_failures, 2, "fall is 2: exactly two failures");
 
     backend.revive().await;
-    let t = tokio::time::timeout(SECOND, transitions.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
     assert_eq!((t.from, t.to), (Health::Unhealthy, Health::Healthy));
     assert_eq!(prober.states(&key)[0].1.last_error, None);
 }
@@ -189,9 +166,7 @@ async fn removed_endpoints_stop_being_probed_at_once_and_others_keep_state() {
     prober.update_service(&key, &hc, &[Target::new(a.addr), Target::new(b.addr)]);
     eventually(SECOND, "both healthy", || async {
         let s = prober.states(&key);
-        s.iter()
-            .all(|(_, st)| st.health == Health::Healthy)
-            .then_some(())
+        s.iter().all(|(_, st)| st.health == Health::Healthy).then_some(())
     })
     .await;
 
@@ -199,10 +174,7 @@ async fn removed_endpoints_stop_being_probed_at_once_and_others_keep_state() {
     let b_count = b.accepted();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(b.accepted(), b_count, "a removed endpoint got probed again");
-    assert!(
-        a.accepted() > 2,
-        "the remaining endpoint keeps being probed"
-    );
+    assert!(a.accepted() > 2, "the remaining endpoint keeps being probed");
     assert_eq!(
         health_of(&prober, &key, a.addr),
         Some(Health::Healthy),
@@ -247,10 +219,7 @@ async fn probes_are_spread_over_the_interval() {
         "only {} of 200 first probes within the interval",
         times.len()
     );
-    let first_half = times
-        .iter()
-        .filter(|t| **t < Duration::from_millis(500))
-        .count();
+    let first_half = times.iter().filter(|t| **t < Duration::from_millis(500)).count();
     assert!(
         (50..=150).contains(&first_half),
         "{first_half} of {} first probes in the first half of the interval: not spread",
@@ -272,8 +241,5 @@ async fn inherited_state_is_served_without_waiting_for_rise() {
             seed: Some(seed),
         }],
     );
-    assert_eq!(
-        health_of(&prober, &key, backend.addr),
-        Some(Health::Healthy)
-    );
+    assert_eq!(health_of(&prober, &key, backend.addr), Some(Health::Healthy));
 }

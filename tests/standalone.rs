@@ -13,8 +13,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-const FAST: &str =
-    "    interval: 200ms\n    timeout: 100ms\n    rise: 2\n    fall: 2\n    downInterval: 200ms";
+const FAST: &str = "    interval: 200ms\n    timeout: 100ms\n    rise: 2\n    fall: 2\n    downInterval: 200ms";
 
 struct Running {
     admin: SocketAddr,
@@ -26,16 +25,11 @@ async fn start(file: &Path) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let opts = Options {
-        file: file.to_path_buf(),
-        poll: Duration::from_millis(50),
-    };
+    let mut opts = Options::new(file);
+    opts.poll = Duration::from_millis(50);
+    opts.bind = [127, 0, 0, 1].into();
     let task = tokio::spawn(standalone::run(opts, listener, shutdown.clone()));
-    Running {
-        admin,
-        shutdown,
-        task,
-    }
+    Running { admin, shutdown, task }
 }
 
 async fn status(admin: SocketAddr) -> Value {
@@ -92,10 +86,7 @@ mod tempdir {
 async fn status_follows_a_killed_and_revived_backend_within_a_second() {
     let mut a = Backend::http("a", Behavior::Status(200)).await;
     let b = Backend::http("b", Behavior::Status(200)).await;
-    let file = temp_file(
-        "killrevive",
-        &support::standalone_yaml("web", &[a.addr, b.addr], FAST),
-    );
+    let file = temp_file("killrevive", &support::standalone_yaml("web", &[a.addr, b.addr], FAST));
     let run = start(&file.0).await;
 
     wait_state(run.admin, a.addr.port(), "Healthy", Duration::from_secs(2)).await;
@@ -115,24 +106,12 @@ async fn status_follows_a_killed_and_revived_backend_within_a_second() {
         "consecutiveFailures",
         "lastTransitionTime",
     ] {
-        assert!(
-            ep.get(field).is_some(),
-            "/status endpoint lacks {field}: {ep}"
-        );
+        assert!(ep.get(field).is_some(), "/status endpoint lacks {field}: {ep}");
     }
 
     a.kill();
-    wait_state(
-        run.admin,
-        a.addr.port(),
-        "Unhealthy",
-        Duration::from_secs(1),
-    )
-    .await;
-    assert_eq!(
-        state_of(run.admin, b.addr.port()).await.as_deref(),
-        Some("Healthy")
-    );
+    wait_state(run.admin, a.addr.port(), "Unhealthy", Duration::from_secs(1)).await;
+    assert_eq!(state_of(run.admin, b.addr.port()).await.as_deref(), Some("Healthy"));
     a.revive().await;
     wait_state(run.admin, a.addr.port(), "Healthy", Duration::from_secs(1)).await;
 
@@ -167,10 +146,7 @@ async fn reload_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_file() 
         state_of(run.admin, b.addr.port()).await.map(|_| ())
     })
     .await;
-    assert_eq!(
-        state_of(run.admin, a.addr.port()).await.as_deref(),
-        Some("Healthy")
-    );
+    assert_eq!(state_of(run.admin, a.addr.port()).await.as_deref(), Some("Healthy"));
     wait_state(run.admin, b.addr.port(), "Healthy", Duration::from_secs(2)).await;
 
     // A bad file changes nothing.
@@ -180,19 +156,13 @@ async fn reload_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_file() 
         &FAST.replace("rise: 2", "rise: 0"),
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        state_of(run.admin, b.addr.port()).await.as_deref(),
-        Some("Healthy")
-    );
+    assert_eq!(state_of(run.admin, b.addr.port()).await.as_deref(), Some("Healthy"));
     assert!(!run.task.is_finished());
 
     // Removing b stops showing it.
     file.write(&support::standalone_yaml("web", &[a.addr], FAST));
     eventually(Duration::from_secs(2), "b to disappear", || async {
-        state_of(run.admin, b.addr.port())
-            .await
-            .is_none()
-            .then_some(())
+        state_of(run.admin, b.addr.port()).await.is_none().then_some(())
     })
     .await;
     run.shutdown.cancel();
@@ -216,8 +186,7 @@ fn a_bad_file_at_start_exits_2_with_every_error() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr
-            .contains("document 1 (default/web): spec.endpoints[0].port: must be 1..=65535, got 0"),
+        stderr.contains("document 1 (default/web): spec.endpoints[0].port: must be 1..=65535, got 0"),
         "{stderr}"
     );
     assert!(
@@ -230,10 +199,7 @@ fn a_bad_file_at_start_exits_2_with_every_error() {
 async fn once_prints_a_table_and_exits_by_whether_every_service_is_served() {
     let up = Backend::http("up", Behavior::Status(200)).await;
     let down = refusing_addr().await;
-    let good = temp_file(
-        "once-good",
-        &support::standalone_yaml("web", &[up.addr, down], FAST),
-    );
+    let good = temp_file("once-good", &support::standalone_yaml("web", &[up.addr, down], FAST));
     let bad = temp_file("once-bad", &support::standalone_yaml("web", &[down], FAST));
     let exe = env!("CARGO_BIN_EXE_balanced");
 
@@ -250,10 +216,7 @@ async fn once_prints_a_table_and_exits_by_whether_every_service_is_served() {
     let table = String::from_utf8_lossy(&out.stdout).to_string();
     assert_eq!(out.status.code(), Some(0), "{table}");
     assert!(table.starts_with("SERVICE"), "{table}");
-    assert!(
-        table.contains(&format!("{}  TCP    healthy", up.addr)),
-        "{table}"
-    );
+    assert!(table.contains(&format!("{}  TCP    healthy", up.addr)), "{table}");
     assert!(table.contains("connect: connection refused"), "{table}");
 
     let out = run(bad.0.clone()).await.unwrap();

@@ -59,6 +59,10 @@ pub struct Config {
     pub replicas: u32,
     /// Publish a `<name>-healthy` EndpointSlice.
     pub publish_endpoint_slice: bool,
+    /// Add `x-balanced-endpoint` to responses.
+    pub endpoint_header: bool,
+    /// Name endpoints and errors in the proxy's error bodies.
+    pub error_detail: bool,
 }
 
 /// An endpoint and how it takes part in balancing.
@@ -222,9 +226,7 @@ impl StatusMatch {
             return Some((true, first));
         }
         let code: u16 = text.parse().ok()?;
-        text.bytes()
-            .all(|b| b.is_ascii_digit())
-            .then_some((false, code))
+        text.bytes().all(|b| b.is_ascii_digit()).then_some((false, code))
     }
 
     /// Builds a matcher from already-checked rules.

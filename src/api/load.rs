@@ -88,9 +88,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, LoadErrors> {
 }
 
 fn parse_one(index: usize, value: serde_yaml::Value) -> Result<Document, Vec<String>> {
-    let header = |v: &serde_yaml::Value, k: &str| {
-        v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string()
-    };
+    let header = |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
     let (api_version, kind) = (header(&value, "apiVersion"), header(&value, "kind"));
     if api_version != API_VERSION || kind != "BalancedService" {
         return Err(vec![format!(
@@ -111,9 +109,7 @@ fn parse_one(index: usize, value: serde_yaml::Value) -> Result<Document, Vec<Str
     })?;
     let _ = (&raw.api_version, &raw.kind);
     let key = ServiceKey::new(
-        raw.metadata
-            .namespace
-            .unwrap_or_else(|| "default".to_string()),
+        raw.metadata.namespace.unwrap_or_else(|| "default".to_string()),
         raw.metadata.name,
     );
     if !unknown.is_empty() {
@@ -143,9 +139,7 @@ fn field_path(path: &serde_ignored::Path<'_>) -> String {
                 format!("{p}.{key}")
             }
         }
-        Path::Some { parent }
-        | Path::NewtypeStruct { parent }
-        | Path::NewtypeVariant { parent } => field_path(parent),
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => field_path(parent),
     }
 }
 
@@ -204,10 +198,7 @@ spec:
     fn unknown_spec_fields_are_errors() {
         let text = GOOD.replacen("listeners:", "helthCheck: {rise: 2}\n  listeners:", 1);
         let err = parse_documents(&text).unwrap_err();
-        assert_eq!(
-            err.0,
-            vec!["document 1 (shop/web): spec.helthCheck: unknown field"]
-        );
+        assert_eq!(err.0, vec!["document 1 (shop/web): spec.helthCheck: unknown field"]);
     }
 
     #[test]
@@ -216,20 +207,15 @@ spec:
         let err = parse_documents(&text).unwrap_err();
         assert_eq!(err.0.len(), 1);
         assert!(
-            err.0[0]
-                .starts_with("document 1: spec.listeners[0].port: invalid type: string \"eighty\""),
+            err.0[0].starts_with("document 1: spec.listeners[0].port: invalid type: string \"eighty\""),
             "{err}"
         );
     }
 
     #[test]
     fn other_kinds_are_refused() {
-        let err =
-            parse_documents("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n").unwrap_err();
-        assert!(
-            err.0[0].contains("got apiVersion \"v1\" and kind \"Service\""),
-            "{err}"
-        );
+        let err = parse_documents("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n").unwrap_err();
+        assert!(err.0[0].contains("got apiVersion \"v1\" and kind \"Service\""), "{err}");
     }
 
     #[test]

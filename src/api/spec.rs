@@ -91,6 +91,22 @@ pub struct BalancedServiceSpec {
     /// Maintain an EndpointSlice of the healthy endpoints for a `<name>-healthy` Service.
     #[serde(default)]
     pub publish_endpoint_slice: bool,
+
+    /// Debugging aids that reveal endpoint addresses to clients; off by default.
+    #[serde(default)]
+    pub debug: DebugSpec,
+}
+
+/// Debugging aids; both reveal internal addresses to clients.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DebugSpec {
+    /// Add `x-balanced-endpoint: ADDRESS:PORT` to every proxied response.
+    #[serde(default)]
+    pub endpoint_header: bool,
+    /// Name the endpoints and their errors in the proxy's own 502/503/504 bodies.
+    #[serde(default)]
+    pub error_detail: bool,
 }
 
 /// An endpoint named in the spec rather than discovered.

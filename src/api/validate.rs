@@ -143,6 +143,8 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         timeouts,
         replicas,
         publish_endpoint_slice: spec.publish_endpoint_slice,
+        endpoint_header: spec.debug.endpoint_header,
+        error_detail: spec.debug.error_detail,
     })
 }
 
@@ -160,13 +162,9 @@ fn endpoints(errs: &mut Errors, specs: &[spec::StaticEndpoint]) -> Vec<EndpointC
         }
         let port = errs.port(&format!("{path}.port"), ep.port);
         if !(1..=1000).contains(&ep.weight) {
-            errs.add(
-                format!("{path}.weight"),
-                format!("must be 1..=1000, got {}", ep.weight),
-            );
+            errs.add(format!("{path}.weight"), format!("must be 1..=1000, got {}", ep.weight));
         }
-        let max_connections =
-            errs.at_least(&format!("{path}.maxConnections"), ep.max_connections, 0);
+        let max_connections = errs.at_least(&format!("{path}.maxConnections"), ep.max_connections, 0);
         if let Some(ip) = ip {
             let addr = SocketAddr::new(ip, port);
             if !seen.insert(addr) {
@@ -207,10 +205,7 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
                 ),
             );
         } else if !names.insert(l.name.clone()) {
-            errs.add(
-                format!("{path}.name"),
-                format!("{:?} is used twice", l.name),
-            );
+            errs.add(format!("{path}.name"), format!("{:?} is used twice", l.name));
         }
         let port = errs.port(&format!("{path}.port"), l.port);
         if port == l.port as u16 && !ports.insert(port) {
@@ -218,14 +213,10 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
         }
         let target_port = match &l.target_port {
             None => None,
-            Some(PortRef::Number(n)) => Some(TargetPort::Number(
-                errs.port(&format!("{path}.targetPort"), *n),
-            )),
+            Some(PortRef::Number(n)) => Some(TargetPort::Number(errs.port(&format!("{path}.targetPort"), *n))),
             Some(PortRef::Name(name)) => match name.parse::<i32>() {
                 // YAML `targetPort: "8080"` means the number, as in a Service.
-                Ok(n) => Some(TargetPort::Number(
-                    errs.port(&format!("{path}.targetPort"), n),
-                )),
+                Ok(n) => Some(TargetPort::Number(errs.port(&format!("{path}.targetPort"), n))),
                 Err(_) if is_port_name(name) => Some(TargetPort::Name(name.clone())),
                 Err(_) => {
                     errs.add(
@@ -246,11 +237,7 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
     out
 }
 
-fn algorithm(
-    errs: &mut Errors,
-    spec: &BalancedServiceSpec,
-    listeners: &[ListenerConfig],
-) -> Algorithm {
+fn algorithm(errs: &mut Errors, spec: &BalancedServiceSpec, listeners: &[ListenerConfig]) -> Algorithm {
     let name = match spec.algorithm {
         spec::Algorithm::LeastConnections => {
             return no_hash(errs, spec, Algorithm::LeastConnections);
@@ -272,27 +259,19 @@ fn algorithm(
         HashSource::Header => match http::HeaderName::from_bytes(key_name.as_bytes()) {
             Ok(h) => HashKey::Header(h),
             Err(_) => {
-                errs.add(
-                    "spec.hash.name",
-                    format!("must be a header name, got {key_name:?}"),
-                );
+                errs.add("spec.hash.name", format!("must be a header name, got {key_name:?}"));
                 HashKey::SourceIp
             }
         },
         HashSource::Cookie => {
             if key_name.is_empty() || !key_name.bytes().all(is_cookie_name_byte) {
-                errs.add(
-                    "spec.hash.name",
-                    format!("must be a cookie name, got {key_name:?}"),
-                );
+                errs.add("spec.hash.name", format!("must be a cookie name, got {key_name:?}"));
             }
             HashKey::Cookie(key_name.to_string())
         }
     };
     if !matches!(key, HashKey::SourceIp)
-        && let Some(i) = listeners
-            .iter()
-            .position(|l| l.protocol == ListenerProtocol::Tcp)
+        && let Some(i) = listeners.iter().position(|l| l.protocol == ListenerProtocol::Tcp)
     {
         errs.add(
             "spec.hash.source",
@@ -370,18 +349,11 @@ fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
         .unwrap_or_else(|| {
             errs.add(
                 "spec.healthCheck.http.method",
-                format!(
-                    "must be an upper-case HTTP method like GET or HEAD, got {:?}",
-                    h.method
-                ),
+                format!("must be an upper-case HTTP method like GET or HEAD, got {:?}", h.method),
             );
             http::Method::GET
         });
-    if !h.path.starts_with('/')
-        || h.path
-            .bytes()
-            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
+    if !h.path.starts_with('/') || h.path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
         errs.add(
             "spec.healthCheck.http.path",
             format!(
@@ -390,16 +362,10 @@ fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
             ),
         );
     }
-    if h.host
-        .bytes()
-        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
-    {
+    if h.host.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
         errs.add(
             "spec.healthCheck.http.host",
-            format!(
-                "must contain no spaces or control characters, got {:?}",
-                h.host
-            ),
+            format!("must contain no spaces or control characters, got {:?}", h.host),
         );
     }
     if h.expect_status.is_empty() {
@@ -486,10 +452,8 @@ mod tests {
     use crate::api::spec::{HashSpec, Listener, PortRef, ProbeProtocol};
 
     fn base() -> BalancedServiceSpec {
-        serde_yaml::from_str(
-            "endpoints: [{address: 127.0.0.1, port: 8081}]\nlisteners: [{name: http, port: 8080}]\n",
-        )
-        .unwrap()
+        serde_yaml::from_str("endpoints: [{address: 127.0.0.1, port: 8081}]\nlisteners: [{name: http, port: 8080}]\n")
+            .unwrap()
     }
 
     fn errors_of(edit: impl FnOnce(&mut BalancedServiceSpec)) -> Vec<String> {
@@ -520,10 +484,7 @@ mod tests {
         assert_eq!(cfg.health.down_interval, Duration::from_secs(10));
         assert_eq!(cfg.passive.max_fails, 1);
         assert_eq!(cfg.passive.fail_timeout, Duration::from_secs(10));
-        assert_eq!(
-            cfg.retry.on,
-            vec![RetryCondition::Error, RetryCondition::Timeout]
-        );
+        assert_eq!(cfg.retry.on, vec![RetryCondition::Error, RetryCondition::Timeout]);
         assert_eq!(cfg.retry.tries, 3);
         assert_eq!(cfg.retry.timeout, Some(Duration::from_secs(10)));
         assert_eq!(cfg.timeouts.connect, Duration::from_secs(1));

@@ -77,8 +77,7 @@ pub struct Member {
 
 impl Member {
     fn full(&self) -> bool {
-        self.spec.max_connections > 0
-            && self.endpoint.active() >= u64::from(self.spec.max_connections)
+        self.spec.max_connections > 0 && self.endpoint.active() >= u64::from(self.spec.max_connections)
     }
 }
 
@@ -133,10 +132,7 @@ impl Balancer {
     /// An empty balancer (every pick fails until `update`).
     pub fn new() -> Self {
         Self {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(
-                Algorithm::LeastConnections,
-                Vec::new(),
-            )),
+            snapshot: ArcSwap::from_pointee(Snapshot::build(Algorithm::LeastConnections, Vec::new())),
             rr_cursor: AtomicUsize::new(0),
             tie_cursor: AtomicUsize::new(0),
         }
@@ -175,20 +171,13 @@ impl Balancer {
             .filter(|o| !members.iter().any(|m| m.spec.addr == o.spec.addr))
             .map(|o| o.spec.addr)
             .collect();
-        self.snapshot
-            .store(Arc::new(Snapshot::build(algorithm, members)));
+        self.snapshot.store(Arc::new(Snapshot::build(algorithm, members)));
         removed
     }
 
     /// Picks a member of `snap` not in `tried`; `key` is the request's hash key
     /// (ConsistentHash), `now` the ejection clock ([`now_ms`]).
-    pub fn pick(
-        &self,
-        snap: &Snapshot,
-        tried: &Tried,
-        key: Option<u64>,
-        now: u64,
-    ) -> Option<usize> {
+    pub fn pick(&self, snap: &Snapshot, tried: &Tried, key: Option<u64>, now: u64) -> Option<usize> {
         let members = &snap.members;
         let live = |m: &Member| m.spec.healthy && !m.endpoint.passive.is_ejected(now);
         let primaries = |i: usize| {
@@ -216,19 +205,12 @@ impl Balancer {
             .or_else(|| self.pick_among(snap, key, &any))
     }
 
-    fn pick_among(
-        &self,
-        snap: &Snapshot,
-        key: Option<u64>,
-        ok: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
+    fn pick_among(&self, snap: &Snapshot, key: Option<u64>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
         let members = &snap.members;
         match &snap.algorithm {
-            Algorithm::LeastConnections => picker::least_connections(
-                members,
-                self.tie_cursor.fetch_add(1, Ordering::Relaxed),
-                ok,
-            ),
+            Algorithm::LeastConnections => {
+                picker::least_connections(members, self.tie_cursor.fetch_add(1, Ordering::Relaxed), ok)
+            }
             Algorithm::PowerOfTwoChoices => picker::power_of_two(members, ok),
             Algorithm::Random => picker::weighted_random(members, ok),
             Algorithm::RoundRobin => {
@@ -241,11 +223,7 @@ impl Balancer {
             }
             Algorithm::ConsistentHash(_) => match key {
                 Some(k) => picker::ring_lookup(&snap.ring, k, ok),
-                None => picker::least_connections(
-                    members,
-                    self.tie_cursor.fetch_add(1, Ordering::Relaxed),
-                    ok,
-                ),
+                None => picker::least_connections(members, self.tie_cursor.fetch_add(1, Ordering::Relaxed), ok),
             },
         }
     }

@@ -10,11 +10,7 @@ use super::Member;
 /// Fewest active requests per unit of weight, scanning every member (nginx
 /// `least_conn`). The scan starts at a rotating offset and keeps the first
 /// minimum, so equal members share ties round-robin.
-pub fn least_connections(
-    members: &[Member],
-    start: usize,
-    ok: &dyn Fn(usize) -> bool,
-) -> Option<usize> {
+pub fn least_connections(members: &[Member], start: usize, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
     let n = members.len();
     let mut best: Option<(usize, u64, u64)> = None;
     for step in 0..n {
@@ -22,10 +18,7 @@ pub fn least_connections(
         if !ok(i) {
             continue;
         }
-        let (active, weight) = (
-            members[i].endpoint.active(),
-            u64::from(members[i].spec.weight.max(1)),
-        );
+        let (active, weight) = (members[i].endpoint.active(), u64::from(members[i].spec.weight.max(1)));
         // active_i / weight_i < active_b / weight_b, without division.
         match best {
             Some((_, ba, bw)) if active * bw >= ba * weight => {}
@@ -130,10 +123,7 @@ const MAX_RING: u64 = 200_000;
 /// the same key maps to the same endpoint on every replica, and adding or
 /// removing one of N endpoints moves about 1/N of the keys.
 pub fn build_ring(addrs: &[SocketAddr], weights: &[u32]) -> Vec<(u64, u32)> {
-    let total: u64 = weights
-        .iter()
-        .map(|&w| u64::from(w.max(1)) * VNODES_PER_WEIGHT)
-        .sum();
+    let total: u64 = weights.iter().map(|&w| u64::from(w.max(1)) * VNODES_PER_WEIGHT).sum();
     let scale = if total > MAX_RING {
         MAX_RING as f64 / total as f64
     } else {

@@ -30,9 +30,7 @@ fn counts(b: &Balancer, n: usize, hold: bool) -> Vec<usize> {
     let snap = b.snapshot();
     let mut c = vec![0; snap.members.len()];
     for _ in 0..n {
-        let i = b
-            .pick(&snap, &Tried::default(), None, now_ms())
-            .expect("a member");
+        let i = b.pick(&snap, &Tried::default(), None, now_ms()).expect("a member");
         c[i] += 1;
         if hold {
             snap.members[i].endpoint.stats.active.inc();
@@ -43,19 +41,13 @@ fn counts(b: &Balancer, n: usize, hold: bool) -> Vec<usize> {
 
 #[test]
 fn least_connections_shares_ties_evenly_between_equal_endpoints() {
-    let b = balancer(
-        Algorithm::LeastConnections,
-        (0..3).map(|i| spec(i, 1)).collect(),
-    );
+    let b = balancer(Algorithm::LeastConnections, (0..3).map(|i| spec(i, 1)).collect());
     assert_eq!(counts(&b, 300, false), vec![100, 100, 100]);
 }
 
 #[test]
 fn least_connections_loads_endpoints_in_proportion_to_weight() {
-    let b = balancer(
-        Algorithm::LeastConnections,
-        vec![spec(0, 1), spec(1, 2), spec(2, 3)],
-    );
+    let b = balancer(Algorithm::LeastConnections, vec![spec(0, 1), spec(1, 2), spec(2, 3)]);
     let c = counts(&b, 600, true);
     for (got, want) in c.iter().zip([100, 200, 300]) {
         assert!(got.abs_diff(want) <= 1, "{c:?}");
@@ -64,10 +56,7 @@ fn least_connections_loads_endpoints_in_proportion_to_weight() {
 
 #[test]
 fn least_connections_prefers_the_idle_endpoint() {
-    let b = balancer(
-        Algorithm::LeastConnections,
-        (0..3).map(|i| spec(i, 1)).collect(),
-    );
+    let b = balancer(Algorithm::LeastConnections, (0..3).map(|i| spec(i, 1)).collect());
     let snap = b.snapshot();
     snap.members[0].endpoint.stats.active.set(5);
     snap.members[2].endpoint.stats.active.set(5);
@@ -78,10 +67,7 @@ fn least_connections_prefers_the_idle_endpoint() {
 
 #[test]
 fn round_robin_is_smooth_and_weighted() {
-    let b = balancer(
-        Algorithm::RoundRobin,
-        vec![spec(0, 5), spec(1, 1), spec(2, 1)],
-    );
+    let b = balancer(Algorithm::RoundRobin, vec![spec(0, 5), spec(1, 1), spec(2, 1)]);
     let snap = b.snapshot();
     let seq: Vec<usize> = (0..7)
         .map(|_| b.pick(&snap, &Tried::default(), None, now_ms()).unwrap())
@@ -102,10 +88,7 @@ fn random_follows_weights() {
 
 #[test]
 fn power_of_two_choices_avoids_the_loaded_endpoint() {
-    let b = balancer(
-        Algorithm::PowerOfTwoChoices,
-        (0..2).map(|i| spec(i, 1)).collect(),
-    );
+    let b = balancer(Algorithm::PowerOfTwoChoices, (0..2).map(|i| spec(i, 1)).collect());
     let snap = b.snapshot();
     snap.members[0].endpoint.stats.active.set(10);
     let c = counts(&b, 1000, false);
@@ -116,11 +99,7 @@ fn power_of_two_choices_avoids_the_loaded_endpoint() {
 fn max_connections_skips_a_full_endpoint() {
     let mut specs: Vec<_> = (0..2).map(|i| spec(i, 1)).collect();
     specs[0].max_connections = 2;
-    for algorithm in [
-        Algorithm::LeastConnections,
-        Algorithm::RoundRobin,
-        Algorithm::Random,
-    ] {
+    for algorithm in [Algorithm::LeastConnections, Algorithm::RoundRobin, Algorithm::Random] {
         let b = balancer(algorithm.clone(), specs.clone());
         let snap = b.snapshot();
         snap.members[0].endpoint.stats.active.set(2);
@@ -176,11 +155,7 @@ fn tried_endpoints_are_skipped() {
             assert!(!tried.contains(i), "{algorithm:?} picked {i} twice");
             tried.add(i);
         }
-        assert_eq!(
-            b.pick(&snap, &tried, Some(42), now_ms()),
-            None,
-            "{algorithm:?}"
-        );
+        assert_eq!(b.pick(&snap, &tried, Some(42), now_ms()), None, "{algorithm:?}");
     }
 }
 
@@ -195,13 +170,9 @@ fn when_every_endpoint_is_down_they_are_tried_anyway() {
     let b = balancer(Algorithm::LeastConnections, specs);
     let snap = b.snapshot();
     let mut tried = Tried::default();
-    let first = b
-        .pick(&snap, &tried, None, now_ms())
-        .expect("tries a down endpoint");
+    let first = b.pick(&snap, &tried, None, now_ms()).expect("tries a down endpoint");
     tried.add(first);
-    let second = b
-        .pick(&snap, &tried, None, now_ms())
-        .expect("and the other");
+    let second = b.pick(&snap, &tried, None, now_ms()).expect("and the other");
     assert_ne!(first, second);
 }
 
@@ -210,18 +181,14 @@ fn consistent_hash_moves_few_keys_when_one_endpoint_leaves() {
     let n = 10;
     let algorithm = Algorithm::ConsistentHash(HashKey::SourceIp);
     let b = balancer(algorithm.clone(), (0..n).map(|i| spec(i, 1)).collect());
-    let keys: Vec<u64> = (0..10_000u32)
-        .map(|k| picker::hash_key(&k.to_le_bytes()))
-        .collect();
+    let keys: Vec<u64> = (0..10_000u32).map(|k| picker::hash_key(&k.to_le_bytes())).collect();
     let owner = |b: &Balancer| -> Vec<SocketAddr> {
         let snap = b.snapshot();
         keys.iter()
             .map(|k| {
-                snap.members[b
-                    .pick(&snap, &Tried::default(), Some(*k), now_ms())
-                    .unwrap()]
-                .spec
-                .addr
+                snap.members[b.pick(&snap, &Tried::default(), Some(*k), now_ms()).unwrap()]
+                    .spec
+                    .addr
             })
             .collect()
     };
@@ -235,11 +202,7 @@ fn consistent_hash_moves_few_keys_when_one_endpoint_leaves() {
         "unbalanced ring: {per:?}"
     );
 
-    b.update(
-        algorithm,
-        (0..n - 1).map(|i| spec(i, 1)).collect(),
-        Endpoint::new,
-    );
+    b.update(algorithm, (0..n - 1).map(|i| spec(i, 1)).collect(), Endpoint::new);
     let after = owner(&b);
     let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     assert!(
@@ -248,12 +211,7 @@ fn consistent_hash_moves_few_keys_when_one_endpoint_leaves() {
         keys.len()
     );
     // Only keys of the removed endpoint move.
-    assert!(
-        before
-            .iter()
-            .zip(&after)
-            .all(|(x, y)| x == y || *x == addr(n - 1))
-    );
+    assert!(before.iter().zip(&after).all(|(x, y)| x == y || *x == addr(n - 1)));
 }
 
 #[test]
@@ -263,48 +221,31 @@ fn consistent_hash_is_stable_for_a_key_and_skips_down_endpoints() {
     let b = balancer(algorithm.clone(), specs.clone());
     let snap = b.snapshot();
     let key = picker::hash_key(b"user-1");
-    let first = b
-        .pick(&snap, &Tried::default(), Some(key), now_ms())
-        .unwrap();
+    let first = b.pick(&snap, &Tried::default(), Some(key), now_ms()).unwrap();
     for _ in 0..10 {
-        assert_eq!(
-            b.pick(&snap, &Tried::default(), Some(key), now_ms()),
-            Some(first)
-        );
+        assert_eq!(b.pick(&snap, &Tried::default(), Some(key), now_ms()), Some(first));
     }
     specs[first].healthy = false;
     b.update(algorithm, specs, Endpoint::new);
     let snap = b.snapshot();
-    let next = b
-        .pick(&snap, &Tried::default(), Some(key), now_ms())
-        .unwrap();
+    let next = b.pick(&snap, &Tried::default(), Some(key), now_ms()).unwrap();
     assert_ne!(next, first);
 }
 
 #[test]
 fn live_counters_survive_a_snapshot_swap() {
-    let b = balancer(
-        Algorithm::LeastConnections,
-        (0..2).map(|i| spec(i, 1)).collect(),
-    );
+    let b = balancer(Algorithm::LeastConnections, (0..2).map(|i| spec(i, 1)).collect());
     let before = b.snapshot();
     before.members[0].endpoint.stats.active.set(7);
     before.members[0]
         .endpoint
         .passive
         .record_failure(now_ms(), 1, Duration::from_secs(10));
-    let removed = b.update(
-        Algorithm::RoundRobin,
-        vec![spec(0, 3), spec(2, 1)],
-        Endpoint::new,
-    );
+    let removed = b.update(Algorithm::RoundRobin, vec![spec(0, 3), spec(2, 1)], Endpoint::new);
     assert_eq!(removed, vec![addr(1)]);
     let after = b.snapshot();
     assert_eq!(after.members[0].endpoint.active(), 7);
     assert!(after.members[0].endpoint.passive.is_ejected(now_ms()));
-    assert!(Arc::ptr_eq(
-        &before.members[0].endpoint,
-        &after.members[0].endpoint
-    ));
+    assert!(Arc::ptr_eq(&before.members[0].endpoint, &after.members[0].endpoint));
     assert_eq!(after.members[1].endpoint.active(), 0);
 }

@@ -46,12 +46,7 @@ enum Phase {
 }
 
 /// Runs one probe of `kind` against `addr`, bounded by `timeout`.
-pub async fn probe(
-    kind: &ProbeKind,
-    addr: SocketAddr,
-    timeout: Duration,
-    tls: &TlsClients,
-) -> Result<(), ProbeError> {
+pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &TlsClients) -> Result<(), ProbeError> {
     let mut phase = Phase::Connect;
     match tokio::time::timeout(timeout, run(kind, addr, tls, &mut phase)).await {
         Ok(result) => result,
@@ -70,12 +65,7 @@ pub async fn probe(
     }
 }
 
-async fn run(
-    kind: &ProbeKind,
-    addr: SocketAddr,
-    tls: &TlsClients,
-    phase: &mut Phase,
-) -> Result<(), ProbeError> {
+async fn run(kind: &ProbeKind, addr: SocketAddr, tls: &TlsClients, phase: &mut Phase) -> Result<(), ProbeError> {
     let stream = TcpStream::connect(addr)
         .await
         .map_err(|e| ProbeError::failed(format!("connect: {}", io_text(&e))))?;
@@ -96,11 +86,7 @@ async fn run(
     }
 }
 
-async fn http_probe(
-    mut stream: TcpStream,
-    addr: SocketAddr,
-    http: &HttpProbe,
-) -> Result<(), ProbeError> {
+async fn http_probe(mut stream: TcpStream, addr: SocketAddr, http: &HttpProbe) -> Result<(), ProbeError> {
     let host = match &http.host {
         Some(h) => h.clone(),
         None => addr.to_string(),
@@ -134,18 +120,14 @@ async fn read_status(stream: &mut TcpStream) -> Result<u16, ProbeError> {
             .await
             .map_err(|e| ProbeError::failed(format!("http: read: {}", io_text(&e))))?;
         if n == 0 {
-            return Err(ProbeError::failed(
-                "http: connection closed before a status line",
-            ));
+            return Err(ProbeError::failed("http: connection closed before a status line"));
         }
         len += n;
         if let Some(end) = buf[..len].windows(2).position(|w| w == b"\r\n") {
             return parse_status_line(&buf[..end]);
         }
         if len == buf.len() {
-            return Err(ProbeError::failed(
-                "http: status line longer than 1024 bytes",
-            ));
+            return Err(ProbeError::failed("http: status line longer than 1024 bytes"));
         }
     }
 }
@@ -156,16 +138,11 @@ fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {
         ProbeError::failed(format!("http: malformed status line {shown:?}"))
     };
     let rest = line.strip_prefix(b"HTTP/1.").ok_or_else(bad)?;
-    let code = rest
-        .get(2..5)
-        .filter(|_| rest.get(1) == Some(&b' '))
-        .ok_or_else(bad)?;
+    let code = rest.get(2..5).filter(|_| rest.get(1) == Some(&b' ')).ok_or_else(bad)?;
     if !code.iter().all(u8::is_ascii_digit) || rest.get(5).is_some_and(|b| *b != b' ') {
         return Err(bad());
     }
-    let status = code
-        .iter()
-        .fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
+    let status = code.iter().fold(0u16, |acc, d| acc * 10 + u16::from(d - b'0'));
     if !(100..=599).contains(&status) {
         return Err(bad());
     }
@@ -182,8 +159,7 @@ async fn tls_probe(
         .config(settings.verify)
         .map_err(|e| ProbeError::failed(format!("tls: {e}")))?;
     let name = match &settings.server_name {
-        Some(n) => ServerName::try_from(n.clone())
-            .map_err(|e| ProbeError::failed(format!("tls: server name: {e}")))?,
+        Some(n) => ServerName::try_from(n.clone()).map_err(|e| ProbeError::failed(format!("tls: server name: {e}")))?,
         None => ServerName::IpAddress(addr.ip().into()),
     };
     let connector = tokio_rustls::TlsConnector::from(config);
@@ -218,10 +194,7 @@ mod tests {
     #[test]
     fn status_lines_parse() {
         assert_eq!(parse_status_line(b"HTTP/1.1 200 OK"), Ok(200));
-        assert_eq!(
-            parse_status_line(b"HTTP/1.0 503 Service Unavailable"),
-            Ok(503)
-        );
+        assert_eq!(parse_status_line(b"HTTP/1.0 503 Service Unavailable"), Ok(503));
         assert_eq!(parse_status_line(b"HTTP/1.1 204"), Ok(204));
         for bad in [
             &b"HTTP/2 200"[..],
@@ -230,11 +203,7 @@ mod tests {
             b"SSH-2.0-OpenSSH",
             b"HTTP/1.1 999 X",
         ] {
-            assert!(
-                parse_status_line(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+            assert!(parse_status_line(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }

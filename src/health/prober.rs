@@ -128,9 +128,7 @@ impl Prober {
             let keep = wanted.contains_key(addr);
             if !keep {
                 ep.stop.cancel();
-                self.inner
-                    .metrics
-                    .forget_endpoint(&key.to_string(), &addr.to_string());
+                self.inner.metrics.forget_endpoint(&key.to_string(), &addr.to_string());
             }
             keep
         });
@@ -154,18 +152,11 @@ impl Prober {
 
     /// Stops probing every endpoint of a service.
     pub fn remove_service(&self, key: &ServiceKey) {
-        let removed = self
-            .inner
-            .services
-            .lock()
-            .expect("prober lock poisoned")
-            .remove(key);
+        let removed = self.inner.services.lock().expect("prober lock poisoned").remove(key);
         if let Some(entry) = removed {
             for (addr, ep) in entry.endpoints {
                 ep.stop.cancel();
-                self.inner
-                    .metrics
-                    .forget_endpoint(&key.to_string(), &addr.to_string());
+                self.inner.metrics.forget_endpoint(&key.to_string(), &addr.to_string());
             }
             self.inner.generation.send_modify(|g| *g += 1);
         }
@@ -188,9 +179,7 @@ impl Prober {
                 entry
                     .endpoints
                     .iter()
-                    .map(|(addr, ep)| {
-                        (*addr, ep.state.lock().expect("state lock poisoned").clone())
-                    })
+                    .map(|(addr, ep)| (*addr, ep.state.lock().expect("state lock poisoned").clone()))
                     .collect()
             })
             .unwrap_or_default();
@@ -238,8 +227,7 @@ impl EndpointTask {
     async fn run(self) {
         let service = self.service.to_string();
         let endpoint = self.addr.to_string();
-        let probe_addr =
-            SocketAddr::new(self.addr.ip(), self.check.port.unwrap_or(self.addr.port()));
+        let probe_addr = SocketAddr::new(self.addr.ip(), self.check.port.unwrap_or(self.addr.port()));
         let labels = |result| ProbeLabels {
             service: service.clone(),
             endpoint: endpoint.clone(),
@@ -264,9 +252,7 @@ impl EndpointTask {
                 endpoint: endpoint.clone(),
             })
             .clone();
-        healthy_gauge.set(i64::from(
-            self.state.lock().expect("state lock poisoned").is_healthy(),
-        ));
+        healthy_gauge.set(i64::from(self.state.lock().expect("state lock poisoned").is_healthy()));
 
         let first = spread(self.check.interval);
         if self.sleep(first).await.is_err() {

@@ -43,6 +43,10 @@ pub struct EndpointReport {
     pub consecutive_failures: u32,
     /// RFC 3339 time of the last state change.
     pub last_transition_time: Option<String>,
+    /// Requests (HTTP) or connections (TCP) in flight through this process.
+    pub active_connections: u64,
+    /// Passively ejected by this process (maxFails within failTimeout).
+    pub ejected: bool,
 }
 
 impl EndpointReport {
@@ -56,6 +60,8 @@ impl EndpointReport {
             consecutive_successes: state.consecutive_successes,
             consecutive_failures: state.consecutive_failures,
             last_transition_time: state.last_transition.map(rfc3339),
+            active_connections: 0,
+            ejected: false,
         }
     }
 }
@@ -104,24 +110,16 @@ mod tests {
     #[test]
     fn endpoint_report_uses_the_documented_names() {
         let mut state = HealthState::new();
-        state.record(
-            Err("connect: connection refused"),
-            2,
-            1,
-            SystemTime::UNIX_EPOCH,
-        );
-        let json = serde_json::to_value(EndpointReport::new(
-            "127.0.0.1:8081".parse().unwrap(),
-            &state,
-        ))
-        .unwrap();
+        state.record(Err("connect: connection refused"), 2, 1, SystemTime::UNIX_EPOCH);
+        let json = serde_json::to_value(EndpointReport::new("127.0.0.1:8081".parse().unwrap(), &state)).unwrap();
         assert_eq!(
             json,
             serde_json::json!({
                 "address": "127.0.0.1", "port": 8081, "state": "Unhealthy",
                 "lastError": "connect: connection refused",
                 "consecutiveSuccesses": 0, "consecutiveFailures": 1,
-                "lastTransitionTime": "1970-01-01T00:00:00Z"
+                "lastTransitionTime": "1970-01-01T00:00:00Z",
+                "activeConnections": 0, "ejected": false
             })
         );
     }

@@ -96,13 +96,7 @@ impl HealthState {
     }
 
     /// Records one probe result; returns the previous health if it changed.
-    pub fn record(
-        &mut self,
-        result: Result<(), &str>,
-        rise: u32,
-        fall: u32,
-        now: SystemTime,
-    ) -> Option<Health> {
+    pub fn record(&mut self, result: Result<(), &str>, rise: u32, fall: u32, now: SystemTime) -> Option<Health> {
         let before = self.health;
         match result {
             Ok(()) => {
@@ -176,10 +170,7 @@ mod tests {
     fn fall_failures_make_it_unhealthy_and_keep_the_error() {
         let mut s = HealthState::new();
         use Health::*;
-        assert_eq!(
-            feed(&mut s, "++--", 2, 2),
-            vec![Unknown, Healthy, Healthy, Unhealthy]
-        );
+        assert_eq!(feed(&mut s, "++--", 2, 2), vec![Unknown, Healthy, Healthy, Unhealthy]);
         assert_eq!(s.last_error.as_deref(), Some("refused"));
         assert_eq!(s.consecutive_failures, 2);
         assert_eq!(s.consecutive_successes, 0);
@@ -208,10 +199,7 @@ mod tests {
     fn recovery_needs_rise_again_and_clears_the_error() {
         let mut s = HealthState::new();
         feed(&mut s, "++--", 2, 2);
-        assert_eq!(
-            feed(&mut s, "++", 2, 2),
-            vec![Health::Unhealthy, Health::Healthy]
-        );
+        assert_eq!(feed(&mut s, "++", 2, 2), vec![Health::Unhealthy, Health::Healthy]);
         assert_eq!(s.last_error, None);
     }
 

@@ -83,10 +83,7 @@ fn route(view: &dyn AdminView, req: Request<Incoming>) -> Response<Full<Bytes>> 
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if view.ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "try /status, /metrics, /healthz or /readyz\n",
-        ),
+        _ => text(StatusCode::NOT_FOUND, "try /status, /metrics, /healthz or /readyz\n"),
     }
 }
 

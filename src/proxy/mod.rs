@@ -1,3 +1,13 @@
-//! The data plane: client-facing listeners and the admin server.
+//! The data plane: HTTP and TCP listeners balancing over a service's endpoints,
+//! the retry loop, and the admin server.
 
 pub mod admin;
+pub mod body;
+pub mod dataplane;
+pub mod http;
+pub mod listener;
+pub mod retry;
+pub mod service;
+
+pub use dataplane::Dataplane;
+pub use listener::Limits;

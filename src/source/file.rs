@@ -16,8 +16,7 @@ use crate::api::validate::validate;
 
 /// Reads, parses and validates a standalone file.
 pub fn read_configs(path: &Path) -> Result<Vec<Config>, LoadErrors> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| LoadErrors(vec![format!("{}: {e}", path.display())]))?;
+    let text = std::fs::read_to_string(path).map_err(|e| LoadErrors(vec![format!("{}: {e}", path.display())]))?;
     configs_from_text(&text)
 }
 

@@ -12,14 +12,12 @@ use tokio_util::sync::CancellationToken;
 pub async fn tls_backend() -> (SocketAddr, CancellationToken) {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![cert.cert.der().clone()], key)
-    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -47,7 +45,8 @@ pub fn standalone_yaml(name: &str, endpoints: &[SocketAddr], health: &str) -> St
         .map(|a| format!("    - {{address: {}, port: {}}}", a.ip(), a.port()))
         .collect();
     format!(
-        "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n{}\n  listeners: [{{name: http, port: 18080}}]\n  healthCheck:\n{health}\n",
-        eps.join("\n")
+        "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n{}\n  listeners: [{{name: http, port: {}}}]\n  healthCheck:\n{health}\n",
+        eps.join("\n"),
+        balanced::testing::free_port()
     )
 }

@@ -1,0 +1,190 @@
+//! Every service's runtime and listeners, kept in step with the configs:
+//! listeners that stay keep their sockets and connections, new ones are bound,
+//! removed ones drain. A listener that cannot be bound is reported and the
+//! rest of the change still applies.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::http::HttpProxy;
+use super::listener::{Limits, serve_http, serve_tcp};
+use super::service::ServiceRuntime;
+use crate::api::config::{Config, ListenerProtocol, ServiceKey};
+use crate::balance::{MemberSpec, now_ms};
+use crate::metrics::ProxyMetrics;
+
+/// Live data-plane facts about one endpoint, for `/status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointLive {
+    /// Requests or connections in flight.
+    pub active: u64,
+    /// Remaining passive ejection, if ejected.
+    pub ejected_for: Option<Duration>,
+}
+
+struct Running {
+    port: u16,
+    protocol: ListenerProtocol,
+    stop: CancellationToken,
+}
+
+/// The data plane of a process: services, their listeners, their endpoints.
+pub struct Dataplane {
+    metrics: ProxyMetrics,
+    bind: IpAddr,
+    limits: Limits,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    services: Mutex<HashMap<ServiceKey, Arc<ServiceRuntime>>>,
+    listeners: Mutex<HashMap<(ServiceKey, String), Running>>,
+}
+
+impl Dataplane {
+    /// A data plane binding listeners on `bind`; everything stops on `shutdown`.
+    pub fn new(metrics: ProxyMetrics, bind: IpAddr, limits: Limits, shutdown: CancellationToken) -> Self {
+        Self {
+            metrics,
+            bind,
+            limits,
+            shutdown,
+            tasks: TaskTracker::new(),
+            services: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Brings services and listeners in line with `configs`. Returns one message
+    /// per listener that could not be bound (the old one, if any, keeps serving).
+    pub fn apply(&self, configs: &[Arc<Config>]) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut services = self.services.lock().expect("dataplane lock poisoned");
+        let mut listeners = self.listeners.lock().expect("dataplane lock poisoned");
+
+        services.retain(|key, _| configs.iter().any(|c| c.key == *key));
+        listeners.retain(|(key, name), running| {
+            let keep = configs
+                .iter()
+                .any(|c| c.key == *key && c.listeners.iter().any(|l| l.name == *name));
+            if !keep {
+                running.stop.cancel();
+            }
+            keep
+        });
+
+        for config in configs {
+            let runtime = services
+                .entry(config.key.clone())
+                .or_insert_with(|| ServiceRuntime::new(config.clone(), self.metrics.clone()))
+                .clone();
+            for (i, l) in config.listeners.iter().enumerate() {
+                let id = (config.key.clone(), l.name.clone());
+                if let Some(r) = listeners.get(&id)
+                    && r.port == l.port
+                    && r.protocol == l.protocol
+                {
+                    continue;
+                }
+                let addr = SocketAddr::new(self.bind, l.port);
+                let socket = match bind(addr) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        errors.push(format!(
+                            "{}: spec.listeners[{i}] ({}): cannot listen on {addr}: {e}",
+                            config.key, l.name
+                        ));
+                        continue;
+                    }
+                };
+                if let Some(old) = listeners.remove(&id) {
+                    old.stop.cancel();
+                }
+                let stop = self.shutdown.child_token();
+                match l.protocol {
+                    ListenerProtocol::Http => {
+                        let proxy = Arc::new(HttpProxy::new(runtime.clone(), &l.name));
+                        self.tasks
+                            .spawn(serve_http(socket, proxy, self.limits.clone(), stop.clone()));
+                    }
+                    ListenerProtocol::Tcp => {
+                        self.tasks.spawn(serve_tcp(
+                            socket,
+                            runtime.clone(),
+                            l.name.clone(),
+                            self.limits.clone(),
+                            stop.clone(),
+                        ));
+                    }
+                }
+                tracing::info!(service = %config.key, listener = %l.name, %addr, protocol = ?l.protocol, "listening");
+                listeners.insert(
+                    id,
+                    Running {
+                        port: l.port,
+                        protocol: l.protocol,
+                        stop,
+                    },
+                );
+            }
+        }
+        errors
+    }
+
+    /// Sets a service's config and endpoints (a new snapshot, swapped atomically).
+    pub fn set_endpoints(&self, config: Arc<Config>, members: Vec<MemberSpec>) {
+        if let Some(runtime) = self.service(&config.key) {
+            runtime.update(config, members);
+        }
+    }
+
+    /// The runtime of a service.
+    pub fn service(&self, key: &ServiceKey) -> Option<Arc<ServiceRuntime>> {
+        self.services.lock().expect("dataplane lock poisoned").get(key).cloned()
+    }
+
+    /// Active requests and ejection per endpoint of a service.
+    pub fn live(&self, key: &ServiceKey) -> HashMap<SocketAddr, EndpointLive> {
+        let Some(runtime) = self.service(key) else {
+            return HashMap::new();
+        };
+        let now = now_ms();
+        runtime
+            .balancer
+            .snapshot()
+            .members
+            .iter()
+            .map(|m| {
+                (
+                    m.spec.addr,
+                    EndpointLive {
+                        active: m.endpoint.active(),
+                        ejected_for: m.endpoint.passive.ejected_for(now),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Waits for every listener to drain after shutdown.
+    pub async fn stopped(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    // A deep accept queue rides out bursts (nginx uses 511).
+    socket.listen(1024)
+}

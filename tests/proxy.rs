@@ -1,0 +1,427 @@
+//! The data plane end to end: real backends, the real proxy (standalone), real
+//! HTTP/1.1, h2c, WebSocket and TCP clients.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use balanced::standalone::{self, Options};
+use balanced::testing::{Backend, Behavior, eventually, free_port, http_get, refusing_addr};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+struct Proxy {
+    listen: SocketAddr,
+    admin: SocketAddr,
+    shutdown: CancellationToken,
+    _file: TempFile,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+struct TempFile(std::path::PathBuf);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts standalone with one listener over `endpoints`; `extra` is more spec
+/// YAML (indented two spaces). Waits until every endpoint except those in
+/// `not_healthy` is healthy.
+async fn proxy(endpoints: &[SocketAddr], protocol: &str, extra: &str, wait_healthy: usize) -> Proxy {
+    let port = free_port();
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("    - {{address: {}, port: {}}}", a.ip(), a.port()))
+        .collect();
+    let health = if extra.contains("healthCheck") {
+        ""
+    } else {
+        "  healthCheck: {protocol: TCP, interval: 200ms, timeout: 100ms, rise: 1, fall: 2, downInterval: 200ms}\n"
+    };
+    let yaml = format!(
+        "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: web}}\nspec:\n  endpoints:\n{}\n  listeners: [{{name: main, port: {port}, protocol: {protocol}}}]\n{health}{extra}\n",
+        eps.join("\n")
+    );
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "proxy-{}-{}.yaml",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, yaml).unwrap();
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut opts = Options::new(&path);
+    opts.bind = [127, 0, 0, 1].into();
+    opts.limits.grace = Duration::from_secs(1);
+    tokio::spawn(standalone::run(opts, admin_listener, shutdown.clone()));
+    eventually(Duration::from_secs(3), "endpoints to turn healthy", || async move {
+        let (_, body) = http_get(admin, "/status").await.ok()?;
+        (body.matches("\"Healthy\"").count() >= wait_healthy).then_some(())
+    })
+    .await;
+    Proxy {
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        admin,
+        shutdown,
+        _file: TempFile(path),
+    }
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends one request; returns status, the answering backend (x-backend) and body.
+async fn send(client: &HttpClient, method: &str, addr: SocketAddr, body: &str) -> (u16, String, String) {
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}/work"))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = client.request(req).await.expect("the proxy answers");
+    let status = resp.status().as_u16();
+    let backend = resp
+        .headers()
+        .get("x-backend")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, backend, String::from_utf8_lossy(&body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backend_costs_clients_nothing() {
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    let c = Backend::http("c", Behavior::Status(200)).await;
+    let p = proxy(
+        &[a.addr, b.addr, c.addr],
+        "HTTP",
+        "  retry: {on: [Error, Timeout], tries: 3}",
+        3,
+    )
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (stop, listen, client) = (stop.clone(), p.listen, client());
+        workers.push(tokio::spawn(async move {
+            let mut seen: HashMap<u16, usize> = HashMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (status, _, _) = send(&client, "GET", listen, "").await;
+                *seen.entry(status).or_default() += 1;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    b.kill();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total: HashMap<u16, usize> = HashMap::new();
+    for w in workers {
+        for (status, n) in w.await.unwrap() {
+            *total.entry(status).or_default() += n;
+        }
+    }
+    let all: usize = total.values().sum();
+    assert!(all >= 2000, "only {all} requests in 4 s: {total:?}");
+    assert_eq!(total.get(&200), Some(&all), "clients saw errors: {total:?}");
+    let (_, status) = http_get(p.admin, "/status").await.unwrap();
+    assert!(status.contains("\"Unhealthy\""), "{status}");
+}
+
+#[tokio::test]
+async fn a_502_is_retried_only_when_http502_is_in_retry_on() {
+    let bad = Backend::http("bad", Behavior::Status(502)).await;
+    let good = Backend::http("good", Behavior::Status(200)).await;
+    let retrying = proxy(
+        &[bad.addr, good.addr],
+        "HTTP",
+        "  algorithm: RoundRobin\n  retry: {on: [Error, Http502]}",
+        2,
+    )
+    .await;
+    let not = proxy(
+        &[bad.addr, good.addr],
+        "HTTP",
+        "  algorithm: RoundRobin\n  retry: {on: [Error]}",
+        2,
+    )
+    .await;
+    let c = client();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let (s, backend, _) = send(&c, "GET", retrying.listen, "").await;
+        assert_eq!((s, backend.as_str()), (200, "good"));
+        statuses.push(send(&c, "GET", not.listen, "").await.0);
+    }
+    assert!(
+        statuses.contains(&502),
+        "without Http502 the 502 reaches the client: {statuses:?}"
+    );
+    assert!(statuses.contains(&200));
+}
+
+#[tokio::test]
+async fn post_is_not_retried_after_send_unless_non_idempotent() {
+    let dropper = Backend::drop_after_request().await;
+    let good = Backend::http("good", Behavior::Status(200)).await;
+    let extra = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n  retry: {on: [Error]}";
+    let p = proxy(&[dropper.addr, good.addr], "HTTP", extra, 2).await;
+    let c = client();
+    let mut posts = Vec::new();
+    let mut gets = Vec::new();
+    for _ in 0..4 {
+        posts.push(send(&c, "POST", p.listen, "order=1").await.0);
+        gets.push(send(&c, "GET", p.listen, "").await.0);
+    }
+    assert!(
+        posts.contains(&502),
+        "a POST that reached the dropping backend must not be resent: {posts:?}"
+    );
+    assert!(gets.iter().all(|s| *s == 200), "GETs are retried: {gets:?}");
+
+    let with = extra.replace("on: [Error]", "on: [Error, NonIdempotent]");
+    let p = proxy(&[dropper.addr, good.addr], "HTTP", &with, 2).await;
+    for _ in 0..4 {
+        assert_eq!(send(&c, "POST", p.listen, "order=1").await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_hanging_backend_gives_504_or_a_retry_on_timeout() {
+    let hang = Backend::hang().await;
+    let good = Backend::http("good", Behavior::Status(200)).await;
+    let base = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n  timeouts: {connect: 1s, response: 300ms}";
+    let p = proxy(
+        &[hang.addr, good.addr],
+        "HTTP",
+        &format!("{base}\n  retry: {{on: [Error]}}"),
+        2,
+    )
+    .await;
+    let c = client();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let (status, _, body) = send(&c, "GET", p.listen, "").await;
+        if status == 504 {
+            assert!(started.elapsed() >= Duration::from_millis(300));
+            assert!(body.starts_with("504 Gateway Timeout: upstream timed out"), "{body}");
+            assert!(
+                !body.contains("127.0.0.1"),
+                "internal addresses leak without debug: {body}"
+            );
+        }
+        seen.push(status);
+    }
+    assert!(seen.contains(&504), "{seen:?}");
+
+    let p = proxy(
+        &[hang.addr, good.addr],
+        "HTTP",
+        &format!("{base}\n  retry: {{on: [Error, Timeout]}}"),
+        2,
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(send(&c, "GET", p.listen, "").await.0, 200);
+    }
+}
+
+async fn slow_share(algorithm: &str) -> f64 {
+    let slow = Backend::http("slow", Behavior::Slow(Duration::from_millis(100))).await;
+    let f1 = Backend::http("fast1", Behavior::Slow(Duration::from_millis(5))).await;
+    let f2 = Backend::http("fast2", Behavior::Slow(Duration::from_millis(5))).await;
+    let p = proxy(
+        &[slow.addr, f1.addr, f2.addr],
+        "HTTP",
+        &format!("  algorithm: {algorithm}"),
+        3,
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        let (stop, listen, client) = (stop.clone(), p.listen, client());
+        workers.push(tokio::spawn(async move {
+            let mut counts: HashMap<String, usize> = HashMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                let (_, backend, _) = send(&client, "GET", listen, "").await;
+                *counts.entry(backend).or_default() += 1;
+            }
+            counts
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for w in workers {
+        for (k, v) in w.await.unwrap() {
+            *counts.entry(k).or_default() += v;
+        }
+    }
+    let total: usize = counts.values().sum();
+    counts.get("slow").copied().unwrap_or(0) as f64 / total as f64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_connections_sends_the_slow_backend_fewer_requests_than_round_robin() {
+    let rr = slow_share("RoundRobin").await;
+    let lc = slow_share("LeastConnections").await;
+    assert!(
+        lc * 2.0 < rr,
+        "slow backend share: least connections {lc:.3}, round robin {rr:.3}"
+    );
+}
+
+#[tokio::test]
+async fn websocket_upgrade_is_tunnelled() {
+    let ws = Backend::http("ws", Behavior::Status(200)).await;
+    let p = proxy(&[ws.addr], "HTTP", "", 1).await;
+    let mut s = TcpStream::connect(p.listen).await.unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for msg in [&b"hello"[..], b"over the tunnel"] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg);
+    }
+}
+
+#[tokio::test]
+async fn h2c_requests_on_one_connection_are_spread_over_all_backends() {
+    let backends = [
+        Backend::http("a", Behavior::Status(200)).await,
+        Backend::http("b", Behavior::Status(200)).await,
+        Backend::http("c", Behavior::Status(200)).await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let p = proxy(&addrs, "HTTP", "", 3).await;
+    let stream = TcpStream::connect(p.listen).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let mut sender = sender.clone();
+        let req = http::Request::get(format!("http://{}/rpc", p.listen))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_2);
+        let backend = resp.headers()["x-backend"].to_str().unwrap().to_string();
+        *seen.entry(backend).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "one h2 connection must reach every backend: {seen:?}");
+}
+
+#[tokio::test]
+async fn tcp_mode_echoes_and_fails_over_on_connect_refusal() {
+    let echo = Backend::tcp_echo("echo").await;
+    let refused = refusing_addr().await;
+    // Probes of both endpoints go to the echo port, so the refusing endpoint
+    // looks healthy and only the connect itself fails.
+    let extra = format!(
+        "  algorithm: RoundRobin\n  passiveHealth: {{maxFails: 0}}\n  retry: {{tries: 2}}\n  healthCheck: {{interval: 200ms, timeout: 100ms, rise: 1, port: {}}}",
+        echo.addr.port()
+    );
+    let p = proxy(&[refused, echo.addr], "TCP", &extra, 2).await;
+    for i in 0..4 {
+        let mut s = TcpStream::connect(p.listen).await.unwrap();
+        let msg = format!("ping {i}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut back = String::new();
+        tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg, "half-close: the echo arrives after our FIN");
+    }
+}
+
+#[tokio::test]
+async fn endpoint_header_and_error_detail_are_opt_in() {
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let down = refusing_addr().await;
+    let p = proxy(&[a.addr], "HTTP", "  debug: {endpointHeader: true}", 1).await;
+    let resp = client()
+        .request(
+            http::Request::get(format!("http://{}/", p.listen))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-balanced-endpoint"], a.addr.to_string());
+
+    let p = proxy(&[down], "HTTP", "  debug: {errorDetail: true}\n  retry: {tries: 1}", 0).await;
+    let (status, _, body) = send(&client(), "GET", p.listen, "").await;
+    assert_eq!(status, 502);
+    assert!(
+        body.contains(&down.to_string()) && body.contains("connection refused"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn status_and_metrics_show_ejections_and_retries() {
+    let dropper = Backend::drop_after_request().await;
+    let good = Backend::http("good", Behavior::Status(200)).await;
+    let extra = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 1, failTimeout: 30s}";
+    let p = proxy(&[dropper.addr, good.addr], "HTTP", extra, 2).await;
+    for _ in 0..3 {
+        assert_eq!(send(&client(), "GET", p.listen, "").await.0, 200);
+    }
+    let (_, status) = http_get(p.admin, "/status").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let eps = v["services"][0]["endpoints"].as_array().unwrap();
+    let d = eps.iter().find(|e| e["port"] == dropper.addr.port()).unwrap();
+    assert_eq!(d["ejected"], true, "{status}");
+    assert_eq!(d["state"], "Healthy", "ejection is separate from probe health");
+    let (_, metrics) = http_get(p.admin, "/metrics").await.unwrap();
+    assert!(metrics.contains("balanced_endpoint_ejections_total{"), "{metrics}");
+    assert!(
+        metrics.contains("balanced_upstream_retries_total{service=\"default/web\",reason=\"Error\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("code=\"error\"} 1"), "{metrics}");
+}
