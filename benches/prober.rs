@@ -96,7 +96,7 @@ async fn start_backends() -> Vec<u16> {
 }
 
 async fn admin_get(path: &str) -> String {
-    match balanced::testing::http_get("127.0.0.1:19901".parse().unwrap(), path).await {
+    match balanced::backend::http_get("127.0.0.1:19901".parse().unwrap(), path).await {
         Ok((_, body)) => body,
         Err(e) => panic!("admin {path}: {e}"),
     }

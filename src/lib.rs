@@ -3,12 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod backend;
 pub mod balance;
+pub mod demo;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod signal;
 pub mod source;
 pub mod standalone;
-#[cfg(any(test, feature = "test-util"))]
-pub mod testing;

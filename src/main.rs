@@ -52,6 +52,8 @@ enum Command {
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         grace: std::time::Duration,
     },
+    /// Run local backends and a proxy, kill and revive a backend, show what clients saw.
+    Demo,
     /// Print the BalancedService CRD.
     Crd,
 }
@@ -63,7 +65,13 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCED_LOG").unwrap_or_else(|_| "info".into());
+    // The demo prints its own timeline; only warnings would add to it.
+    let default_level = if matches!(args.command, Command::Demo) {
+        "warn"
+    } else {
+        "info"
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCED_LOG").unwrap_or_else(|_| default_level.into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -89,6 +97,12 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
     use balanced::standalone;
     match command {
         Command::Crd => print!("{}", balanced::api::crd_yaml()),
+        Command::Demo => {
+            let summary = balanced::demo::run().await?;
+            if summary.errors > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Standalone { file, once: true, .. } => {
             let (table, all_served) = standalone::once_table(&standalone::once(&file).await?);
             print!("{table}");

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use balanced::api::config::{HealthCheck, HttpProbe, ProbeKind, ServiceKey, StatusMatch, TlsProbe};
+use balanced::backend::{Backend, Behavior, eventually, refusing_addr};
 use balanced::health::{Health, Prober, Target, TlsClients, probe};
 use balanced::metrics::Metrics;
-use balanced::testing::{Backend, Behavior, eventually, refusing_addr};
 use tokio_util::sync::CancellationToken;
 
 fn http_kind(expect: &[(bool, u16)]) -> ProbeKind {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use balanced::backend::{Backend, Behavior, eventually, free_port, http_get, refusing_addr};
 use balanced::standalone::{self, Options};
-use balanced::testing::{Backend, Behavior, eventually, free_port, http_get, refusing_addr};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;

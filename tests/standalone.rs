@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use balanced::backend::{Backend, Behavior, eventually, http_get, refusing_addr};
 use balanced::standalone::{self, Options};
-use balanced::testing::{Backend, Behavior, eventually, http_get, refusing_addr};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;

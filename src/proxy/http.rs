@@ -28,14 +28,36 @@ pub const ENDPOINT_HEADER: &str = "x-balanced-endpoint";
 pub struct HttpProxy {
     service: Arc<ServiceRuntime>,
     listener: String,
+    // Resolved once: label lookups cost more than the rest of the metrics work.
+    downstream: [prometheus_client::metrics::counter::Counter; 5],
+    duration: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl HttpProxy {
     /// The proxy for listener `listener` (by name) of `service`.
     pub fn new(service: Arc<ServiceRuntime>, listener: &str) -> Self {
+        let metrics = service.metrics();
+        let downstream = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
+            metrics
+                .downstream
+                .get_or_create(&DownstreamLabels {
+                    service: service.label().to_string(),
+                    listener: listener.to_string(),
+                    code,
+                })
+                .clone()
+        });
+        let duration = metrics
+            .duration
+            .get_or_create(&ServiceLabels {
+                service: service.label().to_string(),
+            })
+            .clone();
         Self {
             service,
             listener: listener.to_string(),
+            downstream,
+            duration,
         }
     }
 
@@ -46,15 +68,7 @@ impl HttpProxy {
             return plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n");
         };
         let response = self.forward(req, peer, &config, &listener).await;
-        self.service
-            .metrics()
-            .downstream
-            .get_or_create(&DownstreamLabels {
-                service: self.service.label().to_string(),
-                listener: self.listener.clone(),
-                code: class_label(response.status().as_u16()),
-            })
-            .inc();
+        self.downstream[usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1].inc();
         response
     }
 
@@ -128,13 +142,7 @@ impl HttpProxy {
             let guard = ActiveGuard::new(member.endpoint.clone());
             let attempt_started = Instant::now();
             let result = tokio::time::timeout(config.timeouts.response, client.request(up)).await;
-            self.service
-                .metrics()
-                .duration
-                .get_or_create(&ServiceLabels {
-                    service: self.service.label().to_string(),
-                })
-                .observe(attempt_started.elapsed().as_secs_f64());
+            self.duration.observe(attempt_started.elapsed().as_secs_f64());
 
             let (failure, response) = match result {
                 Ok(Ok(resp)) => {
@@ -338,10 +346,6 @@ fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
-}
-
-fn class_label(status: u16) -> &'static str {
-    crate::metrics::OUTCOMES[usize::from(status / 100).clamp(1, 5) - 1]
 }
 
 /// The `retry.on` name of a condition, for metrics and logs.

@@ -47,6 +47,6 @@ pub fn standalone_yaml(name: &str, endpoints: &[SocketAddr], health: &str) -> St
     format!(
         "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n{}\n  listeners: [{{name: http, port: {}}}]\n  healthCheck:\n{health}\n",
         eps.join("\n"),
-        balanced::testing::free_port()
+        balanced::backend::free_port()
     )
 }

@@ -1,5 +1,6 @@
-//! Fake backends on real loopback sockets, shared by unit and integration tests
-//! (feature `test-util`): servers that answer, refuse, hang, or die and come back.
+//! Small backends on real loopback sockets: servers that answer, answer slowly,
+//! refuse, hang, reset, or die and come back. `balanced demo` runs them, and the
+//! tests use them as misbehaving upstreams.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
