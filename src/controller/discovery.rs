@@ -1,0 +1,159 @@
+//! Endpoints of a Service from its EndpointSlices (`discovery.k8s.io/v1`).
+
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::api::config::{ListenerConfig, TargetPort};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// One endpoint as Kubernetes describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discovered {
+    /// IP and the port of the first listener's target.
+    pub addr: SocketAddr,
+    /// `pod/NAME` when the slice names a Pod.
+    pub target_ref: Option<String>,
+    /// Topology zone.
+    pub zone: Option<String>,
+    /// `conditions.ready` (missing means ready).
+    pub ready: bool,
+    /// `conditions.terminating` (missing means not terminating).
+    pub terminating: bool,
+}
+
+/// Every endpoint of `slices`, with the port the first listener targets:
+/// a numeric `targetPort`, the slice port named by `targetPort`, the slice port
+/// named like the listener, or the slice's only port. FQDN slices are skipped;
+/// IPv4 and IPv6 slices (dual stack) both count. An address listed twice
+/// (slices overlap while they are rewritten) is kept once.
+pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConfig]) -> Vec<Discovered> {
+    let mut out: Vec<Discovered> = Vec::new();
+    let Some(first) = listeners.first() else {
+        return out;
+    };
+    for slice in slices {
+        if slice.address_type != "IPv4" && slice.address_type != "IPv6" {
+            continue;
+        }
+        let ports = slice.ports.as_deref().unwrap_or_default();
+        let named = |name: &str| {
+            ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| p.port)
+        };
+        let port = match &first.target_port {
+            Some(TargetPort::Number(n)) => Some(i32::from(*n)),
+            Some(TargetPort::Name(name)) => named(name),
+            None => named(&first.name).or_else(|| match ports {
+                [only] => only.port,
+                _ => None,
+            }),
+        };
+        let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
+            continue;
+        };
+        for ep in slice.endpoints.as_deref().unwrap_or_default() {
+            let conditions = ep.conditions.clone().unwrap_or_default();
+            let target_ref = ep
+                .target_ref
+                .as_ref()
+                .and_then(|r| Some(format!("{}/{}", r.kind.as_deref()?.to_lowercase(), r.name.as_deref()?)));
+            for address in &ep.addresses {
+                let Ok(ip) = address.parse::<IpAddr>() else {
+                    continue;
+                };
+                let addr = SocketAddr::new(ip, port);
+                if out.iter().any(|d| d.addr == addr) {
+                    continue;
+                }
+                out.push(Discovered {
+                    addr,
+                    target_ref: target_ref.clone(),
+                    zone: ep.zone.clone(),
+                    ready: conditions.ready.unwrap_or(true),
+                    terminating: conditions.terminating.unwrap_or(false),
+                });
+            }
+        }
+    }
+    out.sort_by_key(|d| d.addr);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::config::ListenerProtocol;
+
+    fn slices(yaml: &str) -> Vec<EndpointSlice> {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn listener(target: Option<TargetPort>) -> Vec<ListenerConfig> {
+        vec![ListenerConfig {
+            name: "http".into(),
+            port: 80,
+            protocol: ListenerProtocol::Http,
+            target_port: target,
+        }]
+    }
+
+    const SLICES: &str = r#"
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-abc, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080}, {name: metrics, port: 9090}]
+  endpoints:
+    - addresses: [10.0.0.1]
+      targetRef: {kind: Pod, name: web-1}
+      zone: zone-a
+    - addresses: [10.0.0.2]
+      conditions: {ready: false}
+    - addresses: [10.0.0.3]
+      conditions: {ready: false, serving: true, terminating: true}
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv6
+  ports: [{name: http, port: 8080}]
+  endpoints:
+    - addresses: ["fd00::1"]
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-fqdn}
+  addressType: FQDN
+  ports: [{name: http, port: 8080}]
+  endpoints: [{addresses: [example.com]}]
+"#;
+
+    #[test]
+    fn named_ports_conditions_and_dual_stack() {
+        let eps = endpoints_from_slices(&slices(SLICES), &listener(Some(TargetPort::Name("http".into()))));
+        let addrs: Vec<String> = eps.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(
+            addrs,
+            ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080", "[fd00::1]:8080"]
+        );
+        assert_eq!(eps[0].target_ref.as_deref(), Some("pod/web-1"));
+        assert_eq!(eps[0].zone.as_deref(), Some("zone-a"));
+        assert!(eps[0].ready && !eps[0].terminating, "missing conditions mean ready");
+        assert!(!eps[1].ready);
+        assert!(eps[2].terminating);
+    }
+
+    #[test]
+    fn numeric_and_defaulted_target_ports() {
+        let eps = endpoints_from_slices(&slices(SLICES), &listener(Some(TargetPort::Number(9090))));
+        assert!(eps.iter().all(|e| e.addr.port() == 9090));
+        // No targetPort: the slice port named like the listener.
+        let eps = endpoints_from_slices(&slices(SLICES), &listener(None));
+        assert!(eps.iter().all(|e| e.addr.port() == 8080));
+        // A name no slice has: no endpoints rather than a guess.
+        assert!(endpoints_from_slices(&slices(SLICES), &listener(Some(TargetPort::Name("grpc".into())))).is_empty());
+    }
+}

@@ -1,0 +1,287 @@
+//! Status assembly: what the controller writes, as a pure function of what it saw.
+
+use crate::api::spec::{BalancedServiceStatus, Condition, EndpointStatus};
+use crate::health::report::rfc3339;
+use crate::health::{Health, HealthState};
+
+/// One endpoint: Kubernetes' view and the probes' view.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointView {
+    /// Address and port.
+    pub addr: std::net::SocketAddr,
+    /// `pod/NAME`.
+    pub target_ref: Option<String>,
+    /// Topology zone.
+    pub zone: Option<String>,
+    /// Kubernetes says ready (static endpoints: always).
+    pub ready: bool,
+    /// Kubernetes says terminating.
+    pub terminating: bool,
+    /// What the probes found.
+    pub health: HealthState,
+}
+
+impl EndpointView {
+    /// Whether the proxy may send it traffic.
+    pub fn serves(&self) -> bool {
+        self.health.health == Health::Healthy && self.ready && !self.terminating
+    }
+}
+
+/// Everything status is computed from.
+#[derive(Clone, Debug, Default)]
+pub struct Observed<'a> {
+    /// `metadata.generation`.
+    pub generation: Option<i64>,
+    /// The endpoints, sorted.
+    pub endpoints: &'a [EndpointView],
+    /// Validation errors of the current spec.
+    pub invalid: Option<&'a [String]>,
+    /// Proxy Deployment availability and why, when known.
+    pub proxy: Option<(bool, String)>,
+}
+
+/// Builds the status; conditions keep their `lastTransitionTime` from
+/// `previous` while their status does not change.
+pub fn assemble(seen: &Observed<'_>, previous: Option<&BalancedServiceStatus>, now: &str) -> BalancedServiceStatus {
+    let total = seen.endpoints.len();
+    let serving = seen.endpoints.iter().filter(|e| e.serves()).count();
+    let ready = match seen.invalid {
+        Some(errors) => ("False", "InvalidSpec", errors.join("; ")),
+        None if total == 0 => ("False", "NoEndpoints", "no endpoints found".to_string()),
+        None if serving == 0 => ("False", "NoHealthyEndpoints", format!("0/{total} endpoints healthy")),
+        None => (
+            "True",
+            "EndpointsHealthy",
+            format!("{serving}/{total} endpoints healthy"),
+        ),
+    };
+    let degraded = if total > 0 && serving < total {
+        (
+            "True",
+            "EndpointsUnhealthy",
+            format!("{} of {total} endpoints not serving", total - serving),
+        )
+    } else {
+        ("False", "AllEndpointsHealthy", String::new())
+    };
+    let proxy = match &seen.proxy {
+        Some((true, msg)) => ("True", "DeploymentAvailable", msg.clone()),
+        Some((false, msg)) => ("False", "DeploymentUnavailable", msg.clone()),
+        None => (
+            "Unknown",
+            "DeploymentPending",
+            "proxy Deployment not observed yet".to_string(),
+        ),
+    };
+    let conditions = [("Ready", ready), ("Degraded", degraded), ("ProxyAvailable", proxy)]
+        .into_iter()
+        .map(|(type_, (status, reason, message))| {
+            let kept = previous
+                .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
+                .filter(|c| c.status == status)
+                .and_then(|c| c.last_transition_time.clone());
+            Condition {
+                type_: type_.to_string(),
+                status: status.to_string(),
+                reason: reason.to_string(),
+                message,
+                last_transition_time: Some(kept.unwrap_or_else(|| now.to_string())),
+                observed_generation: seen.generation,
+            }
+        })
+        .collect();
+    BalancedServiceStatus {
+        observed_generation: seen.generation,
+        ready: Some(format!("{serving}/{total}")),
+        ready_endpoints: serving as i32,
+        total_endpoints: total as i32,
+        conditions,
+        endpoints: seen.endpoints.iter().map(endpoint_status).collect(),
+    }
+}
+
+fn endpoint_status(e: &EndpointView) -> EndpointStatus {
+    EndpointStatus {
+        address: e.addr.ip().to_string(),
+        port: i32::from(e.addr.port()),
+        target_ref: e.target_ref.clone(),
+        zone: e.zone.clone(),
+        healthy: e.serves(),
+        state: e.health.health.as_str().to_string(),
+        kubernetes: if e.terminating {
+            Some("Terminating".into())
+        } else if !e.ready {
+            Some("NotReady".into())
+        } else {
+            None
+        },
+        last_transition_time: e.health.last_transition.map(rfc3339),
+        last_error: e.health.last_error.clone(),
+        consecutive_failures: e.health.consecutive_failures.min(i32::MAX as u32) as i32,
+        consecutive_successes: e.health.consecutive_successes.min(i32::MAX as u32) as i32,
+    }
+}
+
+/// The probe state an earlier status implies, so a new controller does not
+/// send every endpoint back to Unknown.
+pub fn seed_from(status: Option<&BalancedServiceStatus>, addr: std::net::SocketAddr) -> Option<HealthState> {
+    let e = status?
+        .endpoints
+        .iter()
+        .find(|e| e.port == i32::from(addr.port()) && e.address.parse() == Ok(addr.ip()))?;
+    let health = Health::parse(&e.state)?;
+    let at = e
+        .last_transition_time
+        .as_deref()
+        .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+        .map(std::time::SystemTime::from);
+    let mut state = HealthState::inherited(health, at);
+    state.last_error = e.last_error.clone();
+    Some(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(i: u8, health: Health, ready: bool, terminating: bool) -> EndpointView {
+        EndpointView {
+            addr: ([10, 0, 0, i], 8080).into(),
+            target_ref: None,
+            zone: None,
+            ready,
+            terminating,
+            health: HealthState::inherited(health, None),
+        }
+    }
+
+    fn ready_of(s: &BalancedServiceStatus) -> (&str, &str, &str) {
+        let c = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+    }
+
+    #[test]
+    fn ready_reasons() {
+        let eps = [
+            view(1, Health::Healthy, true, false),
+            view(2, Health::Unhealthy, true, false),
+        ];
+        let s = assemble(
+            &Observed {
+                endpoints: &eps,
+                ..Default::default()
+            },
+            None,
+            "t0",
+        );
+        assert_eq!(ready_of(&s), ("True", "EndpointsHealthy", "1/2 endpoints healthy"));
+        assert_eq!(s.ready.as_deref(), Some("1/2"));
+        let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(
+            (degraded.status.as_str(), degraded.reason.as_str()),
+            ("True", "EndpointsUnhealthy")
+        );
+
+        let down = [view(1, Health::Unhealthy, true, false)];
+        let s = assemble(
+            &Observed {
+                endpoints: &down,
+                ..Default::default()
+            },
+            None,
+            "t0",
+        );
+        assert_eq!(ready_of(&s).1, "NoHealthyEndpoints");
+        let s = assemble(&Observed::default(), None, "t0");
+        assert_eq!(ready_of(&s).1, "NoEndpoints");
+        let errors = vec!["spec.healthCheck.rise: must be >= 1, got 0".to_string()];
+        let s = assemble(
+            &Observed {
+                endpoints: &eps,
+                invalid: Some(&errors),
+                ..Default::default()
+            },
+            None,
+            "t0",
+        );
+        assert_eq!(
+            ready_of(&s),
+            ("False", "InvalidSpec", "spec.healthCheck.rise: must be >= 1, got 0")
+        );
+    }
+
+    #[test]
+    fn not_ready_and_terminating_endpoints_do_not_serve_even_when_probes_pass() {
+        let eps = [
+            view(1, Health::Healthy, false, false),
+            view(2, Health::Healthy, false, true),
+        ];
+        let s = assemble(
+            &Observed {
+                endpoints: &eps,
+                ..Default::default()
+            },
+            None,
+            "t0",
+        );
+        assert_eq!(s.ready_endpoints, 0);
+        assert_eq!(s.endpoints[0].kubernetes.as_deref(), Some("NotReady"));
+        assert_eq!(s.endpoints[1].kubernetes.as_deref(), Some("Terminating"));
+        assert!(!s.endpoints[0].healthy && s.endpoints[0].state == "Healthy");
+    }
+
+    #[test]
+    fn transition_times_are_kept_while_status_holds() {
+        let eps = [view(1, Health::Healthy, true, false)];
+        let first = assemble(
+            &Observed {
+                endpoints: &eps,
+                ..Default::default()
+            },
+            None,
+            "t0",
+        );
+        let again = assemble(
+            &Observed {
+                endpoints: &eps,
+                ..Default::default()
+            },
+            Some(&first),
+            "t1",
+        );
+        assert!(
+            again
+                .conditions
+                .iter()
+                .all(|c| c.last_transition_time.as_deref() == Some("t0"))
+        );
+        let down = [view(1, Health::Unhealthy, true, false)];
+        let changed = assemble(
+            &Observed {
+                endpoints: &down,
+                ..Default::default()
+            },
+            Some(&again),
+            "t2",
+        );
+        let ready = changed.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.last_transition_time.as_deref(), Some("t2"));
+    }
+
+    #[test]
+    fn seeds_come_from_the_previous_status() {
+        let eps = [view(1, Health::Healthy, true, false)];
+        let s = assemble(
+            &Observed {
+                endpoints: &eps,
+                ..Default::default()
+            },
+            None,
+            "t0",
+        );
+        let seed = seed_from(Some(&s), ([10, 0, 0, 1], 8080).into()).unwrap();
+        assert_eq!(seed.health, Health::Healthy);
+        assert!(seed_from(Some(&s), ([10, 0, 0, 9], 8080).into()).is_none());
+    }
+}

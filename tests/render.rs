@@ -1,0 +1,46 @@
+//! `balanced render` output is a visible diff: golden files under tests/golden.
+
+use balanced::controller::desired::{RenderOptions, render};
+
+fn check(example: &str, golden: &str) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/examples/{example}")).unwrap();
+    let opts = RenderOptions {
+        image: "balanced:test".into(),
+        ..RenderOptions::default()
+    };
+    let rendered = render(&text, &opts).unwrap();
+    let path = format!("{root}/tests/golden/{golden}");
+    if std::env::var_os("BALANCED_BLESS").is_some() {
+        std::fs::write(&path, &rendered).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        rendered == expected,
+        "{path} differs from the rendered objects; review and rerun with BALANCED_BLESS=1\n{rendered}"
+    );
+}
+
+#[test]
+fn web_example_renders_the_golden_objects() {
+    check("web.yaml", "web.yaml");
+}
+
+#[test]
+fn proxy_runs_restricted_with_probes_on_the_admin_port() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/web.yaml")).unwrap();
+    let out = render(&text, &RenderOptions::default()).unwrap();
+    for needle in [
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "- ALL",
+        "type: RuntimeDefault",
+        "path: /readyz",
+        "path: /healthz",
+        "resourceNames:\n  - web",
+        "name: web-healthy",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in\n{out}");
+    }
+}
