@@ -5,6 +5,7 @@
 pub mod api;
 pub mod backend;
 pub mod balance;
+pub mod cli;
 pub mod controller;
 pub mod demo;
 pub mod health;

@@ -267,6 +267,42 @@ impl ProxyMetrics {
     }
 }
 
+/// `result` label: `success` or `error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `success` or `error`.
+    pub result: &'static str,
+}
+
+/// Controller metrics.
+#[derive(Clone, Default)]
+pub struct ControllerMetrics {
+    /// Reconciles by result.
+    pub reconciles: Family<ResultLabels, Counter>,
+    /// Status patches by result.
+    pub status_writes: Family<ResultLabels, Counter>,
+    /// 1 while this replica holds the leader Lease.
+    pub leader: Gauge,
+}
+
+impl ControllerMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register("balanced_reconciles", "Reconciles by result", m.reconciles.clone());
+        registry.register(
+            "balanced_status_writes",
+            "Status patches by result",
+            m.status_writes.clone(),
+        );
+        registry.register(
+            "balanced_leader",
+            "1 while this replica is the leader",
+            m.leader.clone(),
+        );
+        m
+    }
+}
+
 /// Every metric of the process and the registry that exposes them.
 pub struct Metrics {
     registry: Registry,
@@ -274,6 +310,8 @@ pub struct Metrics {
     pub probe: ProbeMetrics,
     /// Data-plane metrics.
     pub proxy: ProxyMetrics,
+    /// Controller metrics.
+    pub controller: ControllerMetrics,
 }
 
 impl Default for Metrics {
@@ -288,7 +326,13 @@ impl Metrics {
         let mut registry = Registry::default();
         let probe = ProbeMetrics::register(&mut registry);
         let proxy = ProxyMetrics::register(&mut registry);
-        Self { registry, probe, proxy }
+        let controller = ControllerMetrics::register(&mut registry);
+        Self {
+            registry,
+            probe,
+            proxy,
+            controller,
+        }
     }
 
     /// The exposition text served on `/metrics`.

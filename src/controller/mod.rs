@@ -3,4 +3,6 @@
 
 pub mod desired;
 pub mod discovery;
+pub mod leader;
+pub mod run;
 pub mod status;

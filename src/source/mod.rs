@@ -1,3 +1,4 @@
 //! Where configuration comes from: a file (standalone) or the cluster.
 
 pub mod file;
+pub mod kube;
