@@ -242,8 +242,10 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let client = kube::Client::try_default()
                 .await
                 .context("no Kubernetes API to talk to")?;
-            let mut limits = crate::proxy::Limits::default();
-            limits.grace = grace;
+            let limits = crate::proxy::Limits {
+                grace,
+                ..Default::default()
+            };
             let opts = crate::source::kube::ProxyOptions {
                 key: ServiceKey::new(namespace, name),
                 bind: listen,

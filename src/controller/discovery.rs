@@ -48,7 +48,7 @@ pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConf
         let port = match &first.target_port {
             Some(TargetPort::Number(n)) => Some(i32::from(*n)),
             Some(TargetPort::Name(name)) => named(name),
-            None => named(&first.name).or_else(|| match ports {
+            None => named(&first.name).or(match ports {
                 [only] => only.port,
                 _ => None,
             }),
