@@ -88,14 +88,16 @@ async fn try_claim(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<Claim, kube::E
     }
 }
 
-/// Waits until this replica holds the Lease (or `shutdown`); then keeps
-/// renewing it and returns a token that is cancelled if the Lease is lost.
-pub async fn acquire(client: Client, cfg: LeaseConfig, shutdown: CancellationToken) -> Option<CancellationToken> {
+/// Waits until this replica holds the Lease; false if `shutdown` came first.
+pub async fn acquire(client: Client, cfg: &LeaseConfig, shutdown: &CancellationToken) -> bool {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
     let mut last_holder = String::new();
     loop {
-        match try_claim(&api, &cfg).await {
-            Ok(Claim::Held) => break,
+        match try_claim(&api, cfg).await {
+            Ok(Claim::Held) => {
+                tracing::info!(lease = %cfg.name, identity = %cfg.identity, "leading");
+                return true;
+            }
             Ok(Claim::HeldByOther(holder)) => {
                 if holder != last_holder {
                     tracing::info!(lease = %cfg.name, %holder, "standing by: another replica leads");
@@ -105,40 +107,39 @@ pub async fn acquire(client: Client, cfg: LeaseConfig, shutdown: CancellationTok
             Err(e) => tracing::warn!(lease = %cfg.name, error = %e, "lease not acquired"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return false,
             _ = tokio::time::sleep(cfg.renew) => {}
         }
     }
-    tracing::info!(lease = %cfg.name, identity = %cfg.identity, "leading");
-    let lost = shutdown.child_token();
-    let token = lost.clone();
-    tokio::spawn(async move {
-        let mut last_renewed = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = tokio::time::sleep(cfg.renew) => {}
+}
+
+/// Renews the Lease until `lead` is cancelled; cancels `lead` itself when the
+/// Lease is lost or cannot be renewed before it would expire, so two leaders
+/// never act at once.
+pub async fn renew(client: Client, cfg: &LeaseConfig, lead: &CancellationToken) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut last_renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = lead.cancelled() => return,
+            _ = tokio::time::sleep(cfg.renew) => {}
+        }
+        match try_claim(&api, cfg).await {
+            Ok(Claim::Held) => last_renewed = tokio::time::Instant::now(),
+            Ok(Claim::HeldByOther(holder)) => {
+                tracing::warn!(lease = %cfg.name, %holder, "lease taken by another replica; stepping down");
+                lead.cancel();
+                return;
             }
-            match try_claim(&api, &cfg).await {
-                Ok(Claim::Held) => last_renewed = tokio::time::Instant::now(),
-                Ok(Claim::HeldByOther(holder)) => {
-                    tracing::warn!(lease = %cfg.name, %holder, "lease taken by another replica; stepping down");
-                    token.cancel();
+            Err(e) => {
+                tracing::warn!(lease = %cfg.name, error = %e, "lease renewal failed");
+                if last_renewed.elapsed() + cfg.renew >= cfg.duration {
+                    lead.cancel();
                     return;
-                }
-                Err(e) => {
-                    tracing::warn!(lease = %cfg.name, error = %e, "lease renewal failed");
-                    // Step down before the Lease can expire under us, so two
-                    // leaders never act at once.
-                    if last_renewed.elapsed() + cfg.renew >= cfg.duration {
-                        token.cancel();
-                        return;
-                    }
                 }
             }
         }
-    });
-    Some(lost)
+    }
 }
 
 /// Gives the Lease up on a clean shutdown, so a standby takes over at once.

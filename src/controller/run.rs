@@ -608,15 +608,25 @@ pub async fn serve(
     });
     let admin_task = tokio::spawn(crate::proxy::admin::serve(admin, view, shutdown.clone()));
     loop {
-        let lead = match &opts.lease {
-            Some(cfg) => match super::leader::acquire(client.clone(), cfg.clone(), shutdown.clone()).await {
-                Some(token) => token,
-                None => break,
-            },
-            None => shutdown.child_token(),
-        };
+        if let Some(cfg) = &opts.lease
+            && !super::leader::acquire(client.clone(), cfg, &shutdown).await
+        {
+            break;
+        }
+        let lead = shutdown.child_token();
         metrics.controller.leader.set(1);
-        run(client.clone(), opts.render.clone(), metrics.clone(), lead).await;
+        // Renewal runs inside this future, not as a detached task: whatever ends
+        // the controller ends the renewals, and a lost Lease ends the controller.
+        let renewing = async {
+            match &opts.lease {
+                Some(cfg) => super::leader::renew(client.clone(), cfg, &lead).await,
+                None => lead.cancelled().await,
+            }
+        };
+        tokio::join!(
+            run(client.clone(), opts.render.clone(), metrics.clone(), lead.clone()),
+            renewing
+        );
         metrics.controller.leader.set(0);
         if shutdown.is_cancelled() {
             break;

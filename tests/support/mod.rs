@@ -1,5 +1,7 @@
-//! Helpers for integration tests that need dev-only crates (rcgen).
+//! Helpers for integration tests: TLS backends (rcgen), standalone files, a test API server.
 #![allow(dead_code)]
+
+pub mod apiserver;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,354 @@
+//! The controller and the Kubernetes-mode proxy against a test API server over
+//! real HTTP, with real backends on loopback.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use balanced::backend::{Backend, Behavior, eventually, free_port};
+use balanced::controller::desired::RenderOptions;
+use balanced::controller::leader::LeaseConfig;
+use balanced::controller::run::{ControllerOptions, serve};
+use serde_json::{Value, json};
+use support::apiserver::ApiServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "shop";
+
+fn bsvc(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "balanced.dev/v1alpha1", "kind": "BalancedService",
+           "metadata": {"name": name, "namespace": NS}, "spec": spec})
+}
+
+fn web_spec(rise: i64) -> Value {
+    json!({
+        "service": "web",
+        "listeners": [{"name": "http", "port": free_port(), "protocol": "HTTP", "targetPort": "http"}],
+        "healthCheck": {"protocol": "HTTP", "interval": "200ms", "timeout": "100ms", "rise": rise, "fall": 2,
+                        "downInterval": "200ms", "http": {"path": "/healthz"}},
+        "publishEndpointSlice": true
+    })
+}
+
+fn slice(name: &str, addrs: &[SocketAddr]) -> Value {
+    // All backends listen on loopback with different ports; a real slice has one
+    // port per slice, so each backend gets its own slice here.
+    let _ = name;
+    json!(addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+}
+
+fn slices_for(server: &ApiServer, backends: &[SocketAddr]) {
+    for old in server.list("endpointslices", NS) {
+        let name = old["metadata"]["name"].as_str().unwrap().to_string();
+        if name.starts_with("web-") && !name.ends_with("-healthy") {
+            server.delete("endpointslices", NS, &name);
+        }
+    }
+    for (i, a) in backends.iter().enumerate() {
+        server.put(
+            "endpointslices",
+            NS,
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": format!("web-{i}"), "namespace": NS,
+                                "labels": {"kubernetes.io/service-name": "web"}},
+                   "addressType": "IPv4",
+                   "ports": [{"name": "http", "port": a.port(), "protocol": "TCP"}],
+                   "endpoints": [{"addresses": [a.ip().to_string()], "conditions": {"ready": true},
+                                  "targetRef": {"kind": "Pod", "name": format!("web-pod-{i}")}}]}),
+        );
+    }
+    let _ = slice;
+}
+
+struct Running {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn controller(server: &ApiServer, lease: Option<LeaseConfig>) -> Running {
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stop = CancellationToken::new();
+    let opts = ControllerOptions {
+        render: RenderOptions {
+            image: "balanced:test".into(),
+            ..RenderOptions::default()
+        },
+        lease,
+    };
+    let task = tokio::spawn(serve(server.client(), opts, admin, stop.clone()));
+    Running { stop, task }
+}
+
+fn status(server: &ApiServer, name: &str) -> Value {
+    server
+        .get("balancedservices", NS, name)
+        .map(|o| o["status"].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn condition(status: &Value, type_: &str) -> (String, String) {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap().to_string(),
+                c["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn endpoint_state(status: &Value, port: u16) -> Option<(bool, String)> {
+    status["endpoints"]
+        .as_array()?
+        .iter()
+        .find(|e| e["port"] == port)
+        .map(|e| {
+            (
+                e["healthy"].as_bool().unwrap_or(false),
+                e["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+async fn wait_status(server: &ApiServer, within: Duration, what: &str, check: impl Fn(&Value) -> bool) {
+    eventually(within, what, || {
+        let s = status(server, "web");
+        let ok = check(&s);
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_follows_backends_slices_and_deletion() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let mut b = Backend::http("b", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr, b.addr]);
+    server.put("balancedservices", NS, bsvc("web", web_spec(2)));
+    let c = controller(&server, None).await;
+
+    wait_status(&server, Duration::from_secs(5), "both endpoints healthy", |s| {
+        s["ready"] == "2/2" && condition(s, "Ready") == ("True".into(), "EndpointsHealthy".into())
+    })
+    .await;
+    let s = status(&server, "web");
+    assert_eq!(s["observedGeneration"], 1);
+    assert_eq!(s["endpoints"][0]["targetRef"], "pod/web-pod-0");
+    for (plural, name) in [
+        ("deployments", "web-proxy"),
+        ("services", "web-proxy"),
+        ("serviceaccounts", "web-proxy"),
+        ("roles", "web-proxy"),
+        ("rolebindings", "web-proxy"),
+        ("services", "web-healthy"),
+        ("endpointslices", "web-healthy"),
+    ] {
+        let obj = server
+            .get(plural, NS, name)
+            .unwrap_or_else(|| panic!("{plural}/{name} missing"));
+        assert_eq!(
+            obj["metadata"]["ownerReferences"][0]["kind"], "BalancedService",
+            "{plural}/{name}"
+        );
+    }
+    let deployment = server.get("deployments", NS, "web-proxy").unwrap();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+        "balanced:test"
+    );
+
+    // Kill b: unhealthy within fall x interval + 1 s.
+    b.kill();
+    let killed = std::time::Instant::now();
+    wait_status(&server, Duration::from_millis(400 + 1000), "b unhealthy", |s| {
+        endpoint_state(s, b.addr.port()) == Some((false, "Unhealthy".into()))
+    })
+    .await;
+    assert!(killed.elapsed() < Duration::from_millis(1400));
+    let s = status(&server, "web");
+    assert_eq!(condition(&s, "Degraded").0, "True");
+    let healthy_slice = server.get("endpointslices", NS, "web-healthy").unwrap();
+    let ready: Vec<bool> = healthy_slice["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["conditions"]["ready"].as_bool().unwrap())
+        .collect();
+    eventually(Duration::from_secs(2), "healthy slice to mark b not ready", || {
+        let s = server.get("endpointslices", NS, "web-healthy").unwrap();
+        let n = s["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["conditions"]["ready"] == true)
+            .count();
+        async move { (n == 1).then_some(()) }
+    })
+    .await;
+    let _ = ready;
+    assert!(
+        server.requests_matching("POST /apis/events.k8s.io/v1/namespaces/shop/events") > 0,
+        "no Events"
+    );
+
+    b.revive().await;
+    wait_status(&server, Duration::from_secs(2), "b healthy again", |s| {
+        s["ready"] == "2/2"
+    })
+    .await;
+
+    // Scale the Service: a third endpoint appears, then one goes away.
+    let c3 = Backend::http("c", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr, b.addr, c3.addr]);
+    wait_status(&server, Duration::from_secs(3), "three endpoints", |s| {
+        s["ready"] == "3/3"
+    })
+    .await;
+    slices_for(&server, &[a.addr, c3.addr]);
+    wait_status(&server, Duration::from_secs(3), "two endpoints", |s| {
+        s["totalEndpoints"] == 2
+    })
+    .await;
+
+    // Delete the BalancedService: owned objects go with it.
+    server.delete("balancedservices", NS, "web");
+    assert!(server.get("deployments", NS, "web-proxy").is_none());
+    assert!(server.get("endpointslices", NS, "web-healthy").is_none());
+    // Probes stop within a status period or two.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let accepted = a.accepted();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(a.accepted(), accepted, "probes continue after deletion");
+    c.stop.cancel();
+    let _ = c.task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_spec_reports_invalid_spec_and_keeps_probing() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr]);
+    server.put("balancedservices", NS, bsvc("web", web_spec(2)));
+    let c = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
+
+    let mut broken = server.get("balancedservices", NS, "web").unwrap();
+    broken["spec"]["healthCheck"]["rise"] = json!(0);
+    server.put("balancedservices", NS, broken);
+    wait_status(&server, Duration::from_secs(3), "InvalidSpec", |s| {
+        condition(s, "Ready") == ("False".into(), "InvalidSpec".into())
+    })
+    .await;
+    let s = status(&server, "web");
+    let msg = s["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()["message"]
+        .clone();
+    assert_eq!(msg, "spec.healthCheck.rise: must be >= 1, got 0");
+    assert_eq!(s["observedGeneration"], 2);
+    // The last good config keeps probing: the endpoint stays known and healthy.
+    assert_eq!(endpoint_state(&s, a.addr.port()), Some((true, "Healthy".into())));
+    c.stop.cancel();
+    let _ = c.task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_survives_an_api_server_outage_and_410_gone() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr]);
+    server.put("balancedservices", NS, bsvc("web", web_spec(1)));
+    let c = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
+
+    // Watches expire: clients must re-list, and still see new slices.
+    server.expire_watches();
+    slices_for(&server, &[a.addr, b.addr]);
+    wait_status(&server, Duration::from_secs(10), "b after 410", |s| s["ready"] == "2/2").await;
+
+    // Ten seconds without an API server, then it comes back.
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(!c.task.is_finished(), "the controller died with the API server");
+    server.restart().await;
+    b.kill();
+    wait_status(&server, Duration::from_secs(15), "b unhealthy after the outage", |s| {
+        s["ready"] == "1/2"
+    })
+    .await;
+    c.stop.cancel();
+    let _ = c.task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_inherits_endpoint_state() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr]);
+    // rise 5 at 200ms: a fresh Unknown would take a second to serve.
+    server.put("balancedservices", NS, bsvc("web", web_spec(5)));
+    let first = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
+    first.stop.cancel();
+    let _ = first.task.await;
+
+    let second = controller(&server, None).await;
+    for _ in 0..20 {
+        let s = status(&server, "web");
+        assert_eq!(
+            endpoint_state(&s, a.addr.port()),
+            Some((true, "Healthy".into())),
+            "flapped: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    second.stop.cancel();
+    let _ = second.task.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_within_the_lease_duration() {
+    let server = ApiServer::start().await;
+    let lease = |id: &str| LeaseConfig {
+        namespace: "balanced".into(),
+        name: "balanced-controller".into(),
+        identity: id.into(),
+        duration: Duration::from_secs(2),
+        renew: Duration::from_millis(500),
+    };
+    let one = controller(&server, Some(lease("one"))).await;
+    eventually(Duration::from_secs(3), "one to lead", || {
+        let holder = server
+            .get("leases", "balanced", "balanced-controller")
+            .map(|l| l["spec"]["holderIdentity"].clone());
+        async move { (holder == Some(json!("one"))).then_some(()) }
+    })
+    .await;
+    let two = controller(&server, Some(lease("two"))).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let holder = server.get("leases", "balanced", "balanced-controller").unwrap()["spec"]["holderIdentity"].clone();
+    assert_eq!(holder, "one", "two replicas must not both lead");
+
+    // The leader crashes (no release): the standby leads within the lease duration.
+    one.task.abort();
+    let crashed = std::time::Instant::now();
+    eventually(Duration::from_secs(4), "two to take over", || {
+        let holder = server
+            .get("leases", "balanced", "balanced-controller")
+            .map(|l| l["spec"]["holderIdentity"].clone());
+        async move { (holder == Some(json!("two"))).then_some(()) }
+    })
+    .await;
+    assert!(crashed.elapsed() < Duration::from_secs(2) + Duration::from_millis(1500));
+    two.stop.cancel();
+    let _ = two.task.await;
+}
