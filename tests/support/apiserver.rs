@@ -376,7 +376,7 @@ impl ApiServer {
                 let _ = tx.send(line(gone)).await;
                 return;
             }
-            let mut last = since.max(0);
+            let mut last = since;
             for e in backlog.iter().filter(|e| matches(e)) {
                 last = e.rv;
                 if tx
