@@ -1,0 +1,114 @@
+//! `balanced proxy` against the test API server: it follows its
+//! BalancedService's spec and status within a second, without dropping
+//! in-flight requests, and keeps its last good snapshot through bad specs and
+//! API outages.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use balanced::api::config::ServiceKey;
+use balanced::backend::{Backend, Behavior, eventually, free_port, http_get};
+use balanced::proxy::Limits;
+use balanced::source::kube::{ProxyOptions, run_proxy};
+use serde_json::json;
+use support::apiserver::ApiServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const NS: &str = "shop";
+
+fn endpoint_status(addr: SocketAddr, healthy: bool) -> serde_json::Value {
+    json!({"address": addr.ip().to_string(), "port": addr.port(), "healthy": healthy,
+           "state": if healthy { "Healthy" } else { "Unhealthy" }})
+}
+
+async fn answered_by(listen: SocketAddr) -> (u16, String) {
+    let (status, body) = http_get(listen, "/").await.expect("proxy answers");
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_follows_its_balanced_service() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Slow(Duration::from_millis(700))).await;
+    let port = free_port();
+    server.put(
+        "balancedservices",
+        NS,
+        json!({"apiVersion": "balanced.dev/v1alpha1", "kind": "BalancedService",
+               "metadata": {"name": "web", "namespace": NS},
+               "spec": {"endpoints": [{"address": "127.0.0.1", "port": a.addr.port()},
+                                      {"address": "127.0.0.1", "port": b.addr.port()}],
+                        "listeners": [{"name": "http", "port": port}],
+                        "algorithm": "LeastConnections"}}),
+    );
+    server.patch_status(
+        "balancedservices",
+        NS,
+        "web",
+        json!({"endpoints": [endpoint_status(a.addr, false), endpoint_status(b.addr, true)]}),
+    );
+
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let opts = ProxyOptions {
+        key: ServiceKey::new(NS, "web"),
+        bind: [127, 0, 0, 1].into(),
+        limits: Limits::default(),
+        drain_delay: Duration::ZERO,
+    };
+    let task = tokio::spawn(run_proxy(server.client(), opts, admin_listener, shutdown.clone()));
+    eventually(Duration::from_secs(3), "/readyz", || async move {
+        (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    let listen = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(
+        answered_by(listen).await,
+        (200, "b".into()),
+        "only b is healthy in status"
+    );
+
+    // An in-flight request on slow b survives a spec change and a health flip.
+    let in_flight = tokio::spawn(async move { answered_by(listen).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut obj = server.get("balancedservices", NS, "web").unwrap();
+    obj["spec"]["algorithm"] = json!("RoundRobin");
+    server.put("balancedservices", NS, obj);
+    server.patch_status(
+        "balancedservices",
+        NS,
+        "web",
+        json!({"endpoints": [endpoint_status(a.addr, true), endpoint_status(b.addr, false)]}),
+    );
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(1), "traffic to move to a", || async move {
+        (answered_by(listen).await == (200, "a".into())).then_some(())
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(in_flight.await.unwrap(), (200, "b".into()), "in-flight request dropped");
+    let (_, status) = http_get(admin, "/status").await.unwrap();
+    assert!(status.contains("\"algorithm\":\"RoundRobin\""), "{status}");
+
+    // A bad spec is ignored: the last snapshot keeps serving.
+    let mut obj = server.get("balancedservices", NS, "web").unwrap();
+    obj["spec"]["algorithm"] = json!("ConsistentHash");
+    server.put("balancedservices", NS, obj);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(answered_by(listen).await, (200, "a".into()));
+    assert_eq!(http_get(admin, "/readyz").await.unwrap().0, 200);
+
+    // No API server: still serving.
+    server.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        assert_eq!(answered_by(listen).await, (200, "a".into()));
+    }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
