@@ -67,6 +67,13 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
+async fn stopped(task: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("the controller did not stop within 15 s of shutdown")
+        .unwrap();
+}
+
 async fn controller(server: &ApiServer, lease: Option<LeaseConfig>) -> Running {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let stop = CancellationToken::new();
@@ -138,7 +145,13 @@ async fn controller_follows_backends_slices_and_deletion() {
     .await;
     let s = status(&server, "web");
     assert_eq!(s["observedGeneration"], 1);
-    assert_eq!(s["endpoints"][0]["targetRef"], "pod/web-pod-0");
+    let a_status = s["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["port"] == a.addr.port())
+        .unwrap();
+    assert_eq!(a_status["targetRef"], "pod/web-pod-0");
     for (plural, name) in [
         ("deployments", "web-proxy"),
         ("services", "web-proxy"),
@@ -225,7 +238,7 @@ async fn controller_follows_backends_slices_and_deletion() {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(a.accepted(), accepted, "probes continue after deletion");
     c.stop.cancel();
-    let _ = c.task.await;
+    stopped(c.task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,7 +270,7 @@ async fn a_broken_spec_reports_invalid_spec_and_keeps_probing() {
     // The last good config keeps probing: the endpoint stays known and healthy.
     assert_eq!(endpoint_state(&s, a.addr.port()), Some((true, "Healthy".into())));
     c.stop.cancel();
-    let _ = c.task.await;
+    stopped(c.task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,7 +286,8 @@ async fn the_controller_survives_an_api_server_outage_and_410_gone() {
     // Watches expire: clients must re-list, and still see new slices.
     server.expire_watches();
     slices_for(&server, &[a.addr, b.addr]);
-    wait_status(&server, Duration::from_secs(10), "b after 410", |s| s["ready"] == "2/2").await;
+    // kube's watchers re-list after 410 following their own backoff (jittered, growing).
+    wait_status(&server, Duration::from_secs(30), "b after 410", |s| s["ready"] == "2/2").await;
 
     // Ten seconds without an API server, then it comes back.
     server.stop();
@@ -286,7 +300,7 @@ async fn the_controller_survives_an_api_server_outage_and_410_gone() {
     })
     .await;
     c.stop.cancel();
-    let _ = c.task.await;
+    stopped(c.task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,7 +313,7 @@ async fn a_restarted_controller_inherits_endpoint_state() {
     let first = controller(&server, None).await;
     wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
     first.stop.cancel();
-    let _ = first.task.await;
+    stopped(first.task).await;
 
     let second = controller(&server, None).await;
     for _ in 0..20 {
@@ -312,7 +326,7 @@ async fn a_restarted_controller_inherits_endpoint_state() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     second.stop.cancel();
-    let _ = second.task.await;
+    stopped(second.task).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,6 +363,14 @@ async fn a_standby_takes_over_within_the_lease_duration() {
     })
     .await;
     assert!(crashed.elapsed() < Duration::from_secs(2) + Duration::from_millis(1500));
+    // The new leader does the work.
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr]);
+    server.put("balancedservices", NS, bsvc("web", web_spec(1)));
+    wait_status(&server, Duration::from_secs(5), "the new leader to write status", |s| {
+        s["ready"] == "1/1"
+    })
+    .await;
     two.stop.cancel();
-    let _ = two.task.await;
+    stopped(two.task).await;
 }

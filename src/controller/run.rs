@@ -71,6 +71,7 @@ struct Ctx {
     recorder: Recorder,
     metrics: Arc<Metrics>,
     backoff: Mutex<HashMap<ServiceKey, Duration>>,
+    reconciled: std::sync::atomic::AtomicBool,
 }
 
 fn key_of(bsvc: &BalancedService) -> ServiceKey {
@@ -112,6 +113,7 @@ pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, s
         recorder: Recorder::new(client.clone(), reporter),
         metrics: metrics.clone(),
         backoff: Mutex::new(HashMap::new()),
+        reconciled: std::sync::atomic::AtomicBool::new(false),
     });
 
     let writer = tokio::spawn(status_writer(ctx.clone(), bsvc_reader.clone(), dirty_rx, stop.clone()));
@@ -138,19 +140,30 @@ pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, s
         .with_config(kube::runtime::controller::Config::default().concurrency(4))
         .graceful_shutdown_on(stop.clone().cancelled_owned())
         .run(reconcile, error_policy, ctx.clone());
-    controller
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile loop");
-            }
-        })
-        .await;
+    let looping = controller.for_each(|result| async move {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "reconcile loop");
+        }
+    });
+    // Graceful shutdown waits for running reconciles; bound it so a stuck API
+    // call cannot keep the process from exiting.
+    let deadline = async {
+        stop.cancelled().await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    };
+    tokio::select! {
+        _ = looping => tracing::debug!("controller loop ended"),
+        _ = deadline => tracing::warn!("controller did not stop within 10 s; dropping it"),
+    }
     stop.cancel();
     let _ = writer.await;
+    tracing::debug!("status writer ended");
     prober.stopped().await;
+    tracing::debug!("probes ended");
 }
 
 async fn reconcile(bsvc: Arc<BalancedService>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    ctx.reconciled.store(true, std::sync::atomic::Ordering::Relaxed);
     let key = key_of(&bsvc);
     let result = reconcile_inner(&bsvc, &key, &ctx).await;
     let outcome = if result.is_ok() { "success" } else { "error" };
@@ -397,7 +410,10 @@ async fn status_writer(
 
 /// Stops probing services that are no longer in the store (deleted).
 fn sweep(ctx: &Ctx, store: &Store<BalancedService>) {
-    if !store.is_ready_hint() {
+    // kube runs reconciles only once the store has listed; before that an empty
+    // store would look like every BalancedService was deleted. (Waiting on the
+    // store's readiness here as well starves the controller's own wait.)
+    if !ctx.reconciled.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     let present: HashSet<ServiceKey> = store.state().iter().map(|b| key_of(b)).collect();
@@ -406,17 +422,6 @@ fn sweep(ctx: &Ctx, store: &Store<BalancedService>) {
             tracing::info!(service = %key, "BalancedService deleted; probes stopped");
             forget(ctx, &key);
         }
-    }
-}
-
-trait ReadyHint {
-    fn is_ready_hint(&self) -> bool;
-}
-
-impl ReadyHint for Store<BalancedService> {
-    fn is_ready_hint(&self) -> bool {
-        // An empty store before the first list completes would delete everything.
-        futures::FutureExt::now_or_never(self.wait_until_ready()).is_some_and(|r| r.is_ok())
     }
 }
 
