@@ -228,6 +228,14 @@ async fn controller_follows_backends_slices_and_deletion() {
     })
     .await;
 
+    // Every request the controller made is one the chart's RBAC grants.
+    for (group, resource, verb) in server.api_calls() {
+        assert!(
+            balanced::controller::rbac::allowed(&group, &resource, &verb),
+            "the controller called {verb} {group}/{resource}, which the chart does not grant"
+        );
+    }
+
     // Delete the BalancedService: owned objects go with it.
     server.delete("balancedservices", NS, "web");
     assert!(server.get("deployments", NS, "web-proxy").is_none());

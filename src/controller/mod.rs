@@ -4,5 +4,6 @@
 pub mod desired;
 pub mod discovery;
 pub mod leader;
+pub mod rbac;
 pub mod run;
 pub mod status;

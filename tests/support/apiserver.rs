@@ -57,6 +57,7 @@ struct State {
     objects: BTreeMap<(String, String, String), Value>,
     log: Vec<WatchEvent>,
     requests: Vec<String>,
+    calls: Vec<(String, String, String)>,
 }
 
 /// The server and handles to poke it.
@@ -119,6 +120,11 @@ impl ApiServer {
         let mut token = self.close_watches.lock().unwrap();
         token.cancel();
         *token = CancellationToken::new();
+    }
+
+    /// Every (group, resource[/subresource], verb) requested so far.
+    pub fn api_calls(&self) -> Vec<(String, String, String)> {
+        self.state.lock().unwrap().calls.clone()
     }
 
     /// How many requests matched `needle` (method and path).
@@ -246,6 +252,27 @@ impl ApiServer {
             serde_json::from_slice(&body).unwrap_or(Value::Null)
         };
         let ns = target.namespace.clone().unwrap_or_default();
+        let verb = match (&method, &target.name) {
+            (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => "watch",
+            (&Method::GET, None) => "list",
+            (&Method::GET, Some(_)) => "get",
+            (&Method::POST, _) => "create",
+            (&Method::PUT, _) => "update",
+            (&Method::PATCH, _) => "patch",
+            (&Method::DELETE, _) => "delete",
+            _ => "other",
+        };
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("").to_string();
+        let resource = if target.status {
+            format!("{}/status", target.plural)
+        } else {
+            target.plural.clone()
+        };
+        self.state
+            .lock()
+            .unwrap()
+            .calls
+            .push((group, resource, verb.to_string()));
         match (&method, &target.name) {
             (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
                 self.watch(target, query, api_version, kind)

@@ -1,0 +1,30 @@
+# syntax=docker/dockerfile:1
+# balanced: one binary for `controller`, `proxy`, `standalone`.
+# Build: docker build -t balanced:dev .
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# Dependencies first, in their own layer: a source change does not rebuild them.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir -p src benches \
+ && echo 'fn main() {}' > src/main.rs \
+ && touch src/lib.rs \
+ && echo 'fn main() {}' > benches/prober.rs \
+ && cargo build --release --locked \
+ && rm -rf src benches
+COPY src ./src
+COPY benches ./benches
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin balanced
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="balanced" \
+      org.opencontainers.image.description="Kubernetes operator and proxy: active health checks, least connections, retries" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.source="https://github.com/balanced-dev/balanced" \
+      org.opencontainers.image.version="${VERSION}"
+COPY --from=build /src/target/release/balanced /usr/local/bin/balanced
+USER 65532:65532
+EXPOSE 9901
+ENTRYPOINT ["/usr/local/bin/balanced"]
+CMD ["--help"]
