@@ -171,11 +171,12 @@ async fn tls_probe(
     Ok(())
 }
 
-/// io::Error text without the `(os error 111)` noise.
-fn io_text(e: &io::Error) -> String {
+/// io::Error text without the `(os error 111)` noise, for status and error bodies.
+pub fn io_text(e: &io::Error) -> String {
     match e.kind() {
         io::ErrorKind::ConnectionRefused => "connection refused".into(),
         io::ErrorKind::ConnectionReset => "connection reset".into(),
+        io::ErrorKind::TimedOut => "timed out".into(),
         io::ErrorKind::UnexpectedEof => "connection closed".into(),
         _ => {
             let text = e.to_string();

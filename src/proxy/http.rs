@@ -19,6 +19,7 @@ use super::retry::{Attempted, Failure, NoRetry, decide};
 use super::service::{ActiveGuard, ServiceRuntime};
 use crate::api::config::{Algorithm, Config, HashKey, ListenerConfig};
 use crate::balance::{Tried, now_ms, picker};
+use crate::health::probe::io_text;
 use crate::metrics::{DownstreamLabels, ServiceLabels};
 
 /// Response header naming the endpoint that answered (behind `spec.debug.endpointHeader`).
@@ -101,11 +102,7 @@ impl HttpProxy {
         }
         strip_hop_by_hop(&mut parts.headers, true);
         add_forwarding(&mut parts.headers, peer);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
+        let path = origin_form(&parts.uri);
         let mut body = match RequestBody::read(body, config.retry.max_body_bytes).await {
             Ok(b) => b,
             Err(e) => return plain(StatusCode::BAD_REQUEST, format!("cannot read request body: {e}\n")),
@@ -233,11 +230,7 @@ impl HttpProxy {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         add_forwarding(&mut parts.headers, peer);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
+        let path = origin_form(&parts.uri);
         parts.uri = match path.parse() {
             Ok(u) => u,
             Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid request target\n"),
@@ -417,22 +410,6 @@ fn root_text(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// io::Error text without the `(os error 111)` noise.
-pub fn io_text(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        io::ErrorKind::ConnectionReset => "connection reset".into(),
-        io::ErrorKind::TimedOut => "timed out".into(),
-        _ => {
-            let text = e.to_string();
-            match text.find(" (os error") {
-                Some(i) => text[..i].to_lowercase(),
-                None => text,
-            }
-        }
-    }
-}
-
 /// Rejects framing that proxies and backends could read differently (request
 /// smuggling): Content-Length with Transfer-Encoding, repeated or non-chunked
 /// Transfer-Encoding, disagreeing Content-Lengths.
@@ -454,6 +431,12 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
         return Err("conflicting Content-Length\n");
     }
     Ok(())
+}
+
+/// Path and query of a request target (`/` when absent).
+fn origin_form(uri: &Uri) -> String {
+    uri.path_and_query()
+        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {

@@ -204,7 +204,7 @@ impl ServiceRuntime {
                     member.endpoint.passive.record_success();
                     return Ok((stream, guard, member.spec.addr));
                 }
-                Ok(Err(e)) => Failure::Connect(super::http::io_text(&e)),
+                Ok(Err(e)) => Failure::Connect(crate::health::probe::io_text(&e)),
                 Err(_) => Failure::Timeout,
             };
             member.endpoint.stats.record_failure(failure == Failure::Timeout);
