@@ -238,8 +238,12 @@ async fn controller_follows_backends_slices_and_deletion() {
 
     // Delete the BalancedService: owned objects go with it.
     server.delete("balancedservices", NS, "web");
-    assert!(server.get("deployments", NS, "web-proxy").is_none());
-    assert!(server.get("endpointslices", NS, "web-healthy").is_none());
+    eventually(Duration::from_secs(2), "owned objects to go", || {
+        let gone = server.get("deployments", NS, "web-proxy").is_none()
+            && server.get("endpointslices", NS, "web-healthy").is_none();
+        async move { gone.then_some(()) }
+    })
+    .await;
     // Probes stop within a status period or two.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let accepted = a.accepted();

@@ -634,6 +634,16 @@ fn write(
             (obj, "MODIFIED")
         }
     };
+    // Garbage collection: an object whose owners are all gone is removed (a
+    // controller may still apply an owned object just after its owner died).
+    if let Some(refs) = obj["metadata"]["ownerReferences"].as_array()
+        && !refs.is_empty()
+        && !refs
+            .iter()
+            .any(|r| s.objects.values().any(|o| o["metadata"]["uid"] == r["uid"]))
+    {
+        return Ok(obj);
+    }
     if obj.get("status").is_some_and(Value::is_null) {
         obj.as_object_mut().unwrap().remove("status");
     }
