@@ -161,9 +161,12 @@ async fn controller_follows_backends_slices_and_deletion() {
         ("services", "web-healthy"),
         ("endpointslices", "web-healthy"),
     ] {
-        let obj = server
-            .get(plural, NS, name)
-            .unwrap_or_else(|| panic!("{plural}/{name} missing"));
+        // The healthy slice is written just after the status, in the same flush.
+        let obj = eventually(Duration::from_secs(2), &format!("{plural}/{name}"), || {
+            let obj = server.get(plural, NS, name);
+            async move { obj }
+        })
+        .await;
         assert_eq!(
             obj["metadata"]["ownerReferences"][0]["kind"], "BalancedService",
             "{plural}/{name}"
