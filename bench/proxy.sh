@@ -69,7 +69,11 @@ run() {
 echo "wrk -t$THREADS -c$CONNS -d${SECONDS_RUN}s, keep-alive, 3-byte responses, $(nproc) cores shared by everything"
 printf '%-28s %12s %10s %10s\n' "target" "req/s" "p50" "p99"
 run "backend direct (nginx)" http://127.0.0.1:18081/
+cpu() { awk '{print $14 + $15}' "/proc/$PROXY/stat"; }
+CPU0=$(cpu)
 run "balanced (LeastConnections)" http://127.0.0.1:18080/
+CPU1=$(cpu)
 run "nginx proxy (least_conn)" http://127.0.0.1:18090/
 PEAK_RSS=$(awk '/VmHWM/ {print $2}' /proc/$PROXY/status)
-echo "balanced peak RSS: $((PEAK_RSS / 1024)) MiB"
+TCK=$(getconf CLK_TCK)
+echo "balanced peak RSS: $((PEAK_RSS / 1024)) MiB; CPU during its run: $(awk -v a="$CPU0" -v b="$CPU1" -v t="$TCK" -v s="$SECONDS_RUN" 'BEGIN {printf "%.2f cores", (b - a) / t / s}')"
