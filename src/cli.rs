@@ -135,6 +135,18 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen on {addr} ({flag})"))
 }
 
+/// What `controller` and `proxy` both start with: signals, the admin socket, a kube client.
+async fn in_cluster(
+    admin: SocketAddr,
+) -> anyhow::Result<(tokio_util::sync::CancellationToken, TcpListener, kube::Client)> {
+    let shutdown = crate::signal::shutdown_token()?;
+    let admin = bind(admin, "--admin").await?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes API to talk to")?;
+    Ok((shutdown, admin, client))
+}
+
 fn render_options(image: Option<String>, resources: Option<String>) -> anyhow::Result<RenderOptions> {
     let mut opts = RenderOptions::default();
     if let Some(image) = image {
@@ -208,11 +220,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             lease_name,
             lease_duration,
         } => {
-            let shutdown = crate::signal::shutdown_token()?;
-            let admin = bind(admin, "--admin").await?;
-            let client = kube::Client::try_default()
-                .await
-                .context("no Kubernetes API to talk to")?;
+            let (shutdown, admin, client) = in_cluster(admin).await?;
             let identity = std::env::var("POD_NAME")
                 .or_else(|_| std::env::var("HOSTNAME"))
                 .unwrap_or_else(|_| format!("balanced-{}", std::process::id()));
@@ -237,11 +245,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             drain_delay,
             grace,
         } => {
-            let shutdown = crate::signal::shutdown_token()?;
-            let admin = bind(admin, "--admin").await?;
-            let client = kube::Client::try_default()
-                .await
-                .context("no Kubernetes API to talk to")?;
+            let (shutdown, admin, client) = in_cluster(admin).await?;
             let limits = crate::proxy::Limits {
                 grace,
                 ..Default::default()

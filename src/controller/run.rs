@@ -309,27 +309,16 @@ async fn apply(client: &Client, ns: &str, object: &Owned) -> Result<Option<(bool
                     )
                 });
             let replicas = applied.status.as_ref().and_then(|s| s.available_replicas).unwrap_or(0);
-            Ok(Some(
+            return Ok(Some(
                 available.unwrap_or((false, format!("{replicas} proxy replicas available"))),
-            ))
+            ));
         }
-        Owned::Service(s) => {
-            ssa!(Service, s);
-            Ok(None)
-        }
-        Owned::ServiceAccount(s) => {
-            ssa!(ServiceAccount, s);
-            Ok(None)
-        }
-        Owned::Role(r) => {
-            ssa!(Role, r);
-            Ok(None)
-        }
-        Owned::RoleBinding(r) => {
-            ssa!(RoleBinding, r);
-            Ok(None)
-        }
+        Owned::Service(s) => drop(ssa!(Service, s)),
+        Owned::ServiceAccount(s) => drop(ssa!(ServiceAccount, s)),
+        Owned::Role(r) => drop(ssa!(Role, r)),
+        Owned::RoleBinding(r) => drop(ssa!(RoleBinding, r)),
     }
+    Ok(None)
 }
 
 fn error_policy(bsvc: Arc<BalancedService>, error: &Error, ctx: Arc<Ctx>) -> Action {

@@ -161,20 +161,22 @@ mod tests {
         (c.status.as_str(), c.reason.as_str(), c.message.as_str())
     }
 
+    /// Status of `eps` with no history, no validation errors, proxy unknown.
+    fn status_of(eps: &[EndpointView]) -> BalancedServiceStatus {
+        let seen = Observed {
+            endpoints: eps,
+            ..Default::default()
+        };
+        assemble(&seen, None, "t0")
+    }
+
     #[test]
     fn ready_reasons() {
         let eps = [
             view(1, Health::Healthy, true, false),
             view(2, Health::Unhealthy, true, false),
         ];
-        let s = assemble(
-            &Observed {
-                endpoints: &eps,
-                ..Default::default()
-            },
-            None,
-            "t0",
-        );
+        let s = status_of(&eps);
         assert_eq!(ready_of(&s), ("True", "EndpointsHealthy", "1/2 endpoints healthy"));
         assert_eq!(s.ready.as_deref(), Some("1/2"));
         let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
@@ -184,16 +186,8 @@ mod tests {
         );
 
         let down = [view(1, Health::Unhealthy, true, false)];
-        let s = assemble(
-            &Observed {
-                endpoints: &down,
-                ..Default::default()
-            },
-            None,
-            "t0",
-        );
-        assert_eq!(ready_of(&s).1, "NoHealthyEndpoints");
-        let s = assemble(&Observed::default(), None, "t0");
+        assert_eq!(ready_of(&status_of(&down)).1, "NoHealthyEndpoints");
+        let s = status_of(&[]);
         assert_eq!(ready_of(&s).1, "NoEndpoints");
         let errors = vec!["spec.healthCheck.rise: must be >= 1, got 0".to_string()];
         let s = assemble(
@@ -217,14 +211,7 @@ mod tests {
             view(1, Health::Healthy, false, false),
             view(2, Health::Healthy, false, true),
         ];
-        let s = assemble(
-            &Observed {
-                endpoints: &eps,
-                ..Default::default()
-            },
-            None,
-            "t0",
-        );
+        let s = status_of(&eps);
         assert_eq!(s.ready_endpoints, 0);
         assert_eq!(s.endpoints[0].kubernetes.as_deref(), Some("NotReady"));
         assert_eq!(s.endpoints[1].kubernetes.as_deref(), Some("Terminating"));
@@ -272,14 +259,7 @@ mod tests {
     #[test]
     fn seeds_come_from_the_previous_status() {
         let eps = [view(1, Health::Healthy, true, false)];
-        let s = assemble(
-            &Observed {
-                endpoints: &eps,
-                ..Default::default()
-            },
-            None,
-            "t0",
-        );
+        let s = status_of(&eps);
         let seed = seed_from(Some(&s), ([10, 0, 0, 1], 8080).into()).unwrap();
         assert_eq!(seed.health, Health::Healthy);
         assert!(seed_from(Some(&s), ([10, 0, 0, 9], 8080).into()).is_none());
