@@ -65,10 +65,10 @@ impl HttpProxy {
     /// Answers one client request.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let config = self.service.config();
-        let Some(listener) = config.listeners.iter().find(|l| l.name == self.listener).cloned() else {
+        let Some(listener) = config.listeners.iter().find(|l| l.name == self.listener) else {
             return plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n");
         };
-        let response = self.forward(req, peer, &config, &listener).await;
+        let response = self.forward(req, peer, &config, listener).await;
         self.downstream[usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1].inc();
         response
     }
