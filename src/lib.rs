@@ -11,6 +11,7 @@ pub mod demo;
 pub mod health;
 pub mod metrics;
 pub mod proxy;
+pub mod runtime;
 pub mod signal;
 pub mod source;
 pub mod standalone;

@@ -5,9 +5,18 @@ use std::process::ExitCode;
 use balanced::cli::{Args, Command, LogFormat};
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let args = Args::parse();
+    match balanced::runtime::build() {
+        Ok(rt) => rt.block_on(run(args)),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(args: Args) -> ExitCode {
     // The demo prints its own timeline; only warnings would add to it.
     let default_level = if matches!(args.command, Command::Demo) {
         "warn"

@@ -49,6 +49,82 @@ pub struct TransitionLabels {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Upper bounds of [`AtomicHistogram`] (seconds): 0.5 ms doubling to ~8 s, then +Inf.
+const LATENCY_BOUNDS: [f64; 16] = [
+    0.0005,
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.024,
+    2.048,
+    4.096,
+    8.192,
+    f64::INFINITY,
+];
+
+/// A latency histogram of plain atomics: observing takes no lock, so every
+/// worker thread of the request path can record without meeting the others
+/// (prometheus-client's `Histogram` takes a mutex per observation). Buckets are
+/// summed up at scrape time.
+#[derive(Clone, Debug, Default)]
+pub struct AtomicHistogram(std::sync::Arc<HistogramCells>);
+
+#[derive(Debug, Default)]
+struct HistogramCells {
+    buckets: [std::sync::atomic::AtomicU64; LATENCY_BOUNDS.len()],
+    count: std::sync::atomic::AtomicU64,
+    sum_nanos: std::sync::atomic::AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// Records one duration.
+    pub fn observe(&self, d: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len() - 1);
+        self.0.buckets[i].fetch_add(1, Relaxed);
+        self.0.count.fetch_add(1, Relaxed);
+        self.0.sum_nanos.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl prometheus_client::metrics::TypedMetric for AtomicHistogram {
+    const TYPE: prometheus_client::metrics::MetricType = prometheus_client::metrics::MetricType::Histogram;
+}
+
+impl prometheus_client::encoding::EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: prometheus_client::encoding::MetricEncoder) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let buckets: Vec<(f64, u64)> = LATENCY_BOUNDS
+            .iter()
+            .zip(&self.0.buckets)
+            .map(|(b, n)| (*b, n.load(Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_nanos.load(Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> prometheus_client::metrics::MetricType {
+        prometheus_client::metrics::MetricType::Histogram
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~8 s: loopback probes to slow cross-zone ones.
     Histogram::new(exponential_buckets(0.0005, 2.0, 15))
@@ -154,6 +230,8 @@ pub struct EndpointStats {
     pub outcomes: [Counter; 7],
     /// Passive ejections.
     pub ejections: Counter,
+    /// Passive ejections ended early because an active probe passed.
+    pub lifted: Counter,
 }
 
 impl EndpointStats {
@@ -178,13 +256,17 @@ pub struct ProxyMetrics {
     /// Upstream attempts by endpoint and outcome.
     pub upstream: Family<UpstreamLabels, Counter>,
     /// Upstream attempt latency (to response header) per service.
-    pub duration: HistogramFamily<ServiceLabels>,
+    pub duration: Family<ServiceLabels, AtomicHistogram>,
     /// In-flight requests per endpoint.
     pub active: Family<EndpointLabels, Gauge>,
     /// Retries by reason.
     pub retries: Family<RetryLabels, Counter>,
+    /// Retries that `retry.on` allowed but the retry budget refused.
+    pub retries_refused: Family<ServiceLabels, Counter>,
     /// Passive ejections per endpoint.
     pub ejections: Family<EndpointLabels, Counter>,
+    /// Passive ejections lifted by a passing probe, per endpoint.
+    pub lifted: Family<EndpointLabels, Counter>,
     /// Answers to clients by listener and class.
     pub downstream: Family<DownstreamLabels, Counter>,
 }
@@ -193,10 +275,12 @@ impl ProxyMetrics {
     fn register(registry: &mut Registry) -> Self {
         let m = Self {
             upstream: Family::default(),
-            duration: Family::new_with_constructor(latency_histogram),
+            duration: Family::default(),
             active: Family::default(),
             retries: Family::default(),
+            retries_refused: Family::default(),
             ejections: Family::default(),
+            lifted: Family::default(),
             downstream: Family::default(),
         };
         registry.register(
@@ -216,9 +300,19 @@ impl ProxyMetrics {
         );
         registry.register("balanced_upstream_retries", "Retries by reason", m.retries.clone());
         registry.register(
+            "balanced_upstream_retry_budget_exhausted",
+            "Retries refused because the retry budget (spec.retry.budget) was spent",
+            m.retries_refused.clone(),
+        );
+        registry.register(
             "balanced_endpoint_ejections",
             "Passive ejections (maxFails within failTimeout)",
             m.ejections.clone(),
+        );
+        registry.register(
+            "balanced_endpoint_ejections_lifted",
+            "Passive ejections ended early because an active health check passed",
+            m.lifted.clone(),
         );
         registry.register(
             "balanced_downstream_requests",
@@ -246,6 +340,7 @@ impl ProxyMetrics {
                     .clone()
             }),
             ejections: self.ejections.get_or_create(&labels).clone(),
+            lifted: self.lifted.get_or_create(&labels).clone(),
         }
     }
 
@@ -257,6 +352,7 @@ impl ProxyMetrics {
         };
         self.active.remove(&labels);
         self.ejections.remove(&labels);
+        self.lifted.remove(&labels);
         for code in OUTCOMES {
             self.upstream.remove(&UpstreamLabels {
                 service: service.to_string(),

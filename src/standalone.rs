@@ -91,6 +91,12 @@ pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: Cancellat
         metrics,
         draining: AtomicBool::new(false),
     });
+    let weak = Arc::downgrade(&state);
+    prober.on_pass(Arc::new(move |key, addr| {
+        if let Some(state) = weak.upgrade() {
+            state.dataplane.lift_ejection(key, addr);
+        }
+    }));
     let errors = state.apply(configs);
     if !errors.is_empty() {
         stop.cancel();

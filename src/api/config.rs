@@ -89,6 +89,37 @@ pub struct ListenerConfig {
     pub protocol: ListenerProtocol,
     /// Port on the endpoints; `None` is the endpoint's own port.
     pub target_port: Option<TargetPort>,
+    /// The endpoints' protocol; `None` is HTTP/1.1 with gRPC over h2c.
+    pub app_protocol: Option<AppProtocol>,
+}
+
+/// What the endpoints speak on a listener's port (Kubernetes `appProtocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AppProtocol {
+    /// `http`: HTTP/1.1.
+    Http1,
+    /// `kubernetes.io/h2c`: HTTP/2 with prior knowledge.
+    H2c,
+}
+
+impl AppProtocol {
+    /// Parses the Kubernetes words (`http`, `kubernetes.io/h2c`, and the common
+    /// `h2c`, `grpc`); `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "http" | "HTTP" | "http1" => Some(AppProtocol::Http1),
+            "kubernetes.io/h2c" | "h2c" | "grpc" | "http2" => Some(AppProtocol::H2c),
+            _ => None,
+        }
+    }
+
+    /// The Kubernetes word for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http",
+            AppProtocol::H2c => "kubernetes.io/h2c",
+        }
+    }
 }
 
 /// A listener's port on the endpoints.
@@ -291,6 +322,33 @@ pub struct RetryPolicy {
     pub timeout: Option<Duration>,
     /// Largest request body buffered for replay.
     pub max_body_bytes: u64,
+    /// How many retries recent traffic allows.
+    pub budget: BudgetPolicy,
+}
+
+/// The retry budget: `percent` of the requests seen over `interval`, plus a
+/// floor of `min_count` retries per `min_interval`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetPolicy {
+    /// Retries as a percentage of requests, 0..=100.
+    pub percent: u32,
+    /// Window over which requests and retries are counted.
+    pub interval: Duration,
+    /// Retries always allowed per `min_interval`.
+    pub min_count: u32,
+    /// The floor's interval.
+    pub min_interval: Duration,
+}
+
+impl Default for BudgetPolicy {
+    fn default() -> Self {
+        Self {
+            percent: 20,
+            interval: Duration::from_secs(10),
+            min_count: 10,
+            min_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 impl RetryPolicy {

@@ -149,6 +149,12 @@ pub struct Listener {
     /// defaults to the endpoint's own port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_port: Option<PortRef>,
+    /// The protocol the endpoints speak on this port, in Kubernetes' `appProtocol` words:
+    /// `http` (HTTP/1.1) or `kubernetes.io/h2c` (HTTP/2 prior knowledge). Unset: the
+    /// Service port's `appProtocol` in the cluster, else HTTP/1.1 with gRPC requests over h2c.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub app_protocol: Option<String>,
 }
 
 /// A port given as a number or as a named port.
@@ -256,10 +262,10 @@ pub struct HealthCheckSpec {
     #[serde(default = "default_fall")]
     #[schemars(range(min = 1, max = 100))]
     pub fall: i32,
-    /// Time between probes of an endpoint that is down (HAProxy `downinter`).
-    #[serde(default = "default_down_interval")]
+    /// Time between probes of an endpoint that is down (HAProxy `downinter`); defaults to `interval`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
-    pub down_interval: String,
+    pub down_interval: Option<String>,
     /// Probe this port instead of the endpoint's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
@@ -378,6 +384,41 @@ pub struct RetrySpec {
     #[serde(default = "default_retry_buffer")]
     #[schemars(range(min = 0, max = 16777216))]
     pub max_body_bytes: i64,
+    /// Caps retries to a share of recent requests (Gateway API GEP-3388, Linkerd).
+    #[serde(default)]
+    pub budget: RetryBudgetSpec,
+}
+
+/// Retries allowed: up to `percent` of the requests seen over `interval`, and never
+/// fewer than `minRetryRate` (Gateway API `retryConstraint`, Linkerd's retry budget).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudgetSpec {
+    /// Retries as a percentage of requests over `interval`; 0 leaves only the floor.
+    #[serde(default = "default_budget_percent")]
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: i32,
+    /// The window requests and retries are counted over.
+    #[serde(default = "default_budget_interval")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub interval: String,
+    /// Retries always allowed, whatever the percentage says.
+    #[serde(default)]
+    pub min_retry_rate: RetryRateSpec,
+}
+
+/// A number of retries per interval.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryRateSpec {
+    /// Retries per `interval`.
+    #[serde(default = "default_min_retry_count")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub count: i32,
+    /// The interval `count` is per.
+    #[serde(default = "default_min_retry_interval")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub interval: String,
 }
 
 /// Conditions a retry can be made on.
@@ -456,6 +497,21 @@ pub struct BalancedServiceStatus {
     /// Every endpoint and its health.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointStatus>,
+    /// What the controller found out about each HTTP listener's endpoints (the
+    /// Service port's `appProtocol`), for the proxies to follow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerStatus>,
+}
+
+/// One listener as the controller resolved it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerStatus {
+    /// The listener's name.
+    pub name: String,
+    /// The protocol its endpoints speak, from the Service port's `appProtocol`
+    /// (or a port named `grpc*` / `h2c*`): `http` or `kubernetes.io/h2c`.
+    pub app_protocol: String,
 }
 
 /// A Kubernetes-style condition.
@@ -530,9 +586,6 @@ fn default_rise() -> i32 {
 fn default_fall() -> i32 {
     3
 }
-fn default_down_interval() -> String {
-    "10s".into()
-}
 fn default_method() -> String {
     "GET".into()
 }
@@ -563,6 +616,18 @@ fn default_retry_timeout() -> String {
 fn default_retry_buffer() -> i64 {
     64 * 1024
 }
+fn default_budget_percent() -> i32 {
+    20
+}
+fn default_budget_interval() -> String {
+    "10s".into()
+}
+fn default_min_retry_count() -> i32 {
+    10
+}
+fn default_min_retry_interval() -> String {
+    "1s".into()
+}
 fn default_connect_timeout() -> String {
     "1s".into()
 }
@@ -581,7 +646,7 @@ impl Default for HealthCheckSpec {
             timeout: default_probe_timeout(),
             rise: default_rise(),
             fall: default_fall(),
-            down_interval: default_down_interval(),
+            down_interval: None,
             port: None,
             http: HttpCheckSpec::default(),
             tls: TlsCheckSpec::default(),
@@ -617,6 +682,26 @@ impl Default for RetrySpec {
             tries: default_tries(),
             timeout: default_retry_timeout(),
             max_body_bytes: default_retry_buffer(),
+            budget: RetryBudgetSpec::default(),
+        }
+    }
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self {
+            percent: default_budget_percent(),
+            interval: default_budget_interval(),
+            min_retry_rate: RetryRateSpec::default(),
+        }
+    }
+}
+
+impl Default for RetryRateSpec {
+    fn default() -> Self {
+        Self {
+            count: default_min_retry_count(),
+            interval: default_min_retry_interval(),
         }
     }
 }

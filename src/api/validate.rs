@@ -227,11 +227,32 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
                 }
             },
         };
+        let app_protocol = match &l.app_protocol {
+            None => None,
+            Some(text) => match (l.protocol, AppProtocol::parse(text)) {
+                (spec::ListenerProtocol::Tcp, _) => {
+                    errs.add(
+                        format!("{path}.appProtocol"),
+                        format!("is only used with protocol HTTP, got {text:?} on a TCP listener"),
+                    );
+                    None
+                }
+                (_, Some(p)) => Some(p),
+                (_, None) => {
+                    errs.add(
+                        format!("{path}.appProtocol"),
+                        format!("must be \"http\" or \"kubernetes.io/h2c\", got {text:?}"),
+                    );
+                    None
+                }
+            },
+        };
         out.push(ListenerConfig {
             name: l.name.clone(),
             port,
             protocol: l.protocol,
             target_port,
+            app_protocol,
         });
     }
     out
@@ -312,7 +333,12 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
     }
     let rise = errs.at_least("spec.healthCheck.rise", hc.rise, 1);
     let fall = errs.at_least("spec.healthCheck.fall", hc.fall, 1);
-    let down_interval = errs.positive_duration("spec.healthCheck.downInterval", &hc.down_interval);
+    // HAProxy's `downinter` defaults to `inter`: a down endpoint is seen coming
+    // back as soon as an up one would be seen going.
+    let down_interval = match &hc.down_interval {
+        Some(text) => errs.positive_duration("spec.healthCheck.downInterval", text),
+        None => interval,
+    };
     let port = hc.port.map(|p| errs.port("spec.healthCheck.port", p));
     let probe = match hc.protocol {
         spec::ProbeProtocol::Tcp => ProbeKind::Tcp,
@@ -419,11 +445,23 @@ fn retry(errs: &mut Errors, r: &spec::RetrySpec) -> RetryPolicy {
     }
     let mut on = r.on.clone();
     on.dedup();
+    let b = &r.budget;
+    let percent = errs.at_least("spec.retry.budget.percent", b.percent, 0);
+    if percent > 100 {
+        errs.add("spec.retry.budget.percent", format!("must be <= 100, got {percent}"));
+    }
+    let budget = BudgetPolicy {
+        percent: percent.min(100),
+        interval: errs.positive_duration("spec.retry.budget.interval", &b.interval),
+        min_count: errs.at_least("spec.retry.budget.minRetryRate.count", b.min_retry_rate.count, 0),
+        min_interval: errs.positive_duration("spec.retry.budget.minRetryRate.interval", &b.min_retry_rate.interval),
+    };
     RetryPolicy {
         on,
         tries,
         timeout: (!timeout.is_zero()).then_some(timeout),
         max_body_bytes: r.max_body_bytes.max(0) as u64,
+        budget,
     }
 }
 
@@ -481,7 +519,20 @@ mod tests {
         assert_eq!(cfg.health.interval, Duration::from_secs(3));
         assert_eq!(cfg.health.timeout, Duration::from_secs(1));
         assert_eq!((cfg.health.rise, cfg.health.fall), (2, 3));
-        assert_eq!(cfg.health.down_interval, Duration::from_secs(10));
+        assert_eq!(
+            cfg.health.down_interval, cfg.health.interval,
+            "HAProxy: downinter defaults to inter"
+        );
+        assert_eq!(cfg.retry.budget, BudgetPolicy::default());
+        assert_eq!(
+            (
+                cfg.retry.budget.percent,
+                cfg.retry.budget.interval,
+                cfg.retry.budget.min_count
+            ),
+            (20, Duration::from_secs(10), 10)
+        );
+        assert_eq!(cfg.listeners[0].app_protocol, None);
         assert_eq!(cfg.passive.max_fails, 1);
         assert_eq!(cfg.passive.fail_timeout, Duration::from_secs(10));
         assert_eq!(cfg.retry.on, vec![RetryCondition::Error, RetryCondition::Timeout]);
@@ -559,6 +610,65 @@ mod tests {
     }
 
     #[test]
+    fn app_protocol_takes_the_kubernetes_words() {
+        let set = |text: &str| {
+            let text = text.to_string();
+            move |s: &mut BalancedServiceSpec| s.listeners[0].app_protocol = Some(text)
+        };
+        let mut spec = base();
+        set("kubernetes.io/h2c")(&mut spec);
+        let cfg = validate(ServiceKey::new("default", "web"), &spec).unwrap();
+        assert_eq!(cfg.listeners[0].app_protocol, Some(AppProtocol::H2c));
+        assert_error(
+            set("spdy"),
+            "spec.listeners[0].appProtocol: must be \"http\" or \"kubernetes.io/h2c\", got \"spdy\"",
+        );
+        assert_error(
+            |s| {
+                s.listeners[0].protocol = ListenerProtocol::Tcp;
+                s.listeners[0].app_protocol = Some("http".into());
+            },
+            "spec.listeners[0].appProtocol: is only used with protocol HTTP, got \"http\" on a TCP listener",
+        );
+    }
+
+    #[test]
+    fn retry_budget_fields_are_checked() {
+        assert_error(
+            |s| s.retry.budget.percent = 101,
+            "spec.retry.budget.percent: must be <= 100, got 101",
+        );
+        assert_error(
+            |s| s.retry.budget.percent = -1,
+            "spec.retry.budget.percent: must be >= 0, got -1",
+        );
+        assert_error(
+            |s| s.retry.budget.interval = "0".into(),
+            "spec.retry.budget.interval: must be more than 0, got \"0\"",
+        );
+        assert_error(
+            |s| s.retry.budget.min_retry_rate.count = -5,
+            "spec.retry.budget.minRetryRate.count: must be >= 0, got -5",
+        );
+        assert_error(
+            |s| s.retry.budget.min_retry_rate.interval = "soon".into(),
+            "spec.retry.budget.minRetryRate.interval: must be a duration like 500ms, 3s or 2m, got \"soon\"",
+        );
+    }
+
+    #[test]
+    fn down_interval_when_set_is_its_own() {
+        let mut spec = base();
+        spec.health_check.down_interval = Some("30s".into());
+        let cfg = validate(ServiceKey::new("default", "web"), &spec).unwrap();
+        assert_eq!(cfg.health.down_interval, Duration::from_secs(30));
+        assert_error(
+            |s| s.health_check.down_interval = Some("0".into()),
+            "spec.healthCheck.downInterval: must be more than 0, got \"0\"",
+        );
+    }
+
+    #[test]
     fn listeners_must_exist_and_be_unique() {
         assert_error(
             |s| s.listeners.clear(),
@@ -569,6 +679,7 @@ mod tests {
             port,
             protocol: ListenerProtocol::Http,
             target_port: None,
+            app_protocol: None,
         };
         assert_error(
             |s| s.listeners.push(second("admin", 8080)),

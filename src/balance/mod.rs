@@ -132,7 +132,7 @@ impl Balancer {
     /// An empty balancer (every pick fails until `update`).
     pub fn new() -> Self {
         Self {
-            snapshot: ArcSwap::from_pointee(Snapshot::build(Algorithm::LeastConnections, Vec::new())),
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
             rr_cursor: AtomicUsize::new(0),
             tie_cursor: AtomicUsize::new(0),
         }
@@ -194,9 +194,11 @@ impl Balancer {
         if let Some(i) = self.pick_among(snap, key, &backups) {
             return Some(i);
         }
-        // Every endpoint down (probes or ejections): try them anyway rather than
-        // black-hole the service (nginx does the same when all peers failed).
-        if members.iter().any(live) {
+        // Every endpoint down (probes or ejections) or already tried: try the
+        // others anyway rather than black-hole the service (nginx does the same
+        // when all peers failed). Only an untried live endpoint that is merely
+        // full (maxConnections) keeps the fallback shut.
+        if (0..members.len()).any(|i| live(&members[i]) && !tried.contains(i)) {
             return None;
         }
         let any = |i: usize| !tried.contains(i) && !members[i].full();
@@ -230,6 +232,11 @@ impl Balancer {
 }
 
 impl Snapshot {
+    /// A snapshot with no endpoints.
+    pub fn empty() -> Self {
+        Self::build(Algorithm::LeastConnections, Vec::new())
+    }
+
     fn build(algorithm: Algorithm, members: Vec<Member>) -> Self {
         let weights: Vec<u32> = members.iter().map(|m| m.spec.weight.max(1)).collect();
         let rr_sequence = match algorithm {

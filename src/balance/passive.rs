@@ -55,6 +55,18 @@ impl Passive {
         }
     }
 
+    /// Ends an ejection early (an active probe passed: Envoy's
+    /// `successful_active_health_check_uneject_host`); true when one was in force.
+    pub fn lift(&self, now: u64) -> bool {
+        let was = self.is_ejected(now);
+        if was {
+            self.ejected_until.store(0, Ordering::Relaxed);
+        }
+        self.fails.store(0, Ordering::Relaxed);
+        self.window_start.store(0, Ordering::Relaxed);
+        was
+    }
+
     /// Whether the endpoint is ejected at `now`.
     pub fn is_ejected(&self, now: u64) -> bool {
         now < self.ejected_until.load(Ordering::Relaxed)
@@ -92,6 +104,16 @@ mod tests {
             "the first failure's window has closed"
         );
         assert!(p.record_failure(12_000, 2, TEN_S));
+    }
+
+    #[test]
+    fn lifting_ends_an_ejection_at_once() {
+        let p = Passive::default();
+        assert!(p.record_failure(1_000, 1, TEN_S));
+        assert!(p.lift(2_000), "it was ejected");
+        assert!(!p.is_ejected(2_000));
+        assert!(!p.lift(2_001), "nothing left to lift");
+        assert!(p.record_failure(2_500, 1, TEN_S), "a new failure ejects again");
     }
 
     #[test]

@@ -4,7 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::api::config::{ListenerConfig, TargetPort};
+use crate::api::config::{AppProtocol, ListenerConfig, ListenerProtocol, TargetPort};
+use crate::api::spec::ListenerStatus;
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -39,19 +40,9 @@ pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConf
             continue;
         }
         let ports = slice.ports.as_deref().unwrap_or_default();
-        let named = |name: &str| {
-            ports
-                .iter()
-                .find(|p| p.name.as_deref() == Some(name))
-                .and_then(|p| p.port)
-        };
         let port = match &first.target_port {
             Some(TargetPort::Number(n)) => Some(i32::from(*n)),
-            Some(TargetPort::Name(name)) => named(name),
-            None => named(&first.name).or(match ports {
-                [only] => only.port,
-                _ => None,
-            }),
+            _ => slice_port(ports, first).and_then(|p| p.port),
         };
         let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
             continue;
@@ -84,6 +75,49 @@ pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConf
     out
 }
 
+/// The slice port a listener targets: the one its `targetPort` names (or
+/// numbers), else the one named like the listener, else the slice's only port.
+fn slice_port<'a>(
+    ports: &'a [k8s_openapi::api::discovery::v1::EndpointPort],
+    listener: &ListenerConfig,
+) -> Option<&'a k8s_openapi::api::discovery::v1::EndpointPort> {
+    let named = |name: &str| ports.iter().find(|p| p.name.as_deref() == Some(name));
+    match &listener.target_port {
+        Some(TargetPort::Number(n)) => ports.iter().find(|p| p.port == Some(i32::from(*n))),
+        Some(TargetPort::Name(name)) => named(name),
+        None => named(&listener.name).or(match ports {
+            [only] => Some(only),
+            _ => None,
+        }),
+    }
+}
+
+/// The protocol each HTTP listener's endpoints speak, for listeners whose spec
+/// does not say: the `appProtocol` of the Service port it targets (EndpointSlice
+/// ports carry it), or `kubernetes.io/h2c` for a port named `grpc*` or `h2c*`.
+pub fn app_protocols(slices: &[EndpointSlice], listeners: &[ListenerConfig]) -> Vec<ListenerStatus> {
+    listeners
+        .iter()
+        .filter(|l| l.protocol == ListenerProtocol::Http && l.app_protocol.is_none())
+        .filter_map(|l| {
+            let found = slices.iter().find_map(|slice| {
+                let port = slice_port(slice.ports.as_deref().unwrap_or_default(), l)?;
+                let by_protocol = port.app_protocol.as_deref().and_then(AppProtocol::parse);
+                let by_name = port
+                    .name
+                    .as_deref()
+                    .filter(|n| n.starts_with("grpc") || n.starts_with("h2c"))
+                    .map(|_| AppProtocol::H2c);
+                by_protocol.or(by_name)
+            })?;
+            Some(ListenerStatus {
+                name: l.name.clone(),
+                app_protocol: found.name().to_string(),
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +133,7 @@ mod tests {
             port: 80,
             protocol: ListenerProtocol::Http,
             target_port: target,
+            app_protocol: None,
         }]
     }
 
@@ -155,5 +190,55 @@ mod tests {
         assert!(eps.iter().all(|e| e.addr.port() == 8080));
         // A name no slice has: no endpoints rather than a guess.
         assert!(endpoints_from_slices(&slices(SLICES), &listener(Some(TargetPort::Name("grpc".into())))).is_empty());
+    }
+
+    #[test]
+    fn listeners_learn_the_protocol_of_the_service_port() {
+        let slices = slices(
+            r#"
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-abc, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: http, port: 8080, appProtocol: kubernetes.io/h2c}, {name: grpc-api, port: 9000}, {name: web, port: 80, appProtocol: http}]
+  endpoints: []
+"#,
+        );
+        let mut listeners = listener(None);
+        listeners.push(ListenerConfig {
+            name: "api".into(),
+            port: 81,
+            protocol: ListenerProtocol::Http,
+            target_port: Some(TargetPort::Name("grpc-api".into())),
+            app_protocol: None,
+        });
+        listeners.push(ListenerConfig {
+            name: "plain".into(),
+            port: 82,
+            protocol: ListenerProtocol::Http,
+            target_port: Some(TargetPort::Number(80)),
+            app_protocol: None,
+        });
+        listeners.push(ListenerConfig {
+            name: "set".into(),
+            port: 83,
+            protocol: ListenerProtocol::Http,
+            target_port: Some(TargetPort::Number(8080)),
+            app_protocol: Some(AppProtocol::Http1),
+        });
+        let found = app_protocols(&slices, &listeners);
+        let pairs: Vec<(&str, &str)> = found
+            .iter()
+            .map(|l| (l.name.as_str(), l.app_protocol.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            vec![
+                ("http", "kubernetes.io/h2c"),
+                ("api", "kubernetes.io/h2c"),
+                ("plain", "http")
+            ],
+            "the spec's own appProtocol wins, so `set` is not listed"
+        );
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::desired::{FIELD_MANAGER, Owned, RenderOptions, desired, healthy_name, owner_ref};
-use super::discovery::{Discovered, SERVICE_NAME_LABEL, endpoints_from_slices};
+use super::discovery::{Discovered, SERVICE_NAME_LABEL, app_protocols, endpoints_from_slices};
 use super::status::{EndpointView, Observed, assemble, seed_from};
 use crate::api::config::{Config, ServiceKey};
 use crate::api::{BalancedService, BalancedServiceStatus, validate};
@@ -55,6 +55,7 @@ struct View {
     reference: Option<ObjectReference>,
     config: Option<Arc<Config>>,
     endpoints: Vec<Discovered>,
+    listeners: Vec<crate::api::spec::ListenerStatus>,
     invalid: Option<Vec<String>>,
     proxy: Option<(bool, String)>,
     written: Option<BalancedServiceStatus>,
@@ -215,6 +216,7 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
         }
     };
 
+    let mut listeners = Vec::new();
     let mut discovered = match &cfg.service {
         Some(svc) => {
             let slices: Vec<EndpointSlice> = ctx
@@ -227,6 +229,7 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
                 })
                 .map(|s| (**s).clone())
                 .collect();
+            listeners = app_protocols(&slices, &cfg.listeners);
             endpoints_from_slices(&slices, &cfg.listeners)
         }
         None => Vec::new(),
@@ -271,6 +274,7 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
         view.reference = Some(reference);
         view.config = Some(cfg);
         view.endpoints = discovered;
+        view.listeners = listeners;
         view.invalid = None;
         view.proxy = proxy.or(view.proxy.take());
     }
@@ -455,6 +459,7 @@ async fn flush(ctx: &Ctx, key: &ServiceKey) -> bool {
     let seen = Observed {
         generation: view.generation,
         endpoints: &endpoints,
+        listeners: &view.listeners,
         invalid: view.invalid.as_deref(),
         proxy: view.proxy.clone(),
     };

@@ -35,6 +35,8 @@ pub struct Observed<'a> {
     pub generation: Option<i64>,
     /// The endpoints, sorted.
     pub endpoints: &'a [EndpointView],
+    /// Listener facts found in the Service (its ports' `appProtocol`).
+    pub listeners: &'a [crate::api::spec::ListenerStatus],
     /// Validation errors of the current spec.
     pub invalid: Option<&'a [String]>,
     /// Proxy Deployment availability and why, when known.
@@ -98,6 +100,7 @@ pub fn assemble(seen: &Observed<'_>, previous: Option<&BalancedServiceStatus>, n
         total_endpoints: total as i32,
         conditions,
         endpoints: seen.endpoints.iter().map(endpoint_status).collect(),
+        listeners: seen.listeners.to_vec(),
     }
 }
 

@@ -8,6 +8,6 @@ pub mod state;
 pub mod tls;
 
 pub use probe::{ProbeError, probe};
-pub use prober::{Prober, Target, Transition};
+pub use prober::{PassHook, Prober, Target, Transition};
 pub use state::{Health, HealthState};
 pub use tls::TlsClients;

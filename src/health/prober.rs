@@ -60,7 +60,11 @@ pub struct Prober {
     inner: Arc<Inner>,
 }
 
+/// Called after every passing probe with the service and endpoint.
+pub type PassHook = Arc<dyn Fn(&ServiceKey, SocketAddr) + Send + Sync>;
+
 struct Inner {
+    on_pass: std::sync::OnceLock<PassHook>,
     services: Mutex<HashMap<ServiceKey, ServiceEntry>>,
     transitions: broadcast::Sender<Transition>,
     generation: watch::Sender<u64>,
@@ -87,6 +91,7 @@ impl Prober {
         let (generation, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
+                on_pass: std::sync::OnceLock::new(),
                 services: Mutex::new(HashMap::new()),
                 transitions,
                 generation,
@@ -96,6 +101,12 @@ impl Prober {
                 tasks: TaskTracker::new(),
             }),
         }
+    }
+
+    /// Sets what runs after every passing probe (the data plane lifts a passive
+    /// ejection there); only the first hook set counts.
+    pub fn on_pass(&self, hook: PassHook) {
+        let _ = self.inner.on_pass.set(hook);
     }
 
     /// Every transition from now on. A receiver that lags gets `Lagged` and should
@@ -286,6 +297,11 @@ impl EndpointTask {
             };
             if let Some((from, to)) = changed {
                 self.announce(from, to, error, now, &healthy_gauge);
+            }
+            if result.is_ok()
+                && let Some(hook) = self.inner.on_pass.get()
+            {
+                hook(&self.service, self.addr);
             }
             if self.sleep(jitter(delay)).await.is_err() {
                 return;

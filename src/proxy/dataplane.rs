@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,6 +44,8 @@ pub struct Dataplane {
     tasks: TaskTracker,
     services: Mutex<HashMap<ServiceKey, Arc<ServiceRuntime>>>,
     listeners: Mutex<HashMap<(ServiceKey, String), Running>>,
+    // When the last passive ejection of any service ends ([`now_ms`]).
+    ejections_until: Arc<AtomicU64>,
 }
 
 impl Dataplane {
@@ -56,6 +59,7 @@ impl Dataplane {
             tasks: TaskTracker::new(),
             services: Mutex::new(HashMap::new()),
             listeners: Mutex::new(HashMap::new()),
+            ejections_until: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -80,7 +84,11 @@ impl Dataplane {
         for config in configs {
             let runtime = services
                 .entry(config.key.clone())
-                .or_insert_with(|| ServiceRuntime::new(config.clone(), self.metrics.clone()))
+                .or_insert_with(|| {
+                    let runtime = ServiceRuntime::new(config.clone(), self.metrics.clone());
+                    runtime.report_ejections_to(self.ejections_until.clone());
+                    runtime
+                })
                 .clone();
             for (i, l) in config.listeners.iter().enumerate() {
                 let id = (config.key.clone(), l.name.clone());
@@ -145,6 +153,17 @@ impl Dataplane {
     /// The runtime of a service.
     pub fn service(&self, key: &ServiceKey) -> Option<Arc<ServiceRuntime>> {
         self.services.lock().expect("dataplane lock poisoned").get(key).cloned()
+    }
+
+    /// Ends a passive ejection of `addr` in `key`'s service because an active
+    /// probe passed. Cheap when nothing was ejected lately (the common case).
+    pub fn lift_ejection(&self, key: &ServiceKey, addr: SocketAddr) {
+        if now_ms() >= self.ejections_until.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Some(runtime) = self.service(key) {
+            runtime.lift_ejection(addr);
+        }
     }
 
     /// Active requests and ejection per endpoint of a service.

@@ -1,26 +1,31 @@
-//! The HTTP listener's request path: framing checks, forwarding headers, the
-//! retry loop over endpoints, upgrades (WebSocket) as tunnels, and the proxy's
-//! own error answers.
+//! The HTTP listener's request path: check the framing, shape the request for
+//! the endpoint's protocol, run the attempt loop over the per-endpoint
+//! connection pools, and pass the answer back. Upgrades (WebSocket) become
+//! tunnels through the same attempt loop.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
-use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
 
-use super::body::{ProxyBody, RequestBody, Tracked, full};
-use super::retry::{Attempted, Failure, NoRetry, decide};
-use super::service::{ActiveGuard, ServiceRuntime};
-use crate::api::config::{Algorithm, Config, HashKey, ListenerConfig};
-use crate::balance::{Tried, now_ms, picker};
+use super::answer::{self, plain};
+use super::attempt::{Attempts, RequestFacts};
+use super::body::{ProxyBody, Release, RequestBody, Tracked};
+use super::headers::{Downstream, add_forwarding, check_framing, is_grpc, is_upgrade, shape_for, strip_hop_by_hop};
+use super::retry::Failure;
+use super::service::{ActiveGuard, Current, ServiceRuntime};
+use super::upstream::{Conn, Pool, Protocol, UpBody};
+use crate::api::config::{Algorithm, AppProtocol, Config, HashKey};
+use crate::balance::picker;
 use crate::health::probe::io_text;
-use crate::metrics::{DownstreamLabels, ServiceLabels};
+use crate::metrics::{AtomicHistogram, DownstreamLabels, ServiceLabels};
 
 /// Response header naming the endpoint that answered (behind `spec.debug.endpointHeader`).
 pub const ENDPOINT_HEADER: &str = "x-balanced-endpoint";
@@ -31,7 +36,7 @@ pub struct HttpProxy {
     listener: String,
     // Resolved once: label lookups cost more than the rest of the metrics work.
     downstream: [prometheus_client::metrics::counter::Counter; 5],
-    duration: prometheus_client::metrics::histogram::Histogram,
+    duration: AtomicHistogram,
 }
 
 impl HttpProxy {
@@ -63,12 +68,12 @@ impl HttpProxy {
     }
 
     /// Answers one client request.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        let config = self.service.config();
-        let Some(listener) = config.listeners.iter().find(|l| l.name == self.listener) else {
-            return plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n");
+    pub async fn handle(&self, req: Request<Incoming>, client: &Downstream) -> Response<ProxyBody> {
+        let current = self.service.current();
+        let response = match current.listener(&self.listener) {
+            Some(listener) => self.forward(req, client, &current, listener).await,
+            None => plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"),
         };
-        let response = self.forward(req, peer, &config, listener).await;
         self.downstream[usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1].inc();
         response
     }
@@ -76,168 +81,160 @@ impl HttpProxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
-        peer: SocketAddr,
-        config: &Config,
-        listener: &ListenerConfig,
+        client: &Downstream,
+        current: &Current,
+        listener: usize,
     ) -> Response<ProxyBody> {
         if let Err(why) = check_framing(req.headers()) {
-            return plain(StatusCode::BAD_REQUEST, why);
+            return answer::bad_request(why);
         }
-        let _request_slot = self.service.budget.request();
         if is_upgrade(&req) {
-            return self.tunnel(req, peer, config, listener).await;
+            return self.tunnel(req, client, current, listener).await;
         }
+        let config = &current.config;
         let (mut parts, body) = req.into_parts();
-        let key = hash_key(config, &parts.headers, peer);
-        let downstream_h2 = parts.version == Version::HTTP_2;
-        if downstream_h2 && !parts.headers.contains_key(header::HOST) {
-            // HTTP/1.1 upstreams need Host; an h2 client sent :authority.
-            if let Some(v) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
+        let key = hash_key(config, &parts.headers, client.peer);
+        let protocol = upstream_protocol(config.listeners[listener].app_protocol, &parts.headers);
         strip_hop_by_hop(&mut parts.headers, true);
-        add_forwarding(&mut parts.headers, peer);
-        let path = origin_form(&parts.uri);
+        add_forwarding(&mut parts.headers, client);
+        shape_for(&mut parts, protocol);
         let mut body = match RequestBody::read(body, config.retry.max_body_bytes).await {
             Ok(b) => b,
-            Err(e) => return plain(StatusCode::BAD_REQUEST, format!("cannot read request body: {e}\n")),
+            Err(e) => return answer::bad_request(&format!("cannot read request body: {e}")),
         };
 
-        let snap = self.service.balancer.snapshot();
-        let clients = self.service.clients();
-        let client = if downstream_h2 { &clients.http2 } else { &clients.http1 };
-        let started = Instant::now();
-        let mut tried = Tried::default();
-        let mut _retry_slot = None;
-        let mut errors: Vec<(SocketAddr, String)> = Vec::new();
-        let mut last_failure: Option<Failure> = None;
-        while let Some(i) = self.service.balancer.pick(&snap, &tried, key, now_ms()) {
-            tried.add(i);
+        let snap = &current.snap;
+        let mut attempts = Attempts::new(&self.service, config, snap, key);
+        // A 5xx that was retried: passed on if no later attempt does better.
+        let mut fallback: Option<Response<ProxyBody>> = None;
+        while let Some(i) = attempts.next_endpoint() {
             let member = &snap.members[i];
+            let pool = current.pool(listener, i);
+            let facts = RequestFacts {
+                method: Some(&parts.method),
+                replayable: body.replayable(),
+            };
+            let guard = ActiveGuard::new(member.endpoint.clone());
+            let conn = match pool.checkout(protocol).await {
+                Ok(c) => c,
+                Err(failure) => {
+                    if attempts.failed(i, failure, facts) {
+                        continue;
+                    }
+                    break;
+                }
+            };
             let Some(attempt_body) = body.take() else {
                 break;
             };
-            let target = ServiceRuntime::target(member, listener);
+            // Headers are copied only when a retry after sending is possible.
+            let keep = attempts.may_retry_after_send(facts);
             let mut up = Request::new(attempt_body);
             *up.method_mut() = parts.method.clone();
-            *up.headers_mut() = parts.headers.clone();
-            *up.uri_mut() = match Uri::try_from(format!("http://{target}{path}")) {
-                Ok(u) => u,
-                Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid request target\n"),
-            };
-            *up.version_mut() = if downstream_h2 {
-                Version::HTTP_2
+            *up.uri_mut() = parts.uri.clone();
+            *up.version_mut() = parts.version;
+            *up.headers_mut() = if keep {
+                parts.headers.clone()
             } else {
-                Version::HTTP_11
+                std::mem::take(&mut parts.headers)
             };
-
-            let guard = ActiveGuard::new(member.endpoint.clone());
-            let attempt_started = Instant::now();
-            let result = tokio::time::timeout(config.timeouts.response, client.request(up)).await;
-            self.duration.observe(attempt_started.elapsed().as_secs_f64());
-
-            let (failure, response) = match result {
-                Ok(Ok(resp)) => {
-                    let status = resp.status().as_u16();
-                    member.endpoint.stats.record_status(status);
-                    let failure = Failure::Status(status);
-                    let retryable = failure.condition().is_some_and(|c| config.retry.retries_on(c));
-                    if !retryable {
-                        if !failure.counts_for_passive(&config.passive) {
-                            member.endpoint.passive.record_success();
-                        } else {
-                            self.service.record_failure(config, member, &failure);
+            let reused = matches!(conn, Conn::H1 { reused: true, .. });
+            let started = Instant::now();
+            let sent = tokio::time::timeout(config.timeouts.response, send(pool, conn, up)).await;
+            let mut outcome = sent.unwrap_or(Err((Failure::Timeout, None)));
+            // An idle keep-alive connection the endpoint closed just as we used
+            // it is not the endpoint failing: once, on a fresh connection, with
+            // the request hyper handed back unsent, or a copy when one was kept.
+            if reused && matches!(outcome, Err((Failure::Error(_) | Failure::Connect(_), _))) {
+                let again = match &mut outcome {
+                    Err((_, unsent @ Some(_))) => unsent.take(),
+                    _ if keep => body.take().map(|b| {
+                        let mut up = Request::new(b);
+                        *up.method_mut() = parts.method.clone();
+                        *up.uri_mut() = parts.uri.clone();
+                        *up.version_mut() = parts.version;
+                        *up.headers_mut() = parts.headers.clone();
+                        up
+                    }),
+                    _ => None,
+                };
+                if let Some(up) = again {
+                    outcome = match pool.fresh_h1().await {
+                        Ok(sender) => {
+                            let conn = Conn::H1 { sender, reused: false };
+                            tokio::time::timeout(config.timeouts.response, send(pool, conn, up))
+                                .await
+                                .unwrap_or(Err((Failure::Timeout, None)))
                         }
-                        return respond(resp, guard, member.spec.addr, config);
+                        Err(f) => Err((f, None)),
+                    };
+                }
+            }
+            self.duration.observe(started.elapsed());
+            let outcome = outcome.map_err(|(failure, _)| failure);
+            match outcome {
+                Ok((resp, release)) => {
+                    let status = resp.status().as_u16();
+                    let answer = respond(resp, guard, release, member.spec.addr, config);
+                    if !attempts.answered(i, status, facts) {
+                        return answer;
                     }
-                    (failure, Some((resp, guard)))
+                    fallback = Some(answer);
                 }
-                Ok(Err(e)) => {
-                    let failure = classify(&e);
-                    member.endpoint.stats.record_failure(failure == Failure::Timeout);
-                    (failure, None)
-                }
-                Err(_) => {
-                    member.endpoint.stats.record_failure(true);
-                    (Failure::Timeout, None)
-                }
-            };
-            self.service.record_failure(config, member, &failure);
-            errors.push((member.spec.addr, failure_text(&failure)));
-
-            let decision = decide(
-                &config.retry,
-                &Attempted {
-                    failure: &failure,
-                    method: &parts.method,
-                    replayable: body.replayable(),
-                    attempts: tried.len() as u32,
-                    endpoints: snap.members.len() as u32,
-                    elapsed: started.elapsed(),
-                },
-            );
-            let retry = decision.and_then(|condition| match self.service.budget.try_retry() {
-                Some(slot) => {
-                    _retry_slot = Some(slot);
-                    Ok(condition)
-                }
-                None => Err(NoRetry::TriesExhausted),
-            });
-            match retry {
-                Ok(condition) => {
-                    self.service.record_retry(condition_name(condition));
-                    tracing::debug!(service = %self.service.key, endpoint = %member.spec.addr, reason = condition_name(condition), "retrying on another endpoint");
-                    last_failure = Some(failure);
-                }
-                Err(_) => {
-                    // A real upstream answer (say a 503) beats a proxy-made one.
-                    if let Some((resp, guard)) = response {
-                        return respond(resp, guard, member.spec.addr, config);
+                Err(failure) => {
+                    drop(guard);
+                    if !attempts.failed(i, failure, facts) {
+                        break;
                     }
-                    last_failure = Some(failure);
-                    break;
                 }
             }
         }
-        error_response(last_failure.as_ref(), tried.len(), &errors, config.error_detail)
+        if let Some(answer) = fallback {
+            return answer;
+        }
+        answer::exhausted(&attempts.exhausted(), config.error_detail)
     }
 
     /// Forwards an Upgrade request (WebSocket and friends) and, on 101, joins
-    /// the two upgraded connections byte for byte.
+    /// the two upgraded connections byte for byte. Connecting goes through the
+    /// attempt loop like any request; once the request is sent it is not replayed.
     async fn tunnel(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
-        config: &Config,
-        listener: &ListenerConfig,
+        client: &Downstream,
+        current: &Current,
+        listener: usize,
     ) -> Response<ProxyBody> {
+        let config = &current.config;
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let snap = self.service.balancer.snapshot();
-        let key = hash_key(config, req.headers(), peer);
-        let (stream, guard, addr) = match self.service.connect(&snap, listener, key).await {
-            Ok(c) => c,
-            Err(e) => {
-                let errors: Vec<_> = e.last.iter().map(|(a, f)| (*a, failure_text(f))).collect();
-                let last = e.last.as_ref().map(|(_, f)| f);
-                return error_response(last, errors.len(), &errors, config.error_detail);
+        let key = hash_key(config, req.headers(), client.peer);
+        let snap = &current.snap;
+        let mut attempts = Attempts::new(&self.service, config, snap, key);
+        let mut connected = None;
+        while let Some(i) = attempts.next_endpoint() {
+            let guard = ActiveGuard::new(snap.members[i].endpoint.clone());
+            match current.pool(listener, i).connect_tcp().await {
+                Ok(stream) => {
+                    attempts.succeeded(i);
+                    connected = Some((stream, guard, snap.members[i].spec.addr));
+                    break;
+                }
+                Err(failure) => {
+                    if !attempts.failed(i, failure, RequestFacts::CONNECTION) {
+                        break;
+                    }
+                }
             }
+        }
+        let Some((stream, guard, addr)) = connected else {
+            return answer::exhausted(&attempts.exhausted(), config.error_detail);
         };
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        add_forwarding(&mut parts.headers, peer);
-        let path = origin_form(&parts.uri);
-        parts.uri = match path.parse() {
-            Ok(u) => u,
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "invalid request target\n"),
-        };
-        parts.version = Version::HTTP_11;
-        let up = Request::from_parts(parts, super::body::incoming(body));
-        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        add_forwarding(&mut parts.headers, client);
+        shape_for(&mut parts, Protocol::Http1);
+        let up = Request::from_parts(parts, UpBody::Stream { head: None, rest: body });
+        let (mut sender, conn) = match http1::handshake(TokioIo::new(stream)).await {
             Ok(pair) => pair,
             Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("upgrade handshake failed: {e}\n")),
         };
@@ -245,17 +242,15 @@ impl HttpProxy {
         let mut resp = match tokio::time::timeout(config.timeouts.response, sender.send_request(up)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                return error_response(
-                    Some(&classify_hyper(&e)),
-                    1,
-                    &[(addr, e.to_string())],
-                    config.error_detail,
+                return plain(
+                    StatusCode::BAD_GATEWAY,
+                    format!("502 Bad Gateway: upgrade failed: {}\n", classify(&e).1),
                 );
             }
-            Err(_) => return error_response(Some(&Failure::Timeout), 1, &[], config.error_detail),
+            Err(_) => return plain(StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout: upgrade timed out\n"),
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return respond(resp, guard, addr, config);
+            return respond(resp, guard, Release::None, addr, config);
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
@@ -271,7 +266,47 @@ impl HttpProxy {
     }
 }
 
-fn respond(resp: Response<Incoming>, guard: ActiveGuard, endpoint: SocketAddr, config: &Config) -> Response<ProxyBody> {
+/// The protocol to speak to the endpoints: the listener's `appProtocol`, else
+/// HTTP/1.1 for everything but gRPC, which needs HTTP/2.
+pub fn upstream_protocol(app: Option<AppProtocol>, headers: &http::HeaderMap) -> Protocol {
+    match app {
+        Some(AppProtocol::Http1) => Protocol::Http1,
+        Some(AppProtocol::H2c) => Protocol::H2c,
+        None if is_grpc(headers) => Protocol::H2c,
+        None => Protocol::Http1,
+    }
+}
+
+/// Sends `req` on `conn`; the response comes with what its body must give
+/// back. A failed request comes back too when hyper never sent it.
+async fn send(
+    pool: &Arc<Pool>,
+    conn: Conn,
+    req: Request<UpBody>,
+) -> Result<(Response<Incoming>, Release), (Failure, Option<Request<UpBody>>)> {
+    match conn {
+        Conn::H1 { mut sender, .. } => match sender.try_send_request(req).await {
+            Ok(resp) => Ok((resp, Release::H1(pool.clone(), sender))),
+            Err(mut e) => match e.take_message() {
+                // Nothing went out: as good as a connect failure.
+                Some(unsent) => Err((Failure::Connect(classify(e.error()).1), Some(unsent))),
+                None => Err((classify(e.error()).0, None)),
+            },
+        },
+        Conn::H2 { mut sender, slot } => match sender.send_request(req).await {
+            Ok(resp) => Ok((resp, Release::H2(slot))),
+            Err(e) => Err((classify(&e).0, None)),
+        },
+    }
+}
+
+fn respond(
+    resp: Response<Incoming>,
+    guard: ActiveGuard,
+    release: Release,
+    endpoint: SocketAddr,
+    config: &Config,
+) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, true);
     if config.endpoint_header
@@ -279,66 +314,7 @@ fn respond(resp: Response<Incoming>, guard: ActiveGuard, endpoint: SocketAddr, c
     {
         parts.headers.insert(HeaderName::from_static(ENDPOINT_HEADER), v);
     }
-    let body = Tracked::new(super::body::incoming(body), guard);
-    Response::from_parts(parts, body.boxed())
-}
-
-fn error_response(
-    last: Option<&Failure>,
-    tries: usize,
-    errors: &[(SocketAddr, String)],
-    detail: bool,
-) -> Response<ProxyBody> {
-    let (status, text) = match last {
-        None => (StatusCode::SERVICE_UNAVAILABLE, "no endpoint available".to_string()),
-        Some(Failure::Timeout) => (
-            StatusCode::GATEWAY_TIMEOUT,
-            format!("upstream timed out ({tries} {})", tries_word(tries)),
-        ),
-        Some(f) => (
-            StatusCode::BAD_GATEWAY,
-            format!(
-                "no endpoint answered ({tries} {}; last: {})",
-                tries_word(tries),
-                failure_text(f)
-            ),
-        ),
-    };
-    let mut body = format!(
-        "{} {}: {text}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
-    );
-    if detail {
-        for (addr, e) in errors {
-            body.push_str(&format!("  {addr}: {e}\n"));
-        }
-    }
-    plain(status, body)
-}
-
-fn tries_word(n: usize) -> &'static str {
-    if n == 1 { "try" } else { "tries" }
-}
-
-fn failure_text(f: &Failure) -> String {
-    match f {
-        Failure::Connect(e) => format!("connect: {e}"),
-        Failure::Timeout => "timeout".into(),
-        Failure::Error(e) => e.clone(),
-        Failure::InvalidHeader(e) => format!("invalid response header: {e}"),
-        Failure::Status(s) => format!("status {s}"),
-    }
-}
-
-fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
-    let mut resp = Response::new(full(body));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+    Response::from_parts(parts, Tracked::new(body, guard, release).boxed())
 }
 
 /// The `retry.on` name of a condition, for metrics and logs.
@@ -359,29 +335,20 @@ pub fn condition_name(c: crate::api::config::RetryCondition) -> &'static str {
     }
 }
 
-/// Sorts a client error into connect failure (nothing sent), timeout, bad
-/// response header, or an error after sending.
-fn classify(e: &hyper_util::client::legacy::Error) -> Failure {
-    if has_timed_out(e) {
-        return Failure::Timeout;
-    }
-    if e.is_connect() {
-        return Failure::Connect(root_text(e));
-    }
-    match source_of::<hyper::Error>(e) {
-        Some(h) => classify_hyper(h),
-        None => Failure::Error(root_text(e)),
-    }
-}
-
-fn classify_hyper(e: &hyper::Error) -> Failure {
-    if e.is_parse() || e.is_parse_status() {
+/// Sorts a hyper client error into a failure (bad response header, or an
+/// error after sending), with its text.
+fn classify(e: &hyper::Error) -> (Failure, String) {
+    let text = root_text(e);
+    let failure = if e.is_parse() || e.is_parse_status() {
         Failure::InvalidHeader(e.to_string())
     } else if e.is_incomplete_message() {
         Failure::Error("connection closed before a response".into())
+    } else if has_timed_out(e) {
+        Failure::Timeout
     } else {
-        Failure::Error(root_text(e))
-    }
+        Failure::Error(text.clone())
+    };
+    (failure, text)
 }
 
 fn source_of<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
@@ -410,136 +377,26 @@ fn root_text(e: &(dyn std::error::Error + 'static)) -> String {
     cur.to_string()
 }
 
-/// Rejects framing that proxies and backends could read differently (request
-/// smuggling): Content-Length with Transfer-Encoding, repeated or non-chunked
-/// Transfer-Encoding, disagreeing Content-Lengths.
-pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
-    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    let cl: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    if !te.is_empty() && !cl.is_empty() {
-        return Err("Content-Length with Transfer-Encoding\n");
-    }
-    if te.len() > 1 {
-        return Err("repeated Transfer-Encoding\n");
-    }
-    if let Some(v) = te.first()
-        && !v.as_bytes().eq_ignore_ascii_case(b"chunked")
-    {
-        return Err("unsupported Transfer-Encoding\n");
-    }
-    if cl.len() > 1 && cl.windows(2).any(|w| w[0] != w[1]) {
-        return Err("conflicting Content-Length\n");
-    }
-    Ok(())
-}
-
-/// Path and query of a request target (`/` when absent).
-fn origin_form(uri: &Uri) -> String {
-    uri.path_and_query()
-        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
-}
-
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && connection_has(req.headers(), "upgrade")
-}
-
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-/// Removes hop-by-hop headers (RFC 9110 7.6.1) and those `Connection` names.
-/// Upgrades keep `Connection: upgrade` and `Upgrade`, and `TE: trailers` is
-/// kept because gRPC requires it end to end.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, strip_upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| strip_upgrade || *n != header::UPGRADE)
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    let trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
-    });
-    for name in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    if strip_upgrade {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
-    } else {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    }
-    if trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets
-/// `X-Forwarded-Proto` unless an outer proxy already did.
-pub fn add_forwarding(headers: &mut HeaderMap, peer: SocketAddr) {
-    let ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {ip}"),
-        None => ip.clone(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    let node = if peer.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
-    let element = format!("for={node};proto=http");
-    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prior) => format!("{prior}, {element}"),
-        None => element,
-    };
-    if let Ok(v) = HeaderValue::from_str(&forwarded) {
-        headers.insert(header::FORWARDED, v);
-    }
-}
-
 /// The request's consistent-hash key; a missing header or cookie falls back
 /// to the client IP, so the request still sticks to something.
-fn hash_key(config: &Config, headers: &HeaderMap, peer: SocketAddr) -> Option<u64> {
+fn hash_key(config: &Config, headers: &http::HeaderMap, peer: SocketAddr) -> Option<u64> {
     let Algorithm::ConsistentHash(key) = &config.algorithm else {
         return None;
     };
-    let value: Option<Vec<u8>> = match key {
+    let value: Option<&[u8]> = match key {
         HashKey::SourceIp => None,
-        HashKey::Header(name) => headers.get(name).map(|v| v.as_bytes().to_vec()),
-        HashKey::Cookie(name) => cookie(headers, name).map(|v| v.as_bytes().to_vec()),
+        HashKey::Header(name) => headers.get(name).map(|v| v.as_bytes()),
+        HashKey::Cookie(name) => cookie(headers, name).map(str::as_bytes),
     };
     Some(match value {
-        Some(v) => picker::hash_key(&v),
+        Some(v) => picker::hash_key(v),
         None => picker::hash_key(&super::service::ip_bytes(peer)),
     })
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
     headers
-        .get_all(header::COOKIE)
+        .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
@@ -552,67 +409,24 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                HeaderValue::from_str(v).unwrap(),
-            );
-        }
-        h
-    }
-
-    #[test]
-    fn ambiguous_framing_is_rejected() {
-        assert!(check_framing(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])).is_err());
-        assert!(
-            check_framing(&headers(&[
-                ("transfer-encoding", "chunked"),
-                ("transfer-encoding", "chunked")
-            ]))
-            .is_err()
-        );
-        assert!(check_framing(&headers(&[("transfer-encoding", "gzip")])).is_err());
-        assert!(check_framing(&headers(&[("content-length", "5"), ("content-length", "6")])).is_err());
-        assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
-        assert!(check_framing(&headers(&[("transfer-encoding", "chunked")])).is_ok());
-    }
-
-    #[test]
-    fn hop_by_hop_headers_go_but_te_trailers_stays() {
-        let mut h = headers(&[
-            ("connection", "keep-alive, x-private"),
-            ("keep-alive", "timeout=5"),
-            ("x-private", "1"),
-            ("te", "trailers"),
-            ("proxy-authorization", "secret"),
-            ("x-kept", "yes"),
-        ]);
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.len(), 2, "{h:?}");
-        assert_eq!(h["te"], "trailers");
-        assert_eq!(h["x-kept"], "yes");
-    }
-
-    #[test]
-    fn forwarding_headers_append_the_client() {
-        let mut h = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
-        add_forwarding(&mut h, "10.0.0.9:5555".parse().unwrap());
-        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
-        let mut h = HeaderMap::new();
-        add_forwarding(&mut h, "[::1]:80".parse().unwrap());
-        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
-        assert_eq!(h["x-forwarded-proto"], "http");
-    }
-
     #[test]
     fn cookies_are_found_by_name() {
-        let h = headers(&[("cookie", "a=1; session=abc"), ("cookie", "b=2")]);
+        let mut h = http::HeaderMap::new();
+        h.append("cookie", HeaderValue::from_static("a=1; session=abc"));
+        h.append("cookie", HeaderValue::from_static("b=2"));
         assert_eq!(cookie(&h, "session"), Some("abc"));
         assert_eq!(cookie(&h, "b"), Some("2"));
         assert_eq!(cookie(&h, "c"), None);
+    }
+
+    #[test]
+    fn the_upstream_protocol_is_the_listeners_not_the_clients() {
+        let mut grpc = http::HeaderMap::new();
+        grpc.insert("content-type", HeaderValue::from_static("application/grpc"));
+        let plain = http::HeaderMap::new();
+        assert_eq!(upstream_protocol(None, &plain), Protocol::Http1);
+        assert_eq!(upstream_protocol(None, &grpc), Protocol::H2c, "gRPC needs HTTP/2");
+        assert_eq!(upstream_protocol(Some(AppProtocol::H2c), &plain), Protocol::H2c);
+        assert_eq!(upstream_protocol(Some(AppProtocol::Http1), &grpc), Protocol::Http1);
     }
 }

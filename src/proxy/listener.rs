@@ -16,8 +16,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::answer::failure_text;
+use super::attempt::{Attempts, RequestFacts};
+use super::headers::Downstream;
 use super::http::HttpProxy;
-use super::service::ServiceRuntime;
+use super::service::{ActiveGuard, ServiceRuntime};
 
 /// Limits every listener applies.
 #[derive(Clone, Debug)]
@@ -85,9 +88,11 @@ pub async fn serve_http(listener: TcpListener, proxy: Arc<HttpProxy>, limits: Li
         .keep_alive_interval(Some(Duration::from_secs(30)));
     while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop).await {
         let proxy = proxy.clone();
+        let client = Arc::new(Downstream::new(peer));
         let service = service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let conn = graceful.watch(conn.into_owned());
@@ -122,18 +127,8 @@ pub async fn serve_tcp(
         let kill = kill.clone();
         tracker.spawn(async move {
             let _permit = permit;
-            let config = service.config();
-            let Some(listener) = config.listeners.iter().find(|l| l.name == name) else {
+            let Some((mut upstream, _guard, endpoint)) = connect(&service, &name, peer).await else {
                 return;
-            };
-            let snap = service.balancer.snapshot();
-            let key = ServiceRuntime::hash_source_ip(&config, peer);
-            let (mut upstream, _guard, endpoint) = match service.connect(&snap, listener, key).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(service = %service.key, %peer, last = ?e.last.map(|(_, f)| f), "no endpoint accepted the connection");
-                    return;
-                }
             };
             let copied = tokio::select! {
                 _ = kill.cancelled() => return,
@@ -150,4 +145,40 @@ pub async fn serve_tcp(
         kill.cancel();
         tracker.wait().await;
     }
+}
+
+/// Connects a TCP client to an endpoint through the attempt loop: the same
+/// `retry.tries`, `retry.timeout`, budget and passive accounting as HTTP.
+async fn connect(
+    service: &ServiceRuntime,
+    listener: &str,
+    peer: SocketAddr,
+) -> Option<(TcpStream, ActiveGuard, SocketAddr)> {
+    let current = service.current();
+    let li = current.listener(listener)?;
+    let config = &current.config;
+    let key = ServiceRuntime::hash_source_ip(config, peer);
+    let mut attempts = Attempts::new(service, config, &current.snap, key);
+    while let Some(i) = attempts.next_endpoint() {
+        let member = &current.snap.members[i];
+        let guard = ActiveGuard::new(member.endpoint.clone());
+        match current.pool(li, i).connect_tcp().await {
+            Ok(stream) => {
+                attempts.succeeded(i);
+                return Some((stream, guard, member.spec.addr));
+            }
+            Err(failure) => {
+                if !attempts.failed(i, failure, RequestFacts::CONNECTION) {
+                    break;
+                }
+            }
+        }
+    }
+    let end = attempts.exhausted();
+    let last = end
+        .last
+        .as_ref()
+        .map(|(addr, f)| format!("{addr}: {}", failure_text(f)));
+    tracing::warn!(service = %service.key, %peer, tries = end.tries, last = last.as_deref().unwrap_or("no endpoint available"), refused = ?end.refused, "no endpoint accepted the connection");
+    None
 }

@@ -2,12 +2,16 @@
 //! the retry loop, and the admin server.
 
 pub mod admin;
+pub mod answer;
+pub mod attempt;
 pub mod body;
 pub mod dataplane;
+pub mod headers;
 pub mod http;
 pub mod listener;
 pub mod retry;
 pub mod service;
+pub mod upstream;
 
 pub use dataplane::Dataplane;
 pub use listener::Limits;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::Method;
 
-use crate::api::config::{PassiveCondition, PassiveHealth, RetryCondition, RetryPolicy};
+use crate::api::config::{BudgetPolicy, PassiveCondition, PassiveHealth, RetryCondition, RetryPolicy};
 
 /// How one upstream attempt went wrong.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,6 +91,8 @@ pub enum NoRetry {
     TriesExhausted,
     /// `retry.timeout` passed.
     TimeoutExceeded,
+    /// The retry budget (`retry.budget`) is spent.
+    BudgetExhausted,
 }
 
 /// Decides whether the attempt described by `a` may be retried under `policy`.
@@ -116,40 +118,100 @@ pub fn decide(policy: &RetryPolicy, a: &Attempted<'_>) -> Result<RetryCondition,
     Ok(condition)
 }
 
-/// Caps retries in flight at 20% of requests in flight, with a floor of 3
-/// (Envoy's and Linkerd's budgets), so a sick service is not hit by a retry storm.
-#[derive(Debug, Default)]
+/// Retries allowed by recent traffic (Gateway API GEP-3388 `retryConstraint`,
+/// Linkerd's retry budget): within any `interval`, retries may be up to
+/// `percent` of the requests seen plus `min_count` per `min_interval`.
+///
+/// It counts arrivals, not requests in flight: when several requests are stuck
+/// on one hung endpoint and time out together, all of them may retry as long
+/// as the service as a whole is not retrying more than its share.
+/// Counting is approximate under races (a bucket reset can lose a count), like
+/// the counters of the proxies it copies.
+#[derive(Debug)]
 pub struct RetryBudget {
-    requests: AtomicU64,
-    retries: AtomicU64,
+    requests: Window,
+    retries: Window,
 }
 
-/// Releases a request (or retry) slot of a [`RetryBudget`] when dropped.
-#[derive(Debug)]
-pub struct BudgetGuard<'a>(&'a AtomicU64);
+/// Number of buckets a window slides over.
+const BUCKETS: usize = 10;
 
-impl Drop for BudgetGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+/// A sliding count over `BUCKETS` buckets of `width` milliseconds.
+#[derive(Debug)]
+struct Window {
+    width: AtomicU64,
+    epochs: [AtomicU64; BUCKETS],
+    counts: [AtomicU64; BUCKETS],
+}
+
+impl Window {
+    fn new(span: Duration) -> Self {
+        Self {
+            width: AtomicU64::new(Self::width_of(span)),
+            epochs: Default::default(),
+            counts: Default::default(),
+        }
+    }
+
+    fn width_of(span: Duration) -> u64 {
+        (span.as_millis() as u64 / BUCKETS as u64).max(1)
+    }
+
+    fn set_span(&self, span: Duration) {
+        self.width.store(Self::width_of(span), Ordering::Relaxed);
+    }
+
+    fn add(&self, now_ms: u64) {
+        let epoch = now_ms / self.width.load(Ordering::Relaxed) + 1;
+        let i = (epoch % BUCKETS as u64) as usize;
+        if self.epochs[i].load(Ordering::Relaxed) != epoch {
+            self.epochs[i].store(epoch, Ordering::Relaxed);
+            self.counts[i].store(0, Ordering::Relaxed);
+        }
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn sum(&self, now_ms: u64) -> u64 {
+        let epoch = now_ms / self.width.load(Ordering::Relaxed) + 1;
+        let oldest = epoch.saturating_sub(BUCKETS as u64 - 1);
+        (0..BUCKETS)
+            .filter(|&i| (oldest..=epoch).contains(&self.epochs[i].load(Ordering::Relaxed)))
+            .map(|i| self.counts[i].load(Ordering::Relaxed))
+            .sum()
     }
 }
 
 impl RetryBudget {
-    /// Counts a request in flight.
-    pub fn request(&self) -> BudgetGuard<'_> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        BudgetGuard(&self.requests)
+    /// A budget with `policy`'s window.
+    pub fn new(policy: &BudgetPolicy) -> Self {
+        Self {
+            requests: Window::new(policy.interval),
+            retries: Window::new(policy.interval),
+        }
     }
 
-    /// Takes a retry slot, or `None` when the budget is spent.
-    pub fn try_retry(&self) -> Option<BudgetGuard<'_>> {
-        let allowed = (self.requests.load(Ordering::Relaxed) / 5).max(3);
-        let prev = self.retries.fetch_add(1, Ordering::Relaxed);
-        if prev >= allowed {
-            self.retries.fetch_sub(1, Ordering::Relaxed);
-            return None;
+    /// Follows a changed `interval` (counts made with the old one blur for one window).
+    pub fn set_window(&self, policy: &BudgetPolicy) {
+        self.requests.set_span(policy.interval);
+        self.retries.set_span(policy.interval);
+    }
+
+    /// Counts a request (or TCP connection) arriving at `now_ms`.
+    pub fn deposit(&self, now_ms: u64) {
+        self.requests.add(now_ms);
+    }
+
+    /// Takes one retry at `now_ms` if `policy` allows it.
+    pub fn try_withdraw(&self, policy: &BudgetPolicy, now_ms: u64) -> bool {
+        let requests = self.requests.sum(now_ms);
+        let floor = u64::from(policy.min_count) * policy.interval.as_millis() as u64
+            / (policy.min_interval.as_millis() as u64).max(1);
+        let allowed = requests * u64::from(policy.percent) / 100 + floor;
+        if self.retries.sum(now_ms) >= allowed {
+            return false;
         }
-        Some(BudgetGuard(&self.retries))
+        self.retries.add(now_ms);
+        true
     }
 }
 
@@ -163,6 +225,7 @@ mod tests {
             tries,
             timeout: Some(Duration::from_secs(10)),
             max_body_bytes: 65536,
+            budget: BudgetPolicy::default(),
         }
     }
 
@@ -293,17 +356,61 @@ mod tests {
         assert!(Failure::Status(500).counts_for_passive(&with_5xx));
     }
 
+    fn budget(percent: u32, min_count: u32) -> BudgetPolicy {
+        BudgetPolicy {
+            percent,
+            interval: Duration::from_secs(10),
+            min_count,
+            min_interval: Duration::from_secs(1),
+        }
+    }
+
     #[test]
-    fn budget_allows_three_then_a_fifth_of_requests() {
-        let b = RetryBudget::default();
-        let _requests: Vec<_> = (0..5).map(|_| b.request()).collect();
-        let held: Vec<_> = (0..3).map(|_| b.try_retry().expect("floor of 3")).collect();
-        assert!(b.try_retry().is_none());
-        drop(held);
-        let _more: Vec<_> = (0..20).map(|_| b.request()).collect();
-        let held: Vec<_> = (0..5).map(|_| b.try_retry().expect("20% of 25")).collect();
-        assert!(b.try_retry().is_none());
-        drop(held);
-        assert!(b.try_retry().is_some());
+    fn budget_allows_a_share_of_recent_requests_plus_the_floor() {
+        let p = budget(20, 0);
+        let b = RetryBudget::new(&p);
+        for t in 0..100 {
+            b.deposit(1_000 + t);
+        }
+        let granted = (0..50).filter(|_| b.try_withdraw(&p, 1_200)).count();
+        assert_eq!(granted, 20, "20% of 100 requests");
+        let p = budget(20, 10);
+        let b = RetryBudget::new(&p);
+        let granted = (0..200).filter(|_| b.try_withdraw(&p, 500)).count();
+        assert_eq!(granted, 100, "no traffic yet: the floor, 10/s over a 10 s window");
+    }
+
+    #[test]
+    fn many_requests_failing_together_may_all_retry() {
+        // 16 requests stuck on a hung endpoint time out at the same moment,
+        // among 1,600 req/s: every one of them gets its retry.
+        let p = budget(20, 10);
+        let b = RetryBudget::new(&p);
+        for ms in 0..3_000u64 {
+            if ms % 10 < 16 {
+                b.deposit(ms);
+            }
+        }
+        assert!((0..16).all(|_| b.try_withdraw(&p, 3_000)));
+    }
+
+    #[test]
+    fn the_window_slides_and_old_requests_stop_counting() {
+        let p = budget(50, 0);
+        let b = RetryBudget::new(&p);
+        for _ in 0..10 {
+            b.deposit(0);
+        }
+        assert!((0..5).all(|_| b.try_withdraw(&p, 100)));
+        assert!(!b.try_withdraw(&p, 100), "half of 10 spent");
+        assert!(
+            !b.try_withdraw(&p, 20_000),
+            "20 s later the requests are out of the window"
+        );
+        for _ in 0..4 {
+            b.deposit(20_000);
+        }
+        assert!((0..2).all(|_| b.try_withdraw(&p, 20_001)));
+        assert!(!b.try_withdraw(&p, 20_001));
     }
 }

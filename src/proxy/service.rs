@@ -1,22 +1,22 @@
 //! One BalancedService as the data plane holds it: its config, its balancer,
-//! its retry budget, its upstream clients, and the failure bookkeeping every
-//! listener shares.
+//! its retry budget, its upstream connection pools, and the failure
+//! bookkeeping every listener shares.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::net::TcpStream;
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::Instant;
 
-use super::body::ProxyBody;
 use super::retry::{Failure, RetryBudget};
-use crate::api::config::{Config, HashKey, ListenerConfig, ServiceKey, TargetPort};
-use crate::balance::{Balancer, Endpoint, Member, MemberSpec, Snapshot, Tried, now_ms};
-use crate::metrics::{ProxyMetrics, RetryLabels};
+use super::upstream::{Pool, PoolSettings};
+use crate::api::config::{Config, ListenerConfig, ServiceKey, TargetPort};
+use crate::balance::{Balancer, Endpoint, Member, MemberSpec, Snapshot, now_ms};
+use crate::metrics::{ProxyMetrics, RetryLabels, ServiceLabels};
 
 /// Counts a request or connection on an endpoint until dropped: what least
 /// connections reads and `balanced_upstream_active_requests` shows.
@@ -37,35 +37,27 @@ impl Drop for ActiveGuard {
     }
 }
 
-/// Upstream HTTP clients for one connect timeout.
-pub struct Clients {
-    connect_timeout: Duration,
-    /// HTTP/1.1 with keep-alive pooling.
-    pub http1: Client<HttpConnector, ProxyBody>,
-    /// HTTP/2 cleartext (prior knowledge), for HTTP/2 clients such as gRPC.
-    pub http2: Client<HttpConnector, ProxyBody>,
+/// What one request reads, swapped whole on every config or endpoint change:
+/// the config, the endpoint snapshot, and each listener's connection pools in
+/// snapshot order. The request path loads it once.
+pub struct Current {
+    /// The config in force.
+    pub config: Arc<Config>,
+    /// The endpoints.
+    pub snap: Arc<Snapshot>,
+    /// `pools[listener][member]`: where that listener reaches that member.
+    pools: Vec<Vec<Arc<Pool>>>,
 }
 
-impl Clients {
-    fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256);
-        let http1 = builder.build(connector.clone());
-        builder.http2_only(true);
-        let http2 = builder.build(connector);
-        Self {
-            connect_timeout,
-            http1,
-            http2,
-        }
+impl Current {
+    /// Index of the listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<usize> {
+        self.config.listeners.iter().position(|l| l.name == name)
+    }
+
+    /// The pool through which `listener` reaches member `member`.
+    pub fn pool(&self, listener: usize, member: usize) -> &Arc<Pool> {
+        &self.pools[listener][member]
     }
 }
 
@@ -74,27 +66,70 @@ pub struct ServiceRuntime {
     /// Which service.
     pub key: ServiceKey,
     label: String,
-    config: ArcSwap<Config>,
+    current: ArcSwap<Current>,
     /// Endpoint snapshots and pickers.
     pub balancer: Balancer,
-    /// Retries in flight vs requests in flight.
+    /// Retries allowed by recent traffic.
     pub budget: RetryBudget,
-    clients: ArcSwap<Clients>,
+    budget_epoch: Instant,
+    // Touched only by `update` and the sweeper, never per request.
+    pools: Mutex<HashMap<SocketAddr, Arc<Pool>>>,
     metrics: ProxyMetrics,
+    budget_refused: Counter,
+    ejections_until: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
 impl ServiceRuntime {
-    /// A runtime with no endpoints yet.
+    /// A runtime with no endpoints yet. Idle upstream connections are swept
+    /// by a task that ends with the runtime.
     pub fn new(config: Arc<Config>, metrics: ProxyMetrics) -> Arc<Self> {
-        Arc::new(Self {
+        let label = config.key.to_string();
+        let budget_refused = metrics
+            .retries_refused
+            .get_or_create(&ServiceLabels { service: label.clone() })
+            .clone();
+        let runtime = Arc::new(Self {
             key: config.key.clone(),
-            label: config.key.to_string(),
-            clients: ArcSwap::from_pointee(Clients::new(config.timeouts.connect)),
-            config: ArcSwap::new(config),
+            label,
+            current: ArcSwap::from_pointee(Current {
+                pools: vec![Vec::new(); config.listeners.len()],
+                snap: Arc::new(Snapshot::empty()),
+                config: config.clone(),
+            }),
             balancer: Balancer::new(),
-            budget: RetryBudget::default(),
+            budget: RetryBudget::new(&config.retry.budget),
+            budget_epoch: Instant::now(),
+            pools: Mutex::new(HashMap::new()),
             metrics,
-        })
+            budget_refused,
+            ejections_until: std::sync::OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&runtime);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(runtime) = weak.upgrade() else { return };
+                let pools: Vec<Arc<Pool>> = runtime
+                    .pools
+                    .lock()
+                    .expect("pools lock poisoned")
+                    .values()
+                    .cloned()
+                    .collect();
+                for pool in pools {
+                    pool.sweep();
+                }
+            }
+        });
+        runtime
+    }
+
+    /// Keeps `until` at or past the end of every ejection this service makes,
+    /// so lifting can skip services with nothing ejected.
+    pub fn report_ejections_to(&self, until: Arc<AtomicU64>) {
+        let _ = self.ejections_until.set(until);
     }
 
     /// `namespace/name`, as metrics label it.
@@ -102,14 +137,14 @@ impl ServiceRuntime {
         &self.label
     }
 
-    /// The config in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.config.load_full()
+    /// The config, endpoints and pools in force: load once per request.
+    pub fn current(&self) -> Arc<Current> {
+        self.current.load_full()
     }
 
-    /// The upstream clients in force.
-    pub fn clients(&self) -> Arc<Clients> {
-        self.clients.load_full()
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.current.load().config.clone()
     }
 
     /// Data-plane metrics.
@@ -117,11 +152,28 @@ impl ServiceRuntime {
         &self.metrics
     }
 
-    /// Swaps in a new config and endpoint set; live counters of endpoints that
-    /// stay are kept.
+    /// Milliseconds on the retry budget's clock (tokio's, so tests can pause it).
+    pub fn budget_now(&self) -> u64 {
+        self.budget_epoch.elapsed().as_millis() as u64
+    }
+
+    /// Swaps in a new config and endpoint set; live counters, ejections and
+    /// upstream connections of endpoints that stay are kept. An endpoint that
+    /// active checks now call healthy, after they did not, is no longer ejected:
+    /// probes have seen it answer since the proxy's failures.
     pub fn update(&self, config: Arc<Config>, members: Vec<MemberSpec>) {
-        if self.clients.load().connect_timeout != config.timeouts.connect {
-            self.clients.store(Arc::new(Clients::new(config.timeouts.connect)));
+        let previous = self.current.load_full();
+        let now = now_ms();
+        for m in members.iter().filter(|m| m.healthy) {
+            let was_healthy = previous
+                .snap
+                .members
+                .iter()
+                .find(|o| o.spec.addr == m.addr)
+                .is_some_and(|o| o.spec.healthy);
+            if !was_healthy {
+                self.lift_ejection_in(&previous.snap, m.addr, now);
+            }
         }
         let removed = self.balancer.update(config.algorithm.clone(), members, |addr| {
             Endpoint::with_stats(addr, self.metrics.endpoint_stats(&self.label, &addr.to_string()))
@@ -129,7 +181,54 @@ impl ServiceRuntime {
         for addr in removed {
             self.metrics.forget_endpoint(&self.label, &addr.to_string());
         }
-        self.config.store(config);
+        let snap = self.balancer.snapshot();
+        let settings = PoolSettings {
+            connect_timeout: config.timeouts.connect,
+            ..PoolSettings::default()
+        };
+        let mut pools = self.pools.lock().expect("pools lock poisoned");
+        let mut wanted: HashMap<SocketAddr, Arc<Pool>> = HashMap::new();
+        let tables = config
+            .listeners
+            .iter()
+            .map(|l| {
+                snap.members
+                    .iter()
+                    .map(|m| {
+                        let target = Self::target(m, l);
+                        wanted
+                            .entry(target)
+                            .or_insert_with(|| match pools.get(&target) {
+                                Some(p) if p.settings() == settings => p.clone(),
+                                _ => Arc::new(Pool::new(target, settings)),
+                            })
+                            .clone()
+                    })
+                    .collect()
+            })
+            .collect();
+        *pools = wanted;
+        drop(pools);
+        self.budget.set_window(&config.retry.budget);
+        self.current.store(Arc::new(Current {
+            config,
+            snap,
+            pools: tables,
+        }));
+    }
+
+    /// Ends a passive ejection of `addr` because an active probe passed.
+    pub fn lift_ejection(&self, addr: SocketAddr) {
+        self.lift_ejection_in(&self.current.load().snap, addr, now_ms());
+    }
+
+    fn lift_ejection_in(&self, snap: &Snapshot, addr: SocketAddr, now: u64) {
+        if let Some(m) = snap.members.iter().find(|m| m.spec.addr == addr)
+            && m.endpoint.passive.lift(now)
+        {
+            m.endpoint.stats.lifted.inc();
+            tracing::info!(service = %self.key, endpoint = %addr, "ejection lifted: active health check passed");
+        }
     }
 
     /// Where `member` is reached for `listener`: its address with the listener's
@@ -153,6 +252,9 @@ impl ServiceRuntime {
             .record_failure(now_ms(), p.max_fails, p.fail_timeout)
         {
             member.endpoint.stats.ejections.inc();
+            if let Some(until) = self.ejections_until.get() {
+                until.fetch_max(now_ms() + p.fail_timeout.as_millis() as u64, Ordering::Relaxed);
+            }
             tracing::warn!(
                 service = %self.key,
                 endpoint = %member.spec.addr,
@@ -174,64 +276,22 @@ impl ServiceRuntime {
             .inc();
     }
 
-    /// Connects to an endpoint for a TCP listener or an HTTP upgrade: picks,
-    /// connects within `timeouts.connect`, and on failure tries the next
-    /// endpoint, up to `retry.tries`.
-    pub async fn connect(
-        &self,
-        snap: &Snapshot,
-        listener: &ListenerConfig,
-        key: Option<u64>,
-    ) -> Result<(TcpStream, ActiveGuard, SocketAddr), ConnectError> {
-        let config = self.config();
-        let limit = match config.retry.tries {
-            0 => snap.members.len(),
-            n => n as usize,
-        };
-        let mut tried = Tried::default();
-        let mut last = None;
-        while tried.len() < limit {
-            let Some(i) = self.balancer.pick(snap, &tried, key, now_ms()) else {
-                break;
-            };
-            tried.add(i);
-            let member = &snap.members[i];
-            let guard = ActiveGuard::new(member.endpoint.clone());
-            let target = Self::target(member, listener);
-            let failure = match tokio::time::timeout(config.timeouts.connect, TcpStream::connect(target)).await {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    member.endpoint.passive.record_success();
-                    return Ok((stream, guard, member.spec.addr));
-                }
-                Ok(Err(e)) => Failure::Connect(crate::health::probe::io_text(&e)),
-                Err(_) => Failure::Timeout,
-            };
-            member.endpoint.stats.record_failure(failure == Failure::Timeout);
-            self.record_failure(&config, member, &failure);
-            if tried.len() < limit {
-                self.record_retry(if failure == Failure::Timeout {
-                    "Timeout"
-                } else {
-                    "Error"
-                });
-            }
-            last = Some((member.spec.addr, failure));
-        }
-        Err(ConnectError { last })
+    /// Counts a retry the budget refused.
+    pub fn record_budget_refusal(&self) {
+        self.budget_refused.inc();
     }
 
     /// The consistent-hash key of a client, when the algorithm hashes.
     pub fn hash_source_ip(config: &Config, peer: SocketAddr) -> Option<u64> {
         match &config.algorithm {
-            crate::api::config::Algorithm::ConsistentHash(HashKey::SourceIp) => {
-                Some(crate::balance::picker::hash_key(&ip_bytes(peer)))
-            }
             crate::api::config::Algorithm::ConsistentHash(_) => Some(crate::balance::picker::hash_key(&ip_bytes(peer))),
             _ => None,
         }
     }
 }
+
+/// How often idle upstream connections past their timeout are closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Bytes of a peer's IP, for hashing.
 pub fn ip_bytes(peer: SocketAddr) -> Vec<u8> {
@@ -239,11 +299,4 @@ pub fn ip_bytes(peer: SocketAddr) -> Vec<u8> {
         std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
         std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
     }
-}
-
-/// No endpoint could be connected.
-#[derive(Debug)]
-pub struct ConnectError {
-    /// The last endpoint tried and why it failed; `None` when none was available.
-    pub last: Option<(SocketAddr, Failure)>,
 }

@@ -143,9 +143,24 @@ pub async fn run_proxy(client: Client, opts: ProxyOptions, admin_listener: TcpLi
     let _ = admin_task.await;
 }
 
+/// Listeners whose spec names no `appProtocol` take the one the controller
+/// found on the Service port (`status.listeners`).
+pub fn with_status_protocols(mut cfg: Config, bsvc: &BalancedService) -> Config {
+    for found in bsvc.status.iter().flat_map(|s| &s.listeners) {
+        if let Some(l) = cfg
+            .listeners
+            .iter_mut()
+            .find(|l| l.name == found.name && l.app_protocol.is_none())
+        {
+            l.app_protocol = crate::api::config::AppProtocol::parse(&found.app_protocol);
+        }
+    }
+    cfg
+}
+
 fn apply(state: &ProxyState, bsvc: &BalancedService) {
     let cfg = match validate(state.key.clone(), &bsvc.spec) {
-        Ok(cfg) => Arc::new(cfg),
+        Ok(cfg) => Arc::new(with_status_protocols(cfg, bsvc)),
         Err(errors) => {
             tracing::warn!(service = %state.key, errors = %errors, "invalid spec; serving the last good snapshot");
             return;

@@ -1,0 +1,330 @@
+//! The attempt loop every listener kind shares (HTTP requests, upgrades, TCP
+//! connections): pick an endpoint not tried yet, let the caller make one
+//! attempt, then settle its outcome: live counters, passive health, the retry
+//! decision ([`decide`], pure) and the retry budget.
+//!
+//! It is a state machine with no I/O, so the caller owns the await and the
+//! request, and the loop is tested without sockets:
+//!
+//! ```text
+//! let mut attempts = Attempts::new(&service, &config, &snap, key);
+//! while let Some(i) = attempts.next_endpoint() {
+//!     match try_endpoint(i).await {
+//!         Ok(answer) => { attempts.succeeded(i); return answer }
+//!         Err(failure) => if !attempts.failed(i, failure, request) { break },
+//!     }
+//! }
+//! answer_with(attempts.exhausted())
+//! ```
+
+use std::net::SocketAddr;
+
+use http::Method;
+use tokio::time::Instant;
+
+use super::retry::{Attempted, Failure, NoRetry, decide};
+use super::service::ServiceRuntime;
+use crate::api::config::Config;
+use crate::balance::{Snapshot, Tried, now_ms};
+
+/// What the retry rules need to know about the request being attempted.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestFacts<'a> {
+    /// The HTTP method; `None` for a TCP connection.
+    pub method: Option<&'a Method>,
+    /// The request body can be sent again.
+    pub replayable: bool,
+}
+
+impl RequestFacts<'_> {
+    /// A TCP connection or an upgrade: nothing is replayed but the connect.
+    pub const CONNECTION: RequestFacts<'static> = RequestFacts {
+        method: None,
+        replayable: true,
+    };
+}
+
+/// The attempts of one request against one snapshot.
+pub struct Attempts<'a> {
+    service: &'a ServiceRuntime,
+    config: &'a Config,
+    snap: &'a Snapshot,
+    key: Option<u64>,
+    started: Instant,
+    tried: Tried,
+    last: Option<(SocketAddr, Failure)>,
+    errors: Vec<(SocketAddr, Failure)>,
+    refused: Option<NoRetry>,
+}
+
+/// Why the attempts ended without an answer to pass on.
+#[derive(Debug)]
+pub struct Exhausted {
+    /// The last endpoint tried and its failure; `None` when no endpoint could be picked.
+    pub last: Option<(SocketAddr, Failure)>,
+    /// Endpoints tried.
+    pub tries: usize,
+    /// Every failure, in order (kept only with `debug.errorDetail`).
+    pub errors: Vec<(SocketAddr, Failure)>,
+    /// Why the last failure was not retried, when the rules or the budget said no.
+    pub refused: Option<NoRetry>,
+}
+
+impl<'a> Attempts<'a> {
+    /// Starts the attempts of one request (counted by the retry budget).
+    pub fn new(service: &'a ServiceRuntime, config: &'a Config, snap: &'a Snapshot, key: Option<u64>) -> Self {
+        service.budget.deposit(service.budget_now());
+        Self {
+            service,
+            config,
+            snap,
+            key,
+            started: Instant::now(),
+            tried: Tried::default(),
+            last: None,
+            errors: Vec::new(),
+            refused: None,
+        }
+    }
+
+    /// The next endpoint to try (an index into the snapshot's members), or
+    /// `None` when every candidate was tried.
+    pub fn next_endpoint(&mut self) -> Option<usize> {
+        let i = self.service.balancer.pick(self.snap, &self.tried, self.key, now_ms())?;
+        self.tried.add(i);
+        Some(i)
+    }
+
+    /// Endpoints tried so far.
+    pub fn tries(&self) -> usize {
+        self.tried.len()
+    }
+
+    /// Whether a request that fails after being sent could still be retried
+    /// (so the caller keeps a copy of what it sends).
+    pub fn may_retry_after_send(&self, request: RequestFacts<'_>) -> bool {
+        let policy = &self.config.retry;
+        let limit = match policy.tries {
+            0 => self.snap.members.len(),
+            n => n as usize,
+        };
+        request.replayable
+            && self.tried.len() < limit
+            && policy
+                .on
+                .iter()
+                .any(|c| *c != crate::api::config::RetryCondition::NonIdempotent)
+            && request.method.is_none_or(|m| {
+                super::retry::is_idempotent(m) || policy.retries_on(crate::api::config::RetryCondition::NonIdempotent)
+            })
+    }
+
+    /// The attempt on endpoint `i` succeeded (a connection, or an answer that
+    /// is not a retry condition).
+    pub fn succeeded(&mut self, i: usize) {
+        self.snap.members[i].endpoint.passive.record_success();
+    }
+
+    /// Endpoint `i` answered `status`: true when that answer should be retried
+    /// elsewhere (a `retry.on` status within the rules and budget), false when
+    /// it goes to the client.
+    pub fn answered(&mut self, i: usize, status: u16, request: RequestFacts<'_>) -> bool {
+        let failure = Failure::Status(status);
+        let retryable = failure.condition().is_some_and(|c| self.config.retry.retries_on(c));
+        if retryable {
+            return self.failed(i, failure, request);
+        }
+        let member = &self.snap.members[i];
+        member.endpoint.stats.record_status(status);
+        if failure.counts_for_passive(&self.config.passive) {
+            self.service.record_failure(self.config, member, &failure);
+        } else {
+            member.endpoint.passive.record_success();
+        }
+        false
+    }
+
+    /// Endpoint `i` failed: counts it, and says whether to try another.
+    pub fn failed(&mut self, i: usize, failure: Failure, request: RequestFacts<'_>) -> bool {
+        let member = &self.snap.members[i];
+        match &failure {
+            Failure::Status(s) => member.endpoint.stats.record_status(*s),
+            f => member.endpoint.stats.record_failure(*f == Failure::Timeout),
+        }
+        self.service.record_failure(self.config, member, &failure);
+        let decision = decide(
+            &self.config.retry,
+            &Attempted {
+                failure: &failure,
+                method: request.method.unwrap_or(&Method::GET),
+                replayable: request.replayable,
+                attempts: self.tried.len() as u32,
+                endpoints: self.snap.members.len() as u32,
+                elapsed: self.started.elapsed(),
+            },
+        );
+        let verdict = decision.and_then(|condition| {
+            if self
+                .service
+                .budget
+                .try_withdraw(&self.config.retry.budget, self.service.budget_now())
+            {
+                Ok(condition)
+            } else {
+                self.service.record_budget_refusal();
+                Err(NoRetry::BudgetExhausted)
+            }
+        });
+        let addr = member.spec.addr;
+        if self.config.error_detail {
+            self.errors.push((addr, failure.clone()));
+        }
+        self.last = Some((addr, failure));
+        match verdict {
+            Ok(condition) => {
+                self.service.record_retry(super::http::condition_name(condition));
+                tracing::debug!(service = %self.service.key, endpoint = %addr, reason = super::http::condition_name(condition), "retrying on another endpoint");
+                true
+            }
+            Err(why) => {
+                self.refused = Some(why);
+                false
+            }
+        }
+    }
+
+    /// How the attempts ended.
+    pub fn exhausted(self) -> Exhausted {
+        Exhausted {
+            tries: self.tried.len(),
+            last: self.last,
+            errors: self.errors,
+            refused: self.refused,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::api::config::RetryCondition;
+    use crate::api::load::load_configs;
+    use crate::balance::MemberSpec;
+    use crate::metrics::Metrics;
+
+    fn runtime(yaml_extra: &str, healthy: &[bool]) -> (Arc<ServiceRuntime>, Arc<Config>) {
+        let yaml = format!(
+            "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: t}}\nspec:\n  endpoints: [{}]\n  listeners: [{{name: http, port: 8080}}]\n{yaml_extra}",
+            (0..healthy.len())
+                .map(|i| format!("{{address: 127.0.0.1, port: {}}}", 9000 + i))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let cfg = Arc::new(load_configs(&yaml).expect("valid spec").remove(0));
+        let rt = ServiceRuntime::new(cfg.clone(), Metrics::new().proxy);
+        let members = cfg
+            .endpoints
+            .iter()
+            .zip(healthy)
+            .map(|(e, h)| MemberSpec {
+                addr: e.addr,
+                weight: e.weight,
+                backup: e.backup,
+                max_connections: 0,
+                healthy: *h,
+            })
+            .collect();
+        rt.update(cfg.clone(), members);
+        (rt, cfg)
+    }
+
+    const GET: RequestFacts<'static> = RequestFacts {
+        method: Some(&Method::GET),
+        replayable: true,
+    };
+
+    #[tokio::test]
+    async fn each_endpoint_is_tried_once_up_to_tries() {
+        let (rt, cfg) = runtime("  retry: {tries: 0}\n", &[true, true, true]);
+        let snap = rt.current().snap.clone();
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        let mut seen = Vec::new();
+        while let Some(i) = a.next_endpoint() {
+            seen.push(i);
+            if !a.failed(i, Failure::Connect("refused".into()), GET) {
+                break;
+            }
+        }
+        seen.sort();
+        assert_eq!(seen, vec![0, 1, 2], "tries: 0 is one per endpoint, none twice");
+        let end = a.exhausted();
+        assert_eq!(end.tries, 3);
+        assert_eq!(end.refused, Some(NoRetry::TriesExhausted));
+    }
+
+    #[tokio::test]
+    async fn a_status_in_retry_on_goes_elsewhere_and_others_go_to_the_client() {
+        let (rt, cfg) = runtime("  retry: {on: [Http503]}\n", &[true, true]);
+        let snap = rt.current().snap.clone();
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        let i = a.next_endpoint().unwrap();
+        assert!(a.answered(i, 503, GET), "503 is in retry.on");
+        let j = a.next_endpoint().unwrap();
+        assert_ne!(i, j);
+        assert!(!a.answered(j, 500, GET), "500 is not");
+        assert_eq!(cfg.retry.on, vec![RetryCondition::Http503]);
+    }
+
+    #[tokio::test]
+    async fn a_connect_failure_of_a_post_is_retried_but_a_reset_is_not() {
+        let (rt, cfg) = runtime("", &[true, true, true]);
+        let snap = rt.current().snap.clone();
+        let post = RequestFacts {
+            method: Some(&Method::POST),
+            replayable: true,
+        };
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        let i = a.next_endpoint().unwrap();
+        assert!(
+            a.failed(i, Failure::Connect("refused".into()), post),
+            "nothing was sent"
+        );
+        let j = a.next_endpoint().unwrap();
+        assert!(!a.failed(j, Failure::Error("reset".into()), post));
+        assert_eq!(a.exhausted().refused, Some(NoRetry::NonIdempotent));
+    }
+
+    #[tokio::test]
+    async fn a_spent_budget_refuses_the_retry_and_says_so() {
+        let (rt, cfg) = runtime(
+            "  retry: {budget: {percent: 0, minRetryRate: {count: 1, interval: 10s}}}\n",
+            &[true, true, true],
+        );
+        let snap = rt.current().snap.clone();
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        let i = a.next_endpoint().unwrap();
+        assert!(a.failed(i, Failure::Timeout, GET), "the floor allows one");
+        let j = a.next_endpoint().unwrap();
+        assert!(!a.failed(j, Failure::Timeout, GET));
+        assert_eq!(a.exhausted().refused, Some(NoRetry::BudgetExhausted));
+    }
+
+    #[tokio::test]
+    async fn when_every_endpoint_is_down_all_are_tried_anyway() {
+        let (rt, cfg) = runtime("  retry: {tries: 0}\n", &[false, true, false]);
+        let snap = rt.current().snap.clone();
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        let first = a.next_endpoint().unwrap();
+        assert_eq!(first, 1, "the healthy one first");
+        assert!(a.failed(first, Failure::Connect("refused".into()), GET));
+        // The healthy endpoint was tried (and is now ejected): the rest are
+        // still tried rather than giving up.
+        let mut rest = vec![a.next_endpoint().unwrap()];
+        assert!(a.failed(rest[0], Failure::Connect("refused".into()), GET));
+        rest.push(a.next_endpoint().unwrap());
+        rest.sort();
+        assert_eq!(rest, vec![0, 2]);
+    }
+}

@@ -1,0 +1,326 @@
+//! Header work on the request path: framing checks, hop-by-hop stripping,
+//! forwarding headers, and shaping a request for the upstream protocol
+//! (origin-form and `Host` for HTTP/1.1, `:authority` and no `Host` for h2).
+
+use std::net::SocketAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Uri, Version};
+
+use super::upstream::Protocol;
+
+/// Rejects framing that proxies and backends could read differently (request
+/// smuggling): Content-Length with Transfer-Encoding, repeated or non-chunked
+/// Transfer-Encoding, disagreeing Content-Lengths.
+pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter();
+    let mut cl = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (first_te, first_cl) = (te.next(), cl.next());
+    if first_te.is_some() && first_cl.is_some() {
+        return Err("Content-Length with Transfer-Encoding");
+    }
+    if let Some(v) = first_te {
+        if te.next().is_some() {
+            return Err("repeated Transfer-Encoding");
+        }
+        if !v.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err("unsupported Transfer-Encoding");
+        }
+    }
+    if let Some(first) = first_cl
+        && cl.any(|v| v != first)
+    {
+        return Err("conflicting Content-Length");
+    }
+    Ok(())
+}
+
+/// Whether a request asks to switch protocols (WebSocket and friends).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether the request is gRPC (`content-type: application/grpc*`), which
+/// needs HTTP/2 end to end.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Removes hop-by-hop headers (RFC 9110 7.6.1) and those `Connection` names.
+/// Upgrades keep `Connection: upgrade` and `Upgrade`, and `TE: trailers` is
+/// kept because gRPC requires it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, strip_upgrade: bool) {
+    let names_headers = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| !is_standard_connection_token(v.as_bytes()));
+    if names_headers {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| strip_upgrade || *n != header::UPGRADE)
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    let trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")))
+    });
+    for name in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if strip_upgrade {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    } else {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// `keep-alive` and `close` name no header to strip: the common case needs no
+/// list built.
+fn is_standard_connection_token(v: &[u8]) -> bool {
+    v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
+}
+
+/// What the proxy says about one client connection in forwarding headers,
+/// formatted once per connection rather than once per request.
+#[derive(Clone, Debug)]
+pub struct Downstream {
+    /// The client's address.
+    pub peer: SocketAddr,
+    ip: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+impl Downstream {
+    /// The facts of a connection from `peer`.
+    pub fn new(peer: SocketAddr) -> Self {
+        let ip = peer.ip().to_string();
+        let node = if peer.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.clone()
+        };
+        Self {
+            peer,
+            ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            forwarded: HeaderValue::from_str(&format!("for={node};proto=http"))
+                .unwrap_or_else(|_| HeaderValue::from_static("for=unknown;proto=http")),
+        }
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets
+/// `X-Forwarded-Proto` unless an outer proxy already did.
+pub fn add_forwarding(headers: &mut HeaderMap, client: &Downstream) {
+    append_list(headers, HeaderName::from_static("x-forwarded-for"), &client.ip);
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    append_list(headers, header::FORWARDED, &client.forwarded);
+}
+
+/// Sets `name` to `value`, or appends `, value` to what an outer proxy wrote.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
+    match headers.get(&name) {
+        None => {
+            headers.insert(name, value.clone());
+        }
+        Some(prior) => {
+            let mut joined = Vec::with_capacity(prior.len() + 2 + value.len());
+            joined.extend_from_slice(prior.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(value.as_bytes());
+            if let Ok(v) = HeaderValue::from_bytes(&joined) {
+                headers.insert(name, v);
+            }
+        }
+    }
+}
+
+/// Shapes the request line and `Host` for the upstream protocol, whatever the
+/// client spoke: HTTP/1.1 gets origin-form and a `Host` (from `:authority` when
+/// the client spoke h2); h2 gets `:authority` (from `Host` when the client spoke
+/// HTTP/1.1) and no `Host`, which h2 servers such as nginx reject as a
+/// duplicate; an HTTP/1.0 client that named no host is sent as `localhost`.
+pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    match protocol {
+        Protocol::Http1 => {
+            if !parts.headers.contains_key(header::HOST)
+                && let Some(v) = parts
+                    .uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                parts.headers.insert(header::HOST, v);
+            }
+            if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                parts.uri = Uri::from(path);
+            }
+            parts.version = Version::HTTP_11;
+        }
+        Protocol::H2c => {
+            let authority = match parts.uri.authority() {
+                Some(a) => Some(a.clone()),
+                None => parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok()),
+            };
+            let authority = authority.unwrap_or_else(|| Authority::from_static("localhost"));
+            parts.headers.remove(header::HOST);
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = Some(path);
+            if let Ok(u) = Uri::from_parts(uri) {
+                parts.uri = u;
+            }
+            parts.version = Version::HTTP_2;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn ambiguous_framing_is_rejected() {
+        assert!(check_framing(&headers(&[("content-length", "5"), ("transfer-encoding", "chunked")])).is_err());
+        assert!(
+            check_framing(&headers(&[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ]))
+            .is_err()
+        );
+        assert!(check_framing(&headers(&[("transfer-encoding", "gzip")])).is_err());
+        assert!(check_framing(&headers(&[("content-length", "5"), ("content-length", "6")])).is_err());
+        assert!(check_framing(&headers(&[("content-length", "5"), ("content-length", "5")])).is_ok());
+        assert!(check_framing(&headers(&[("content-length", "5")])).is_ok());
+        assert!(check_framing(&headers(&[("transfer-encoding", "chunked")])).is_ok());
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go_but_te_trailers_stays() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("te", "trailers"),
+            ("proxy-authorization", "secret"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["x-kept"], "yes");
+        let mut h = headers(&[("connection", "x-private"), ("x-private", "1")]);
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.is_empty(), "a single named header goes too: {h:?}");
+        let mut h = headers(&[("connection", "keep-alive"), ("x-kept", "1")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn forwarding_headers_append_the_client() {
+        let mut h = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
+        add_forwarding(&mut h, &Downstream::new("10.0.0.9:5555".parse().unwrap()));
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
+        let mut h = HeaderMap::new();
+        add_forwarding(&mut h, &Downstream::new("[::1]:80".parse().unwrap()));
+        assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    fn request(version: Version, uri: &str, host: Option<&str>) -> http::request::Parts {
+        let mut b = Request::builder().version(version).uri(uri);
+        if let Some(h) = host {
+            b = b.header("host", h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn an_h2_client_reaches_an_http1_endpoint_with_host_from_its_authority() {
+        let mut p = request(Version::HTTP_2, "http://shop.example:8080/a?b=1", None);
+        shape_for(&mut p, Protocol::Http1);
+        assert_eq!(p.uri, "/a?b=1");
+        assert_eq!(p.headers["host"], "shop.example:8080");
+        assert_eq!(p.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn an_http1_client_reaches_an_h2_endpoint_with_its_host_as_authority_and_no_host() {
+        let mut p = request(Version::HTTP_11, "/a?b=1", Some("shop.example"));
+        shape_for(&mut p, Protocol::H2c);
+        assert_eq!(p.uri, "http://shop.example/a?b=1");
+        assert!(!p.headers.contains_key("host"), "no Host beside :authority");
+        assert_eq!(p.version, Version::HTTP_2);
+        let mut p = request(Version::HTTP_2, "http://grpc.example/svc/Method", None);
+        shape_for(&mut p, Protocol::H2c);
+        assert_eq!(
+            p.uri.authority().unwrap(),
+            "grpc.example",
+            "the client's authority is kept"
+        );
+    }
+
+    #[test]
+    fn grpc_is_recognised_by_content_type() {
+        assert!(is_grpc(&headers(&[("content-type", "application/grpc+proto")])));
+        assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
+    }
+}

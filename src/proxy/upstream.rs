@@ -1,0 +1,362 @@
+//! Upstream connections, owned per endpoint (nginx `keepalive`, HAProxy
+//! `http-reuse`): idle HTTP/1.1 connections are kept most-recently-used first,
+//! capped and closed after an idle timeout; HTTP/2 connections are shared by
+//! requests up to the stream limit the endpoint announced, and another one is
+//! opened when they are full or gone.
+//!
+//! A checkout never waits on another request: it takes an idle connection or
+//! connects. The small mutexes here guard a push or a pop and are never held
+//! across an `.await`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::body::BoxError;
+use super::retry::Failure;
+use crate::health::probe::io_text;
+
+/// Streams one HTTP/2 connection carries before another is opened: at or
+/// under what common servers allow (nginx 128, HAProxy 100, Go 250), so
+/// requests rarely queue behind an endpoint's own limit.
+const H2_STREAMS: usize = 100;
+
+/// How the pool behaves, from the service's config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Time to establish a connection.
+    pub connect_timeout: Duration,
+    /// An idle connection is closed after this long (nginx `keepalive_timeout`).
+    pub idle_timeout: Duration,
+    /// Idle HTTP/1.1 connections kept per endpoint (nginx `keepalive`).
+    pub max_idle: usize,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            max_idle: 128,
+        }
+    }
+}
+
+/// The protocol spoken to an endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1, one request at a time per connection.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), many streams per connection.
+    H2c,
+}
+
+/// The connections to one endpoint address.
+#[derive(Debug)]
+pub struct Pool {
+    target: SocketAddr,
+    settings: PoolSettings,
+    idle: Mutex<VecDeque<Idle>>,
+    h2: Mutex<Vec<H2Conn>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: http1::SendRequest<UpBody>,
+    since: Instant,
+}
+
+#[derive(Debug)]
+struct H2Conn {
+    sender: http2::SendRequest<UpBody>,
+    streams: Arc<AtomicUsize>,
+    last_used: Instant,
+}
+
+/// A connection ready for one request.
+pub enum Conn {
+    /// An HTTP/1.1 connection, owned until the response body ends.
+    H1 {
+        /// The sender.
+        sender: http1::SendRequest<UpBody>,
+        /// Taken from the idle list (it may have been closed by the endpoint meanwhile).
+        reused: bool,
+    },
+    /// A stream slot on a shared HTTP/2 connection.
+    H2 {
+        /// The sender (a handle on the shared connection).
+        sender: http2::SendRequest<UpBody>,
+        /// Holds the stream slot until the response body ends.
+        slot: StreamSlot,
+    },
+}
+
+/// Counts a stream on an HTTP/2 connection until dropped.
+#[derive(Debug)]
+pub struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    /// An empty pool for `target`.
+    pub fn new(target: SocketAddr, settings: PoolSettings) -> Self {
+        Self {
+            target,
+            settings,
+            idle: Mutex::new(VecDeque::new()),
+            h2: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The endpoint address.
+    pub fn target(&self) -> SocketAddr {
+        self.target
+    }
+
+    /// The settings it was made with.
+    pub fn settings(&self) -> PoolSettings {
+        self.settings
+    }
+
+    /// A connection for one request: an idle or shared one, or a new one
+    /// established within the connect timeout.
+    pub async fn checkout(&self, protocol: Protocol) -> Result<Conn, Failure> {
+        match protocol {
+            Protocol::Http1 => {
+                while let Some(mut sender) = self.pop_idle() {
+                    // A connection returned at the end of a body may still be
+                    // finishing that response: ready() waits for it, or says it closed.
+                    if std::future::poll_fn(|cx| sender.poll_ready(cx)).await.is_ok() {
+                        return Ok(Conn::H1 { sender, reused: true });
+                    }
+                }
+                Ok(Conn::H1 {
+                    sender: self.connect_h1().await?,
+                    reused: false,
+                })
+            }
+            Protocol::H2c => {
+                if let Some(conn) = self.shared_h2() {
+                    return Ok(conn);
+                }
+                let conn = self.connect_h2().await?;
+                conn.streams.fetch_add(1, Ordering::Relaxed);
+                let out = Conn::H2 {
+                    sender: conn.sender.clone(),
+                    slot: StreamSlot(conn.streams.clone()),
+                };
+                self.h2.lock().expect("pool lock poisoned").push(conn);
+                Ok(out)
+            }
+        }
+    }
+
+    /// A fresh HTTP/1.1 connection, never pooled (used to retry a request that a
+    /// reused connection lost before sending it).
+    pub async fn fresh_h1(&self) -> Result<http1::SendRequest<UpBody>, Failure> {
+        self.connect_h1().await
+    }
+
+    /// Gives back an HTTP/1.1 connection whose response ended cleanly.
+    pub fn release(&self, sender: http1::SendRequest<UpBody>) {
+        if sender.is_closed() || self.settings.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock poisoned");
+        let now = Instant::now();
+        // The oldest sit at the front: trim what timed out, and over the cap.
+        while idle
+            .front()
+            .is_some_and(|i| now.duration_since(i.since) >= self.settings.idle_timeout)
+            || idle.len() >= self.settings.max_idle
+        {
+            idle.pop_front();
+        }
+        idle.push_back(Idle { sender, since: now });
+    }
+
+    /// Closes idle connections past the idle timeout (HTTP/1.1 and HTTP/2
+    /// connections with no stream open); called periodically.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let timeout = self.settings.idle_timeout;
+        self.idle
+            .lock()
+            .expect("pool lock poisoned")
+            .retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < timeout);
+        self.h2.lock().expect("pool lock poisoned").retain(|c| {
+            !c.sender.is_closed()
+                && (c.streams.load(Ordering::Relaxed) > 0 || now.duration_since(c.last_used) < timeout)
+        });
+    }
+
+    /// Idle HTTP/1.1 connections now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().expect("pool lock poisoned").len()
+    }
+
+    /// Open HTTP/2 connections now.
+    pub fn h2_count(&self) -> usize {
+        self.h2.lock().expect("pool lock poisoned").len()
+    }
+
+    fn pop_idle(&self) -> Option<http1::SendRequest<UpBody>> {
+        let mut idle = self.idle.lock().expect("pool lock poisoned");
+        let now = Instant::now();
+        while let Some(i) = idle.pop_back() {
+            if !i.sender.is_closed() && now.duration_since(i.since) < self.settings.idle_timeout {
+                return Some(i.sender);
+            }
+        }
+        None
+    }
+
+    fn shared_h2(&self) -> Option<Conn> {
+        let mut conns = self.h2.lock().expect("pool lock poisoned");
+        conns.retain(|c| !c.sender.is_closed());
+        let conn = conns
+            .iter_mut()
+            .find(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS)?;
+        conn.streams.fetch_add(1, Ordering::Relaxed);
+        conn.last_used = Instant::now();
+        Some(Conn::H2 {
+            sender: conn.sender.clone(),
+            slot: StreamSlot(conn.streams.clone()),
+        })
+    }
+
+    async fn tcp(&self) -> Result<TcpStream, Failure> {
+        match tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(self.target)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(e)) => Err(Failure::Connect(io_text(&e))),
+            Err(_) => Err(Failure::Timeout),
+        }
+    }
+
+    /// A new TCP connection to the endpoint (TCP listeners, upgrades).
+    pub async fn connect_tcp(&self) -> Result<TcpStream, Failure> {
+        self.tcp().await
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<UpBody>, Failure> {
+        let stream = self.tcp().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| Failure::Connect(e.to_string()))?;
+        let target = self.target;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %target, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn connect_h2(&self) -> Result<H2Conn, Failure> {
+        let stream = self.tcp().await?;
+        let handshake = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            // Large windows: a loopback or in-cluster endpoint should never wait
+            // for WINDOW_UPDATE on ordinary responses.
+            .initial_stream_window_size(4 * 1024 * 1024)
+            .initial_connection_window_size(16 * 1024 * 1024)
+            .max_concurrent_reset_streams(64)
+            .handshake(TokioIo::new(stream));
+        let (sender, conn) = tokio::time::timeout(self.settings.connect_timeout, handshake)
+            .await
+            .map_err(|_| Failure::Timeout)?
+            .map_err(|e| Failure::Connect(format!("h2 handshake: {e}")))?;
+        let target = self.target;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(endpoint = %target, error = %e, "upstream h2 connection ended with an error");
+            }
+        });
+        Ok(H2Conn {
+            sender,
+            streams: Arc::new(AtomicUsize::new(0)),
+            last_used: Instant::now(),
+        })
+    }
+}
+
+/// A request body sent upstream: no box, so each attempt costs no allocation
+/// for the body itself.
+#[derive(Debug)]
+pub enum UpBody {
+    /// No body.
+    Empty,
+    /// A buffered body (replayable).
+    Full(Option<Bytes>),
+    /// Bytes already read, then the rest of the client's body.
+    Stream {
+        /// What was read before the buffer limit was passed.
+        head: Option<Bytes>,
+        /// The rest, as it arrives.
+        rest: Incoming,
+    },
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut *self {
+            UpBody::Empty => Poll::Ready(None),
+            UpBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            UpBody::Stream { head, rest } => {
+                if let Some(b) = head.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(b))));
+                }
+                Pin::new(rest)
+                    .poll_frame(cx)
+                    .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Empty => true,
+            UpBody::Full(b) => b.is_none(),
+            UpBody::Stream { head, rest } => head.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Empty => SizeHint::with_exact(0),
+            UpBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            UpBody::Stream { head, rest } => {
+                let extra = head.as_ref().map_or(0, |b| b.len() as u64);
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower() + extra);
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper + extra);
+                }
+                hint
+            }
+        }
+    }
+}
