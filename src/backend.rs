@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +37,7 @@ pub struct Backend {
     kind: Kind,
     accepted: Arc<AtomicU64>,
     kill: CancellationToken,
+    frozen: Arc<AtomicBool>,
 }
 
 #[derive(Clone, Copy)]
@@ -48,9 +49,26 @@ enum Kind {
 }
 
 impl Backend {
-    /// An HTTP/1.1 + h2c backend on a free loopback port.
+    /// An HTTP/1.1 + h2c backend on a free loopback port. Answers carry
+    /// `x-backend: NAME` and `x-version` (the HTTP version the request came in).
     pub async fn http(name: &str, behavior: Behavior) -> Backend {
         Self::start(name, behavior, Kind::Http, "127.0.0.1:0".parse().expect("literal")).await
+    }
+
+    /// An HTTP backend on a chosen address (one a proxy already points at).
+    pub async fn http_at(name: &str, behavior: Behavior, addr: SocketAddr) -> Backend {
+        Self::start(name, behavior, Kind::Http, addr).await
+    }
+
+    /// Stops answering, as a SIGSTOPped process does: connections are still
+    /// accepted, but requests get no answer until [`Backend::thaw`].
+    pub fn freeze(&self) {
+        self.frozen.store(true, Ordering::Relaxed);
+    }
+
+    /// Answers again, held requests included.
+    pub fn thaw(&self) {
+        self.frozen.store(false, Ordering::Relaxed);
     }
 
     /// A backend that accepts connections and never says anything.
@@ -100,13 +118,21 @@ impl Backend {
     /// Listens again on the same address with the same behaviour.
     pub async fn revive(&mut self) {
         self.kill.cancel();
-        let (_, kill, accepted) = spawn(&self.name, self.behavior.clone(), self.kind, self.addr).await;
+        let (_, kill, accepted) = spawn(
+            &self.name,
+            self.behavior.clone(),
+            self.kind,
+            self.addr,
+            self.frozen.clone(),
+        )
+        .await;
         self.kill = kill;
         self.accepted = accepted;
     }
 
     async fn start(name: &str, behavior: Behavior, kind: Kind, addr: SocketAddr) -> Backend {
-        let (addr, kill, accepted) = spawn(name, behavior.clone(), kind, addr).await;
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (addr, kill, accepted) = spawn(name, behavior.clone(), kind, addr, frozen.clone()).await;
         Backend {
             addr,
             name: name.to_string(),
@@ -114,6 +140,7 @@ impl Backend {
             kind,
             accepted,
             kill,
+            frozen,
         }
     }
 }
@@ -124,6 +151,7 @@ async fn spawn(
     behavior: Behavior,
     kind: Kind,
     addr: SocketAddr,
+    frozen: Arc<AtomicBool>,
 ) -> (SocketAddr, CancellationToken, Arc<AtomicU64>) {
     let listener = bind_retrying(addr).await;
     let addr = listener.local_addr().expect("bound listener has an address");
@@ -144,6 +172,7 @@ async fn spawn(
                 let kill = kill.clone();
                 let name = name.clone();
                 let behavior = behavior.clone();
+                let frozen = frozen.clone();
                 tokio::spawn(async move {
                     match kind {
                         Kind::Hang => {
@@ -153,7 +182,7 @@ async fn spawn(
                         Kind::Http => {
                             tokio::select! {
                                 _ = kill.cancelled() => {}
-                                _ = serve_http(stream, name, behavior) => {}
+                                _ = serve_http(stream, name, behavior, frozen) => {}
                             }
                         }
                         Kind::Drop => {
@@ -184,11 +213,16 @@ impl Drop for Backend {
     }
 }
 
-async fn serve_http(stream: TcpStream, name: String, behavior: Behavior) {
+async fn serve_http(stream: TcpStream, name: String, behavior: Behavior, frozen: Arc<AtomicBool>) {
     let service = service_fn(move |mut req: Request<Incoming>| {
         let name = name.clone();
         let behavior = behavior.clone();
+        let frozen = frozen.clone();
         async move {
+            while frozen.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let version = format!("{:?}", req.version());
             if req.headers().contains_key(http::header::UPGRADE) {
                 // WebSocket-style upgrade: switch protocols, then echo raw bytes.
                 let upgrade = hyper::upgrade::on(&mut req);
@@ -219,6 +253,7 @@ async fn serve_http(stream: TcpStream, name: String, behavior: Behavior) {
             let response = Response::builder()
                 .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
                 .header("x-backend", name.as_str())
+                .header("x-version", version)
                 .body(Full::new(Bytes::from(name)))
                 .expect("valid response parts");
             Ok::<_, Infallible>(response)

@@ -425,3 +425,345 @@ async fn status_and_metrics_show_ejections_and_retries() {
     );
     assert!(metrics.contains("code=\"error\"} 1"), "{metrics}");
 }
+
+// ---- data plane v2: protocols, start-up order, hangs, one attempt loop ----
+
+/// An echo server that speaks only HTTP/1.1 (`h2: false`) or only HTTP/2 with
+/// prior knowledge (`h2: true`). The h2 one answers 400 to a request that
+/// carries `Host` beside `:authority`, as nginx does ("client sent duplicate
+/// host header"). Answers `VERSION host=HOST authority=AUTHORITY body=BODY`.
+async fn echo_server(h2: bool) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    let version = req.version();
+                    let host = req.headers().get("host").map(|h| h.to_str().unwrap().to_string());
+                    let authority = req.uri().authority().map(|a| a.to_string());
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let (status, text) = if version == http::Version::HTTP_2 && host.is_some() {
+                        (400, "client sent duplicate host header".to_string())
+                    } else {
+                        (
+                            200,
+                            format!(
+                                "{version:?} host={} authority={} body={}",
+                                host.unwrap_or_default(),
+                                authority.unwrap_or_default(),
+                                String::from_utf8_lossy(&body)
+                            ),
+                        )
+                    };
+                    Ok::<_, std::convert::Infallible>(
+                        http::Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(text)))
+                            .unwrap(),
+                    )
+                });
+                let io = TokioIo::new(stream);
+                if h2 {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(io, service)
+                        .await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// An h2c (prior knowledge) client on one connection.
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+async fn body_text(resp: http::Response<hyper::body::Incoming>) -> String {
+    String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+#[tokio::test]
+async fn an_h2_client_is_answered_by_an_http1_only_backend() {
+    let backend = echo_server(false).await;
+    let p = proxy(&[backend], "HTTP", "", 1).await;
+    let mut h2 = h2_client(p.listen).await;
+    let req = http::Request::post("http://shop.example/orders?id=7")
+        .body(Full::new(Bytes::from_static(b"payload-1234")))
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2, "the client keeps its protocol");
+    assert_eq!(
+        body_text(resp).await,
+        "HTTP/1.1 host=shop.example authority= body=payload-1234",
+        "translated to HTTP/1.1 with Host from :authority, body intact"
+    );
+}
+
+#[tokio::test]
+async fn an_http1_client_is_answered_by_an_h2c_only_backend_that_checks_authority() {
+    let backend = echo_server(true).await;
+    let p = proxy(&[backend], "HTTP, appProtocol: kubernetes.io/h2c", "", 1).await;
+    let req = http::Request::post(format!("http://{}/orders", p.listen))
+        .header("host", "shop.example:8080")
+        .body(Full::new(Bytes::from_static(b"payload-5678")))
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    let status = resp.status();
+    let text = String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned();
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text, "HTTP/2.0 host= authority=shop.example:8080 body=payload-5678");
+    // An h2 client's authority is kept as :authority too.
+    let mut h2 = h2_client(p.listen).await;
+    let resp = h2
+        .send_request(
+            http::Request::get("http://api.example/x")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(body_text(resp).await, "HTTP/2.0 host= authority=api.example body=");
+}
+
+#[tokio::test]
+async fn grpc_goes_over_h2c_per_request_while_plain_h2_requests_use_http1() {
+    let backends = [
+        Backend::http("a", Behavior::Status(200)).await,
+        Backend::http("b", Behavior::Status(200)).await,
+        Backend::http("c", Behavior::Status(200)).await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let p = proxy(&addrs, "HTTP", "", 3).await;
+    let h2 = h2_client(p.listen).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let req = http::Request::post(format!("http://{}/pkg.Svc/Call", p.listen))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = h2.clone().send_request(req).await.unwrap();
+        assert_eq!(resp.headers()["x-version"], "HTTP/2.0", "gRPC needs HTTP/2 upstream");
+        *seen
+            .entry(resp.headers()["x-backend"].to_str().unwrap().into())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "one client connection, every backend: {seen:?}");
+    let resp = h2
+        .clone()
+        .send_request(
+            http::Request::get(format!("http://{}/", p.listen))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.headers()["x-version"],
+        "HTTP/1.1",
+        "unset appProtocol means HTTP/1.1"
+    );
+}
+
+/// Runs `clients` loops of GETs until `stop`; returns every status seen.
+fn load(
+    listen: SocketAddr,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<HashMap<u16, usize>>> {
+    (0..clients)
+        .map(|_| {
+            let (stop, c) = (stop.clone(), client());
+            tokio::spawn(async move {
+                let mut seen: HashMap<u16, usize> = HashMap::new();
+                while !stop.load(Ordering::Relaxed) {
+                    *seen.entry(send(&c, "GET", listen, "").await.0).or_default() += 1;
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+async fn totals(workers: Vec<tokio::task::JoinHandle<HashMap<u16, usize>>>) -> HashMap<u16, usize> {
+    let mut total: HashMap<u16, usize> = HashMap::new();
+    for w in workers {
+        for (status, n) in w.await.unwrap() {
+            *total.entry(status).or_default() += n;
+        }
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_started_before_its_backends_uses_them_all_within_one_interval() {
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|_| SocketAddr::from(([127, 0, 0, 1], free_port())))
+        .collect();
+    let extra = "  healthCheck: {protocol: TCP, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}";
+    let p = proxy(&addrs, "HTTP", extra, 0).await;
+    // Clients arrive first: every endpoint fails to connect and is ejected.
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(send(&c, "GET", p.listen, "").await.0, 502);
+    }
+    let started = std::time::Instant::now();
+    let backends = [
+        Backend::http_at("a", Behavior::Status(200), addrs[0]).await,
+        Backend::http_at("b", Behavior::Status(200), addrs[1]).await,
+        Backend::http_at("c", Behavior::Status(200), addrs[2]).await,
+    ];
+    let mut seen = std::collections::HashSet::new();
+    let deadline = started + Duration::from_millis(1500);
+    while seen.len() < 3 && std::time::Instant::now() < deadline {
+        let (status, backend, _) = send(&c, "GET", p.listen, "").await;
+        if status == 200 {
+            seen.insert(backend);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = started.elapsed();
+    assert_eq!(seen.len(), 3, "backends serving after {took:?}: {seen:?}");
+    assert!(
+        took < Duration::from_millis(500 + 500),
+        "all three served {took:?} after they started; the probe interval is 500ms"
+    );
+    // Now a kill costs nothing: the others are not stuck in a stale ejection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(p.listen, 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    backends[0].kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let total = totals(workers).await;
+    let all: usize = total.values().sum();
+    assert_eq!(total.get(&200), Some(&all), "clients saw errors: {total:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backend_costs_no_answers_when_timeouts_are_retried() {
+    let backends = [
+        Backend::http("a", Behavior::Status(200)).await,
+        Backend::http("b", Behavior::Status(200)).await,
+        Backend::http("c", Behavior::Status(200)).await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let extra = "  healthCheck: {protocol: HTTP, interval: 200ms, timeout: 100ms, rise: 1, fall: 2, http: {path: /}}\n  timeouts: {connect: 1s, response: 300ms}\n  retry: {on: [Error, Timeout], tries: 3}";
+    let p = proxy(&addrs, "HTTP", extra, 3).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers = load(p.listen, 16, stop.clone());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    // SIGSTOP, in effect: connections accepted, no answers. Requests stuck on it
+    // time out together, and every one of them must be retried.
+    backends[1].freeze();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stop.store(true, Ordering::Relaxed);
+    backends[1].thaw();
+    let total = totals(workers).await;
+    let all: usize = total.values().sum();
+    assert!(all > 500, "only {all} requests: {total:?}");
+    assert_eq!(total.get(&200), Some(&all), "clients saw errors: {total:?}");
+    let (_, metrics) = http_get(p.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("balanced_upstream_retries_total{service=\"default/web\",reason=\"Timeout\"}"),
+        "the hang was survived by retries: {metrics}"
+    );
+}
+
+fn metric_sum(metrics: &str, name: &str, label: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn tcp_connect_failover_obeys_tries_and_the_retry_budget() {
+    let refused = [refusing_addr().await, refusing_addr().await, refusing_addr().await];
+    let extra = "  passiveHealth: {maxFails: 0}\n  retry: {tries: 2, budget: {percent: 0, minRetryRate: {count: 1, interval: 10s}}}";
+    let p = proxy(&refused, "TCP", extra, 0).await;
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(p.listen).await.unwrap();
+        let mut buf = Vec::new();
+        // No endpoint: the proxy closes the client connection.
+        tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+            .await
+            .expect("closed")
+            .ok();
+    }
+    let (_, metrics) = http_get(p.admin, "/metrics").await.unwrap();
+    let attempts = metric_sum(&metrics, "balanced_upstream_requests_total", "code=\"error\"");
+    // First connection: 2 tries (the budget's one retry per 10 s); second: the
+    // budget refuses its retry, 1 try. Never a third try (tries: 2).
+    assert_eq!(attempts, 3.0, "{metrics}");
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "balanced_upstream_retry_budget_exhausted_total",
+            "default/web"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_passing_active_probe_lifts_a_passive_ejection() {
+    let mut a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    // fall: 100 keeps probes calling `a` healthy through a short outage, so only
+    // the passive ejection (an hour long) takes it out.
+    let extra = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 1, failTimeout: 1h}\n  healthCheck: {protocol: TCP, interval: 200ms, timeout: 100ms, rise: 1, fall: 100}";
+    let p = proxy(&[a.addr, b.addr], "HTTP", extra, 2).await;
+    let c = client();
+    a.kill();
+    let a_port = a.addr.port();
+    let status_of_a = |admin| async move {
+        let (_, status) = http_get(admin, "/status").await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let eps = v["services"][0]["endpoints"].as_array().unwrap().clone();
+        eps.into_iter().find(|e| e["port"] == a_port).unwrap()
+    };
+    for _ in 0..4 {
+        assert_eq!(send(&c, "GET", p.listen, "").await.0, 200, "retried on b");
+    }
+    assert_eq!(status_of_a(p.admin).await["ejected"], true);
+    a.revive().await;
+    eventually(
+        Duration::from_secs(2),
+        "the next passing probe to lift the ejection",
+        || async { (status_of_a(p.admin).await["ejected"] == false).then_some(()) },
+    )
+    .await;
+    let (_, metrics) = http_get(p.admin, "/metrics").await.unwrap();
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "balanced_endpoint_ejections_lifted_total",
+            &a.addr.to_string()
+        ),
+        1.0,
+        "{metrics}"
+    );
+    let mut names = std::collections::HashSet::new();
+    for _ in 0..4 {
+        names.insert(send(&c, "GET", p.listen, "").await.1);
+    }
+    assert!(names.contains("a"), "a serves again: {names:?}");
+}

@@ -311,6 +311,26 @@ mod tests {
         assert_eq!(a.exhausted().refused, Some(NoRetry::BudgetExhausted));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_refills_as_its_window_slides() {
+        let (rt, cfg) = runtime(
+            "  retry: {tries: 0, budget: {percent: 0, interval: 10s, minRetryRate: {count: 1, interval: 10s}}}\n",
+            &[true, true, true],
+        );
+        let snap = rt.current().snap.clone();
+        let spend = || {
+            let mut a = Attempts::new(&rt, &cfg, &snap, None);
+            let i = a.next_endpoint().unwrap();
+            a.failed(i, Failure::Timeout, GET)
+        };
+        assert!(spend(), "one retry per 10 s window");
+        assert!(!spend(), "spent");
+        tokio::time::advance(std::time::Duration::from_secs(5)).await;
+        assert!(!spend(), "still inside the window");
+        tokio::time::advance(std::time::Duration::from_secs(6)).await;
+        assert!(spend(), "the first retry left the window");
+    }
+
     #[tokio::test]
     async fn when_every_endpoint_is_down_all_are_tried_anyway() {
         let (rt, cfg) = runtime("  retry: {tries: 0}\n", &[false, true, false]);
