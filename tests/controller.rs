@@ -375,3 +375,45 @@ async fn a_standby_takes_over_within_the_lease_duration() {
     two.stop.cancel();
     stopped(two.task).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_ports_app_protocol_reaches_status_for_the_proxies() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    server.put(
+        "endpointslices",
+        NS,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "web-h2c", "namespace": NS,
+                            "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "ports": [{"name": "http", "port": a.addr.port(), "protocol": "TCP",
+                          "appProtocol": "kubernetes.io/h2c"}],
+               "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}}]}),
+    );
+    let mut spec = web_spec(1);
+    spec["listeners"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "plain", "port": free_port(), "targetPort": "http", "appProtocol": "http"}));
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let c = controller(&server, None).await;
+    wait_status(
+        &server,
+        Duration::from_secs(5),
+        "status.listeners from the slice port",
+        |s| s["listeners"] == json!([{"name": "http", "appProtocol": "kubernetes.io/h2c"}]),
+    )
+    .await;
+    // The proxy side: a listener the spec leaves open follows status; one the
+    // spec sets keeps its own.
+    let bsvc: balanced::api::BalancedService =
+        serde_json::from_value(server.get("balancedservices", NS, "web").unwrap()).unwrap();
+    let cfg = balanced::api::validate(balanced::api::config::ServiceKey::new(NS, "web"), &bsvc.spec).unwrap();
+    let cfg = balanced::source::kube::with_status_protocols(cfg, &bsvc);
+    let protocols: Vec<_> = cfg.listeners.iter().map(|l| l.app_protocol).collect();
+    use balanced::api::config::AppProtocol;
+    assert_eq!(protocols, vec![Some(AppProtocol::H2c), Some(AppProtocol::Http1)]);
+    c.stop.cancel();
+    stopped(c.task).await;
+}

@@ -93,25 +93,38 @@ pub struct Snapshot {
 }
 
 /// Per-request record of the members already tried (never the same one twice).
+/// The first few live inline: most requests try one endpoint, and the request
+/// path should not allocate for that.
 #[derive(Clone, Debug, Default)]
-pub struct Tried(Vec<usize>);
+pub struct Tried {
+    inline: [usize; TRIED_INLINE],
+    len: usize,
+    more: Vec<usize>,
+}
+
+const TRIED_INLINE: usize = 8;
 
 impl Tried {
     /// Marks `index` tried.
     pub fn add(&mut self, index: usize) {
-        self.0.push(index);
+        if self.len < TRIED_INLINE {
+            self.inline[self.len] = index;
+        } else {
+            self.more.push(index);
+        }
+        self.len += 1;
     }
     /// Whether `index` was tried.
     pub fn contains(&self, index: usize) -> bool {
-        self.0.contains(&index)
+        self.inline[..self.len.min(TRIED_INLINE)].contains(&index) || self.more.contains(&index)
     }
     /// How many were tried.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.len
     }
     /// Whether none was tried.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
     }
 }
 

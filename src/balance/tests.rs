@@ -249,3 +249,15 @@ fn live_counters_survive_a_snapshot_swap() {
     assert!(Arc::ptr_eq(&before.members[0].endpoint, &after.members[0].endpoint));
     assert_eq!(after.members[1].endpoint.active(), 0);
 }
+
+#[test]
+fn tried_remembers_past_its_inline_slots() {
+    let mut t = Tried::default();
+    for i in 0..20 {
+        assert!(!t.contains(i));
+        t.add(i);
+    }
+    assert_eq!(t.len(), 20);
+    assert!((0..20).all(|i| t.contains(i)));
+    assert!(!t.contains(20));
+}
