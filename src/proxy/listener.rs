@@ -132,7 +132,7 @@ pub async fn serve_tcp(
             };
             let copied = tokio::select! {
                 _ = kill.cancelled() => return,
-                r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 * 1024, 64 * 1024) => r,
+                r = copy_both_ways(&mut client, &mut upstream) => r,
             };
             if let Err(e) = copied {
                 tracing::debug!(service = %service.key, %peer, %endpoint, error = %e, "tcp connection ended with an error");
@@ -181,4 +181,14 @@ async fn connect(
         .map(|(addr, f)| format!("{addr}: {}", failure_text(f)));
     tracing::warn!(service = %service.key, %peer, tries = end.tries, last = last.as_deref().unwrap_or("no endpoint available"), refused = ?end.refused, "no endpoint accepted the connection");
     None
+}
+
+#[cfg(target_os = "linux")]
+async fn copy_both_ways(client: &mut TcpStream, upstream: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+    super::splice::copy_bidirectional(client, upstream).await
+}
+
+#[cfg(not(target_os = "linux"))]
+async fn copy_both_ways(client: &mut TcpStream, upstream: &mut TcpStream) -> std::io::Result<(u64, u64)> {
+    tokio::io::copy_bidirectional_with_sizes(client, upstream, 64 * 1024, 64 * 1024).await
 }

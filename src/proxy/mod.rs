@@ -11,6 +11,8 @@ pub mod http;
 pub mod listener;
 pub mod retry;
 pub mod service;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod upstream;
 
 pub use dataplane::Dataplane;
