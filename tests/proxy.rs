@@ -740,3 +740,25 @@ async fn a_passing_active_probe_lifts_a_passive_ejection() {
     }
     assert!(names.contains("a"), "a serves again: {names:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_moves_megabytes_intact_both_ways() {
+    let echo = Backend::tcp_echo("echo").await;
+    let p = proxy(&[echo.addr], "TCP", "", 1).await;
+    let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let stream = TcpStream::connect(p.listen).await.unwrap();
+    let (mut r, mut w) = stream.into_split();
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::with_capacity(payload.len());
+    tokio::time::timeout(Duration::from_secs(20), r.read_to_end(&mut back))
+        .await
+        .expect("the echo finishes")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "bytes changed on the way");
+}
