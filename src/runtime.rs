@@ -4,7 +4,8 @@
 //! current-thread scheduler is used: every task runs on the thread that polls
 //! the sockets, with none of the work-stealing bookkeeping a one-worker
 //! multi-thread runtime still pays per wake-up. `BALANCED_WORKERS=N` overrides
-//! the count.
+//! the count; `BALANCED_RUNTIME=multi-thread` keeps the multi-thread scheduler
+//! even with one worker.
 
 use std::io;
 
@@ -15,7 +16,8 @@ pub fn build() -> io::Result<tokio::runtime::Runtime> {
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if workers == 1 {
+    let multi = std::env::var("BALANCED_RUNTIME").is_ok_and(|v| v == "multi-thread");
+    if workers == 1 && !multi {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
         tokio::runtime::Builder::new_multi_thread()

@@ -745,7 +745,9 @@ async fn a_passing_active_probe_lifts_a_passive_ejection() {
 async fn a_tcp_listener_moves_megabytes_intact_both_ways() {
     let echo = Backend::tcp_echo("echo").await;
     let p = proxy(&[echo.addr], "TCP", "", 1).await;
-    let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let payload: Vec<u8> = (0..8 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let stream = TcpStream::connect(p.listen).await.unwrap();
     let (mut r, mut w) = stream.into_split();
     let sent = payload.clone();
