@@ -77,3 +77,43 @@ pub fn failure_text(f: &Failure) -> String {
         Failure::Status(s) => format!("status {s}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn text(resp: Response<ProxyBody>) -> (u16, String) {
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn the_answer_names_the_last_failure_and_a_spent_budget() {
+        let addr: std::net::SocketAddr = "10.0.0.7:8080".parse().unwrap();
+        let end = Exhausted {
+            last: Some((addr, Failure::Timeout)),
+            tries: 1,
+            errors: vec![(addr, Failure::Timeout)],
+            refused: Some(NoRetry::BudgetExhausted),
+        };
+        let (status, body) = text(exhausted(&end, false)).await;
+        assert_eq!(status, 504);
+        assert_eq!(
+            body,
+            "504 Gateway Timeout: upstream timed out (1 try); retry budget exhausted (spec.retry.budget)\n"
+        );
+        assert!(!body.contains("10.0.0.7"), "addresses only with debug.errorDetail");
+        let (_, detailed) = text(exhausted(&end, true)).await;
+        assert!(detailed.ends_with("  10.0.0.7:8080: timeout\n"), "{detailed}");
+        let none = Exhausted {
+            last: None,
+            tries: 0,
+            errors: vec![],
+            refused: None,
+        };
+        assert_eq!(text(exhausted(&none, false)).await.0, 503);
+    }
+}

@@ -109,7 +109,7 @@ impl<'a> Attempts<'a> {
             n => n as usize,
         };
         request.replayable
-            && self.tried.len() < limit
+            && self.tried.len() < limit.min(self.snap.members.len())
             && policy
                 .on
                 .iter()
