@@ -360,3 +360,96 @@ impl Body for UpBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::backend::{Backend, Behavior};
+
+    /// One GET on `conn`; returns the connection once the answer was read.
+    async fn get(conn: Conn) -> (u16, http1::SendRequest<UpBody>) {
+        let Conn::H1 { mut sender, .. } = conn else {
+            panic!("asked for HTTP/1.1")
+        };
+        let req = http::Request::get("/").header("host", "t").body(UpBody::Empty).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await.unwrap();
+        (status, sender)
+    }
+
+    #[tokio::test]
+    async fn http1_connections_are_reused_and_capped() {
+        let backend = Backend::http("a", Behavior::Status(200)).await;
+        let pool = Pool::new(
+            backend.addr,
+            PoolSettings {
+                max_idle: 2,
+                ..PoolSettings::default()
+            },
+        );
+        let first = pool.checkout(Protocol::Http1).await.unwrap();
+        assert!(matches!(first, Conn::H1 { reused: false, .. }));
+        let (status, sender) = get(first).await;
+        assert_eq!(status, 200);
+        pool.release(sender);
+        assert_eq!(pool.idle_count(), 1);
+        let again = pool.checkout(Protocol::Http1).await.unwrap();
+        assert!(matches!(again, Conn::H1 { reused: true, .. }), "keep-alive reuse");
+        assert_eq!(backend.accepted(), 1);
+        // Three at once, all given back: the cap keeps two.
+        let conns = [
+            again,
+            pool.checkout(Protocol::Http1).await.unwrap(),
+            pool.checkout(Protocol::Http1).await.unwrap(),
+        ];
+        for c in conns {
+            let (_, sender) = get(c).await;
+            pool.release(sender);
+        }
+        assert_eq!(pool.idle_count(), 2);
+    }
+
+    #[tokio::test]
+    async fn idle_connections_close_after_the_idle_timeout() {
+        let backend = Backend::http("a", Behavior::Status(200)).await;
+        let pool = Pool::new(
+            backend.addr,
+            PoolSettings {
+                idle_timeout: Duration::from_millis(200),
+                ..PoolSettings::default()
+            },
+        );
+        let (_, sender) = get(pool.checkout(Protocol::Http1).await.unwrap()).await;
+        pool.release(sender);
+        tokio::time::pause();
+        tokio::time::advance(Duration::from_millis(250)).await;
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 0, "swept after the idle timeout");
+        tokio::time::resume();
+        let fresh = pool.checkout(Protocol::Http1).await.unwrap();
+        assert!(matches!(fresh, Conn::H1 { reused: false, .. }));
+    }
+
+    #[tokio::test]
+    async fn h2_streams_share_one_connection() {
+        let backend = Backend::http("a", Behavior::Status(200)).await;
+        let pool = Pool::new(backend.addr, PoolSettings::default());
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(pool.checkout(Protocol::H2c).await.unwrap());
+        }
+        assert_eq!(pool.h2_count(), 1, "10 streams, one connection");
+        // Past the stream limit another connection opens.
+        for _ in 10..H2_STREAMS + 1 {
+            held.push(pool.checkout(Protocol::H2c).await.unwrap());
+        }
+        assert_eq!(pool.h2_count(), 2);
+        // Slots are given back when their streams end.
+        held.truncate(5);
+        assert!(matches!(pool.checkout(Protocol::H2c).await.unwrap(), Conn::H2 { .. }));
+        assert_eq!(pool.h2_count(), 2, "room again on the first connection");
+    }
+}
