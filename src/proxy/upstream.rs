@@ -259,6 +259,7 @@ impl Pool {
     async fn connect_h1(&self) -> Result<http1::SendRequest<UpBody>, Failure> {
         let stream = self.tcp().await?;
         let (sender, conn) = http1::Builder::new()
+            .writev(false)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failure::Connect(e.to_string()))?;
