@@ -786,3 +786,22 @@ async fn a_tcp_listener_moves_megabytes_intact_both_ways() {
     assert_eq!(back.len(), payload.len());
     assert!(back == payload, "bytes changed on the way");
 }
+
+#[tokio::test]
+async fn a_streamed_body_still_fails_over_when_the_connect_fails() {
+    let good = echo_server(false).await;
+    let refused = refusing_addr().await;
+    // Probes of both go to the good port, so the refusing endpoint stays in
+    // rotation and every other request's first connect fails.
+    let extra = format!(
+        "  algorithm: RoundRobin\n  passiveHealth: {{maxFails: 0}}\n  retry: {{maxBodyBytes: 16}}\n  healthCheck: {{interval: 200ms, timeout: 100ms, rise: 1, port: {}}}",
+        good.port()
+    );
+    let p = proxy(&[refused, good], "HTTP", &extra, 2).await;
+    let big = "x".repeat(4096);
+    for _ in 0..4 {
+        let (status, _, body) = send(&client(), "POST", p.listen, &big).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.ends_with(&big), "the streamed body arrives whole");
+    }
+}

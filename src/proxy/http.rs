@@ -118,7 +118,13 @@ impl HttpProxy {
             let conn = match pool.checkout(protocol).await {
                 Ok(c) => c,
                 Err(failure) => {
-                    if attempts.failed(i, failure, facts) {
+                    // No connection, so the body is untouched: even a streamed
+                    // one can still go elsewhere.
+                    let untouched = RequestFacts {
+                        replayable: true,
+                        ..facts
+                    };
+                    if attempts.failed(i, failure, untouched) {
                         continue;
                     }
                     break;
