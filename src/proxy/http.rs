@@ -135,15 +135,12 @@ impl HttpProxy {
             };
             // Headers are copied only when a retry after sending is possible.
             let keep = attempts.may_retry_after_send(facts);
-            let mut up = Request::new(attempt_body);
-            *up.method_mut() = parts.method.clone();
-            *up.uri_mut() = parts.uri.clone();
-            *up.version_mut() = parts.version;
-            *up.headers_mut() = if keep {
+            let headers = if keep {
                 parts.headers.clone()
             } else {
                 std::mem::take(&mut parts.headers)
             };
+            let up = upstream_request(&parts, headers, attempt_body);
             let reused = matches!(conn, Conn::H1 { reused: true, .. });
             let started = Instant::now();
             let sent = tokio::time::timeout(config.timeouts.response, send(pool, conn, up)).await;
@@ -154,14 +151,7 @@ impl HttpProxy {
             if reused && matches!(outcome, Err((Failure::Error(_) | Failure::Connect(_), _))) {
                 let again = match &mut outcome {
                     Err((_, unsent @ Some(_))) => unsent.take(),
-                    _ if keep => body.take().map(|b| {
-                        let mut up = Request::new(b);
-                        *up.method_mut() = parts.method.clone();
-                        *up.uri_mut() = parts.uri.clone();
-                        *up.version_mut() = parts.version;
-                        *up.headers_mut() = parts.headers.clone();
-                        up
-                    }),
+                    _ if keep => body.take().map(|b| upstream_request(&parts, parts.headers.clone(), b)),
                     _ => None,
                 };
                 if let Some(up) = again {
@@ -270,6 +260,17 @@ impl HttpProxy {
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, super::body::empty())
     }
+}
+
+/// One attempt's request: the shaped head of the client's request, with
+/// `headers` (a copy, or the originals when no retry can follow) and `body`.
+fn upstream_request(parts: &http::request::Parts, headers: http::HeaderMap, body: UpBody) -> Request<UpBody> {
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method.clone();
+    *up.uri_mut() = parts.uri.clone();
+    *up.version_mut() = parts.version;
+    *up.headers_mut() = headers;
+    up
 }
 
 /// The protocol to speak to the endpoints: the listener's `appProtocol`, else
