@@ -17,6 +17,7 @@
 # Installs what it needs from Debian when missing. Everything runs on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 ROUNDS=${1:-3}
 DUR=${2:-8}
 CONNS=${CONNS:-32}
@@ -47,21 +48,7 @@ if [ -z "${BALANCED_BIN:-}" ]; then cargo build --release -q; fi
 BIN=${BALANCED_BIN:-target/release/balanced}
 
 # Backends: one nginx worker on the load core. h1 on 18081-3, h2c on 18181-3.
-cat > "$WORK/backends.conf" <<CONF
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/backends.log warn;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  server { listen 127.0.0.1:18081; listen 127.0.0.1:18082; listen 127.0.0.1:18083;
-           location / { return 200 "ok"; } }
-  server { listen 127.0.0.1:18181 http2; listen 127.0.0.1:18182 http2; listen 127.0.0.1:18183 http2;
-           location / { return 200 "ok"; } }
-}
-CONF
-taskset -c "$LOAD_CORE" nginx -c "$WORK/backends.conf" -p "$WORK"
+start_backends "$WORK" "$LOAD_CORE"
 
 # iperf3 servers for the TCP runs (one per endpoint; one stream lands on one).
 for p in 15201 15202 15203; do

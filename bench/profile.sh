@@ -8,6 +8,7 @@
 # symbols resolve. Prints the report to stdout; perf.data stays in a temp dir.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 KIND=${1:-h1}
 DUR=${2:-8}
 WORK=$(mktemp -d)
@@ -16,18 +17,7 @@ command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninterac
 cargo build --release -q
 BIN=${BALANCED_BIN:-target/release/balanced}
 
-cat > "$WORK/backends.conf" <<CONF
-worker_processes 1;
-pid $WORK/nginx.pid;
-error_log $WORK/backends.log warn;
-events { worker_connections 8192; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:18081; listen 127.0.0.1:18082; listen 127.0.0.1:18083;
-           location / { return 200 "ok"; } }
-  server { listen 127.0.0.1:18181 http2; listen 127.0.0.1:18182 http2; listen 127.0.0.1:18183 http2;
-           location / { return 200 "ok"; } } }
-CONF
-taskset -c 1 nginx -c "$WORK/backends.conf" -p "$WORK"
+start_backends "$WORK" 1
 if [ "$KIND" = h2 ]; then PORTS="18181 18182 18183"; APP=", appProtocol: kubernetes.io/h2c"; else PORTS="18081 18082 18083"; APP=""; fi
 {
   echo "apiVersion: balanced.dev/v1alpha1"

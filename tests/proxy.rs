@@ -615,16 +615,20 @@ async fn a_proxy_started_before_its_backends_uses_them_all_within_one_interval()
         Backend::http_at("b", Behavior::Status(200), addrs[1]).await,
         Backend::http_at("c", Behavior::Status(200), addrs[2]).await,
     ];
-    let mut seen = std::collections::HashSet::new();
-    let deadline = started + Duration::from_millis(1500);
-    while seen.len() < 3 && std::time::Instant::now() < deadline {
-        let (status, backend, _) = send(&c, "GET", p.listen, "").await;
-        if status == 200 {
-            seen.insert(backend);
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    eventually(Duration::from_millis(1500), "every backend to get traffic", || {
+        let (c, seen) = (&c, &seen);
+        async move {
+            let (status, backend, _) = send(c, "GET", p.listen, "").await;
+            let mut seen = seen.lock().unwrap();
+            if status == 200 {
+                seen.insert(backend);
+            }
+            (seen.len() == 3).then_some(())
         }
-        // Bounded polling: what is measured is when the proxy starts using them.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
     let took = started.elapsed();
     assert_eq!(seen.len(), 3, "backends serving after {took:?}: {seen:?}");
     assert!(
