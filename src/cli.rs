@@ -64,6 +64,9 @@ pub enum Command {
         /// Time in-flight requests get to finish on shutdown.
         #[arg(long, default_value = "30s", value_parser = duration)]
         grace: Duration,
+        /// Write one JSON line per request or TCP connection to this file (`-` for standard output).
+        #[arg(long, value_name = "PATH|-")]
+        access_log: Option<String>,
     },
     /// Run local backends and a proxy, kill and revive a backend, show what clients saw.
     Demo,
@@ -122,7 +125,15 @@ pub enum Command {
         /// Time in-flight requests get to finish on shutdown.
         #[arg(long, default_value = "30s", value_parser = duration)]
         grace: Duration,
+        /// Write one JSON line per request or TCP connection to this file (`-` for standard output).
+        #[arg(long, value_name = "PATH|-")]
+        access_log: Option<String>,
     },
+}
+
+fn open_access_log(path: Option<&str>) -> anyhow::Result<Option<crate::proxy::access::AccessLog>> {
+    path.map(|p| crate::proxy::access::AccessLog::open(p).with_context(|| format!("--access-log: cannot open {p:?}")))
+        .transpose()
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -200,15 +211,18 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             bind: listen,
             drain_delay,
             grace,
+            access_log,
             ..
         } => {
+            let access_log = open_access_log(access_log.as_deref())?;
             let shutdown = crate::signal::shutdown_token()?;
             let admin = bind(admin, "--admin").await?;
             let mut opts = standalone::Options::new(file);
             opts.poll = poll;
             opts.bind = listen;
             opts.drain_delay = drain_delay;
-            opts.limits.grace = grace;
+            opts.serving.grace = grace;
+            opts.serving.access_log = access_log;
             standalone::run(opts, admin, shutdown).await?;
         }
         Command::Controller {
@@ -244,16 +258,15 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             bind: listen,
             drain_delay,
             grace,
+            access_log,
         } => {
+            let access_log = open_access_log(access_log.as_deref())?;
             let (shutdown, admin, client) = in_cluster(admin).await?;
-            let limits = crate::proxy::Limits {
-                grace,
-                ..Default::default()
-            };
+            let serving = crate::proxy::Serving { grace, access_log };
             let opts = crate::source::kube::ProxyOptions {
                 key: ServiceKey::new(namespace, name),
                 bind: listen,
-                limits,
+                serving,
                 drain_delay,
             };
             crate::source::kube::run_proxy(client, opts, admin, shutdown).await;

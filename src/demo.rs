@@ -90,7 +90,7 @@ spec:
     let shutdown = CancellationToken::new();
     let mut opts = Options::new(&file);
     opts.bind = [127, 0, 0, 1].into();
-    opts.limits.grace = Duration::from_secs(2);
+    opts.serving.grace = Duration::from_secs(2);
     let proxy = tokio::spawn(standalone::run(opts, admin_listener, shutdown.clone()));
 
     let started = Instant::now();

@@ -15,3 +15,4 @@ pub mod runtime;
 pub mod signal;
 pub mod source;
 pub mod standalone;
+pub mod throttle;

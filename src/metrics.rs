@@ -220,6 +220,26 @@ pub struct DownstreamLabels {
     pub code: &'static str,
 }
 
+/// Labels of per-listener gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// Listener name.
+    pub listener: String,
+}
+
+/// Labels of the client-connection counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// Listener name.
+    pub listener: String,
+    /// Why: the timeout or limit by its spec name (`requestHeader`, `maxConnections`, ...).
+    pub reason: &'static str,
+}
+
 /// Live counters of one endpoint, handed to the balancer so the request path
 /// never looks a label set up.
 #[derive(Clone, Debug, Default)]
@@ -269,6 +289,14 @@ pub struct ProxyMetrics {
     pub lifted: Family<EndpointLabels, Counter>,
     /// Answers to clients by listener and class.
     pub downstream: Family<DownstreamLabels, Counter>,
+    /// Client connections open per listener.
+    pub connections: Family<ListenerLabels, Gauge>,
+    /// Client connections the proxy closed on a timeout or evicted, by reason.
+    pub closed: Family<ConnectionLabels, Counter>,
+    /// Times a connection limit held a client back, by limit.
+    pub limited: Family<ConnectionLabels, Counter>,
+    /// Access-log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 impl ProxyMetrics {
@@ -282,6 +310,10 @@ impl ProxyMetrics {
             ejections: Family::default(),
             lifted: Family::default(),
             downstream: Family::default(),
+            connections: Family::default(),
+            closed: Family::default(),
+            limited: Family::default(),
+            access_log_dropped: Counter::default(),
         };
         registry.register(
             "balanced_upstream_requests",
@@ -318,6 +350,26 @@ impl ProxyMetrics {
             "balanced_downstream_requests",
             "Responses to clients by listener and status class",
             m.downstream.clone(),
+        );
+        registry.register(
+            "balanced_downstream_connections",
+            "Client connections open per listener",
+            m.connections.clone(),
+        );
+        registry.register(
+            "balanced_downstream_connections_closed",
+            "Client connections closed by the proxy: a timeout (requestHeader, requestBody, idle) or evicted to make room (maxConnections)",
+            m.closed.clone(),
+        );
+        registry.register(
+            "balanced_downstream_connection_limited",
+            "Connections held back or refused by a limit (maxConnections, maxConnectionsPerClient)",
+            m.limited.clone(),
+        );
+        registry.register(
+            "balanced_access_log_dropped",
+            "Access-log lines dropped because the writer could not keep up",
+            m.access_log_dropped.clone(),
         );
         m
     }

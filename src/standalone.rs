@@ -19,7 +19,7 @@ use crate::health::report::report;
 use crate::health::{Prober, Target, TlsClients, probe};
 use crate::metrics::Metrics;
 use crate::proxy::admin::{self, AdminView};
-use crate::proxy::{Dataplane, Limits};
+use crate::proxy::{Dataplane, Serving};
 use crate::source::file;
 
 /// Options of `balanced standalone`.
@@ -31,8 +31,8 @@ pub struct Options {
     pub poll: Duration,
     /// Address the listeners bind.
     pub bind: IpAddr,
-    /// Connection limits and shutdown grace.
-    pub limits: Limits,
+    /// Shutdown grace and access log.
+    pub serving: Serving,
     /// On SIGTERM, how long `/readyz` fails before listeners stop accepting.
     pub drain_delay: Duration,
 }
@@ -44,7 +44,7 @@ impl Options {
             file: file.into(),
             poll: Duration::from_secs(1),
             bind: IpAddr::from([0, 0, 0, 0]),
-            limits: Limits::default(),
+            serving: Serving::default(),
             drain_delay: Duration::ZERO,
         }
     }
@@ -83,7 +83,7 @@ pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: Cancellat
 
     let metrics = Arc::new(Metrics::new());
     let prober = Prober::new(metrics.probe.clone(), stop.clone());
-    let dataplane = Dataplane::new(metrics.proxy.clone(), opts.bind, opts.limits.clone(), stop.clone());
+    let dataplane = Dataplane::new(metrics.proxy.clone(), opts.bind, opts.serving.clone(), stop.clone());
     let state = Arc::new(State {
         configs: ArcSwap::from_pointee(Vec::new()),
         prober: prober.clone(),

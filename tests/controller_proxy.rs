@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use balanced::api::config::ServiceKey;
 use balanced::backend::{Backend, Behavior, eventually, free_port, http_get};
-use balanced::proxy::Limits;
+use balanced::proxy::Serving;
 use balanced::source::kube::{ProxyOptions, run_proxy};
 use serde_json::json;
 use support::apiserver::ApiServer;
@@ -58,7 +58,7 @@ async fn the_proxy_follows_its_balanced_service() {
     let opts = ProxyOptions {
         key: ServiceKey::new(NS, "web"),
         bind: [127, 0, 0, 1].into(),
-        limits: Limits::default(),
+        serving: Serving::default(),
         drain_delay: Duration::ZERO,
     };
     let task = tokio::spawn(run_proxy(server.client(), opts, admin_listener, shutdown.clone()));

@@ -67,7 +67,7 @@ async fn proxy(endpoints: &[SocketAddr], protocol: &str, extra: &str, wait_healt
     let shutdown = CancellationToken::new();
     let mut opts = Options::new(&path);
     opts.bind = [127, 0, 0, 1].into();
-    opts.limits.grace = Duration::from_secs(1);
+    opts.serving.grace = Duration::from_secs(1);
     tokio::spawn(standalone::run(opts, admin_listener, shutdown.clone()));
     eventually(Duration::from_secs(3), "endpoints to turn healthy", || async move {
         let (_, body) = http_get(admin, "/status").await.ok()?;

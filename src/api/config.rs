@@ -53,8 +53,10 @@ pub struct Config {
     pub passive: PassiveHealth,
     /// Retry policy.
     pub retry: RetryPolicy,
-    /// Upstream timeouts.
+    /// Client-side and upstream timeouts.
     pub timeouts: Timeouts,
+    /// Client connection and request-size limits.
+    pub limits: Limits,
     /// Proxy replicas.
     pub replicas: u32,
     /// Publish a `<name>-healthy` EndpointSlice.
@@ -91,6 +93,8 @@ pub struct ListenerConfig {
     pub target_port: Option<TargetPort>,
     /// The endpoints' protocol; `None` is HTTP/1.1 with gRPC over h2c.
     pub app_protocol: Option<AppProtocol>,
+    /// Keep the client's `X-Forwarded-Proto`.
+    pub trust_forwarded_headers: bool,
 }
 
 /// What the endpoints speak on a listener's port (Kubernetes `appProtocol`).
@@ -358,13 +362,70 @@ impl RetryPolicy {
     }
 }
 
-/// Upstream timeouts.
+/// Timeouts on both sides of the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
-    /// Connection establishment.
+    /// Upstream connection establishment.
     pub connect: Duration,
-    /// Request sent to response header.
+    /// End of the request upload to the response header.
     pub response: Duration,
+    /// Connecting (or a keep-alive request's first byte) to the end of the request headers.
+    pub request_header: Duration,
+    /// Longest wait between two reads of a request body.
+    pub request_body: Duration,
+    /// Idle connection; `None` is the listener protocol's default.
+    pub idle: Option<Duration>,
+}
+
+impl Timeouts {
+    /// Idle timeout of an HTTP listener when `idle` is unset (nginx `keepalive_timeout` is 75s).
+    pub const HTTP_IDLE: Duration = Duration::from_secs(60);
+    /// Idle timeout of a TCP listener when `idle` is unset.
+    pub const TCP_IDLE: Duration = Duration::from_secs(3600);
+
+    /// The idle timeout that applies to a listener speaking `protocol`.
+    pub fn idle_for(&self, protocol: ListenerProtocol) -> Duration {
+        self.idle.unwrap_or(match protocol {
+            ListenerProtocol::Http => Self::HTTP_IDLE,
+            ListenerProtocol::Tcp => Self::TCP_IDLE,
+        })
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(1),
+            response: Duration::from_secs(60),
+            request_header: Duration::from_secs(10),
+            request_body: Duration::from_secs(30),
+            idle: None,
+        }
+    }
+}
+
+/// Client connection and request-size limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Open client connections per listener.
+    pub max_connections: usize,
+    /// Open connections per client IP per listener; 0 is no limit.
+    pub max_connections_per_client: usize,
+    /// Request head size (request line and headers).
+    pub max_request_headers_bytes: usize,
+    /// Request target length.
+    pub max_uri_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_connections_per_client: 0,
+            max_request_headers_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -80,9 +80,13 @@ pub struct BalancedServiceSpec {
     #[serde(default)]
     pub retry: RetrySpec,
 
-    /// Upstream connect and response timeouts.
+    /// Client-side and upstream timeouts, for every listener of the service.
     #[serde(default)]
     pub timeouts: TimeoutsSpec,
+
+    /// Connection and request-size limits, for every listener of the service.
+    #[serde(default)]
+    pub limits: LimitsSpec,
 
     /// The proxy Deployment made for this BalancedService.
     #[serde(default)]
@@ -155,6 +159,10 @@ pub struct Listener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 63))]
     pub app_protocol: Option<String>,
+    /// Keep a client's `X-Forwarded-Proto` instead of replacing it: only for a
+    /// listener whose clients are proxies you run (a cloud load balancer in front).
+    #[serde(default)]
+    pub trust_forwarded_headers: bool,
 }
 
 /// A port given as a number or as a named port.
@@ -448,18 +456,59 @@ pub enum RetryCondition {
     NonIdempotent,
 }
 
-/// Upstream timeouts.
+/// Timeouts on both sides of the proxy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TimeoutsSpec {
-    /// Time to establish an upstream connection.
+    /// Time to establish an upstream connection (nginx `proxy_connect_timeout`).
     #[serde(default = "default_connect_timeout")]
     #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
     pub connect: String,
-    /// Time from the request sent to the response header received.
+    /// Time from the end of the request upload to the response header
+    /// (nginx `proxy_read_timeout`, HAProxy `timeout server`).
     #[serde(default = "default_response_timeout")]
     #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
     pub response: String,
+    /// Time a client has from its first byte (or from connecting) to the end of
+    /// the request headers, h2 preface included (HAProxy `timeout http-request`).
+    #[serde(default = "default_request_header_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub request_header: String,
+    /// Longest wait between two reads of a request body (nginx `client_body_timeout`).
+    #[serde(default = "default_request_body_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub request_body: String,
+    /// Longest a connection may sit with nothing to do: between keep-alive
+    /// requests on HTTP, with no bytes either way on TCP and tunnels. Unset:
+    /// 60s on HTTP listeners, 1h on TCP listeners (nginx `keepalive_timeout`,
+    /// HAProxy `timeout http-keep-alive` / `timeout tunnel`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub idle: Option<String>,
+}
+
+/// Limits on what clients may open and send.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Open client connections per listener; at the cap the oldest idle ones
+    /// are closed first (HAProxy `maxconn`, nginx `worker_connections`).
+    #[serde(default = "default_max_client_connections")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_connections: i32,
+    /// Open connections per client IP address per listener; 0 is no limit (nginx `limit_conn`).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub max_connections_per_client: i32,
+    /// Size of a request's headers, request line included, on HTTP/1 and HTTP/2
+    /// alike; larger gets 431 (nginx `large_client_header_buffers`, HAProxy `tune.bufsize`).
+    #[serde(default = "default_max_request_headers_bytes")]
+    #[schemars(range(min = 1024, max = 1048576))]
+    pub max_request_headers_bytes: i32,
+    /// Length of the request target (path and query); longer gets 414.
+    #[serde(default = "default_max_uri_bytes")]
+    #[schemars(range(min = 256, max = 1048576))]
+    pub max_uri_bytes: i32,
 }
 
 /// The per-service proxy Deployment.
@@ -634,6 +683,21 @@ fn default_connect_timeout() -> String {
 fn default_response_timeout() -> String {
     "60s".into()
 }
+fn default_request_header_timeout() -> String {
+    "10s".into()
+}
+fn default_request_body_timeout() -> String {
+    "30s".into()
+}
+fn default_max_client_connections() -> i32 {
+    10_000
+}
+fn default_max_request_headers_bytes() -> i32 {
+    16 * 1024
+}
+fn default_max_uri_bytes() -> i32 {
+    8 * 1024
+}
 fn default_replicas() -> i32 {
     2
 }
@@ -711,6 +775,20 @@ impl Default for TimeoutsSpec {
         Self {
             connect: default_connect_timeout(),
             response: default_response_timeout(),
+            request_header: default_request_header_timeout(),
+            request_body: default_request_body_timeout(),
+            idle: None,
+        }
+    }
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_client_connections(),
+            max_connections_per_client: 0,
+            max_request_headers_bytes: default_max_request_headers_bytes(),
+            max_uri_bytes: default_max_uri_bytes(),
         }
     }
 }

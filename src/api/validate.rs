@@ -115,10 +115,8 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
     let health = health_check(&mut errs, &spec.health_check);
     let passive = passive(&mut errs, &spec.passive_health);
     let retry = retry(&mut errs, &spec.retry);
-    let timeouts = Timeouts {
-        connect: errs.positive_duration("spec.timeouts.connect", &spec.timeouts.connect),
-        response: errs.positive_duration("spec.timeouts.response", &spec.timeouts.response),
-    };
+    let timeouts = timeouts(&mut errs, &spec.timeouts);
+    let limits = limits(&mut errs, &spec.limits);
     let replicas = errs.at_least("spec.proxy.replicas", spec.proxy.replicas, 0);
 
     if service.is_none() && spec.endpoints.is_empty() {
@@ -141,11 +139,62 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         passive,
         retry,
         timeouts,
+        limits,
         replicas,
         publish_endpoint_slice: spec.publish_endpoint_slice,
         endpoint_header: spec.debug.endpoint_header,
         error_detail: spec.debug.error_detail,
     })
+}
+
+fn timeouts(errs: &mut Errors, spec: &spec::TimeoutsSpec) -> Timeouts {
+    Timeouts {
+        connect: errs.positive_duration("spec.timeouts.connect", &spec.connect),
+        response: errs.positive_duration("spec.timeouts.response", &spec.response),
+        request_header: errs.positive_duration("spec.timeouts.requestHeader", &spec.request_header),
+        request_body: errs.positive_duration("spec.timeouts.requestBody", &spec.request_body),
+        idle: spec
+            .idle
+            .as_ref()
+            .map(|idle| errs.positive_duration("spec.timeouts.idle", idle)),
+    }
+}
+
+fn limits(errs: &mut Errors, spec: &spec::LimitsSpec) -> Limits {
+    let within = |errs: &mut Errors, path: &str, value: i32, min: i32, max: i32| {
+        if !(min..=max).contains(&value) {
+            errs.add(path, format!("must be {min}..={max}, got {value}"));
+        }
+        value.clamp(min, max) as usize
+    };
+    let limits = Limits {
+        max_connections: within(errs, "spec.limits.maxConnections", spec.max_connections, 1, 1_000_000),
+        max_connections_per_client: within(
+            errs,
+            "spec.limits.maxConnectionsPerClient",
+            spec.max_connections_per_client,
+            0,
+            1_000_000,
+        ),
+        max_request_headers_bytes: within(
+            errs,
+            "spec.limits.maxRequestHeadersBytes",
+            spec.max_request_headers_bytes,
+            1024,
+            1 << 20,
+        ),
+        max_uri_bytes: within(errs, "spec.limits.maxUriBytes", spec.max_uri_bytes, 256, 1 << 20),
+    };
+    if spec.max_uri_bytes > spec.max_request_headers_bytes {
+        errs.add(
+            "spec.limits.maxUriBytes",
+            format!(
+                "must be <= spec.limits.maxRequestHeadersBytes ({}), got {}",
+                spec.max_request_headers_bytes, spec.max_uri_bytes
+            ),
+        );
+    }
+    limits
 }
 
 fn endpoints(errs: &mut Errors, specs: &[spec::StaticEndpoint]) -> Vec<EndpointConfig> {
@@ -253,6 +302,7 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
             protocol: l.protocol,
             target_port,
             app_protocol,
+            trust_forwarded_headers: l.trust_forwarded_headers,
         });
     }
     out
@@ -657,6 +707,49 @@ mod tests {
     }
 
     #[test]
+    fn edge_timeouts_and_limits_have_defaults_and_are_checked() {
+        let cfg = validate(ServiceKey::new("default", "web"), &base()).unwrap();
+        assert_eq!(cfg.timeouts.request_header, Duration::from_secs(10));
+        assert_eq!(cfg.timeouts.request_body, Duration::from_secs(30));
+        assert_eq!(cfg.timeouts.idle_for(ListenerProtocol::Http), Duration::from_secs(60));
+        assert_eq!(cfg.timeouts.idle_for(ListenerProtocol::Tcp), Duration::from_secs(3600));
+        assert_eq!(cfg.limits, Limits::default());
+        assert_eq!(cfg.limits.max_request_headers_bytes, 16384);
+        assert_error(
+            |s| s.timeouts.request_header = "0".into(),
+            "spec.timeouts.requestHeader: must be more than 0, got \"0\"",
+        );
+        assert_error(
+            |s| s.timeouts.request_body = "a while".into(),
+            "spec.timeouts.requestBody: must be a duration like 500ms, 3s or 2m, got \"a while\"",
+        );
+        assert_error(
+            |s| s.timeouts.idle = Some("0".into()),
+            "spec.timeouts.idle: must be more than 0, got \"0\"",
+        );
+        assert_error(
+            |s| s.limits.max_connections = 0,
+            "spec.limits.maxConnections: must be 1..=1000000, got 0",
+        );
+        assert_error(
+            |s| s.limits.max_connections_per_client = -1,
+            "spec.limits.maxConnectionsPerClient: must be 0..=1000000, got -1",
+        );
+        assert_error(
+            |s| s.limits.max_request_headers_bytes = 100,
+            "spec.limits.maxRequestHeadersBytes: must be 1024..=1048576, got 100",
+        );
+        assert_error(
+            |s| s.limits.max_uri_bytes = 20000,
+            "spec.limits.maxUriBytes: must be <= spec.limits.maxRequestHeadersBytes (16384), got 20000",
+        );
+        let mut spec = base();
+        spec.timeouts.idle = Some("5m".into());
+        let cfg = validate(ServiceKey::new("default", "web"), &spec).unwrap();
+        assert_eq!(cfg.timeouts.idle_for(ListenerProtocol::Tcp), Duration::from_secs(300));
+    }
+
+    #[test]
     fn down_interval_when_set_is_its_own() {
         let mut spec = base();
         spec.health_check.down_interval = Some("30s".into());
@@ -680,6 +773,7 @@ mod tests {
             protocol: ListenerProtocol::Http,
             target_port: None,
             app_protocol: None,
+            trust_forwarded_headers: false,
         };
         assert_error(
             |s| s.listeners.push(second("admin", 8080)),

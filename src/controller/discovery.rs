@@ -134,6 +134,7 @@ mod tests {
             protocol: ListenerProtocol::Http,
             target_port: target,
             app_protocol: None,
+            trust_forwarded_headers: false,
         }]
     }
 
@@ -211,6 +212,7 @@ mod tests {
             protocol: ListenerProtocol::Http,
             target_port: Some(TargetPort::Name("grpc-api".into())),
             app_protocol: None,
+            trust_forwarded_headers: false,
         });
         listeners.push(ListenerConfig {
             name: "plain".into(),
@@ -218,6 +220,7 @@ mod tests {
             protocol: ListenerProtocol::Http,
             target_port: Some(TargetPort::Number(80)),
             app_protocol: None,
+            trust_forwarded_headers: false,
         });
         listeners.push(ListenerConfig {
             name: "set".into(),
@@ -225,6 +228,7 @@ mod tests {
             protocol: ListenerProtocol::Http,
             target_port: Some(TargetPort::Number(8080)),
             app_protocol: Some(AppProtocol::Http1),
+            trust_forwarded_headers: false,
         });
         let found = app_protocols(&slices, &listeners);
         let pairs: Vec<(&str, &str)> = found

@@ -28,6 +28,18 @@ pub fn bad_request(why: &str) -> Response<ProxyBody> {
     plain(StatusCode::BAD_REQUEST, format!("400 Bad Request: {why}\n"))
 }
 
+/// 408 after the client paused its body longer than `timeouts.requestBody`;
+/// the connection closes after it (RFC 9110 15.5.9).
+pub fn request_timeout(after: std::time::Duration) -> Response<ProxyBody> {
+    let mut resp = plain(
+        StatusCode::REQUEST_TIMEOUT,
+        format!("408 Request Timeout: no request body bytes for {after:?} (spec.timeouts.requestBody)\n"),
+    );
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
 /// The answer when attempts ran out: 503 when no endpoint could be picked, 504
 /// when the last failure was a timeout, else 502. `detail` lists every failure.
 pub fn exhausted(end: &Exhausted, detail: bool) -> Response<ProxyBody> {

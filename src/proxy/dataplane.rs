@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::http::HttpProxy;
-use super::listener::{Limits, serve_http, serve_tcp};
+use super::listener::{Serving, serve_http, serve_tcp};
 use super::service::ServiceRuntime;
 use crate::api::config::{Config, ListenerProtocol, ServiceKey};
 use crate::balance::{MemberSpec, now_ms};
@@ -39,7 +39,7 @@ struct Running {
 pub struct Dataplane {
     metrics: ProxyMetrics,
     bind: IpAddr,
-    limits: Limits,
+    serving: Serving,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     services: Mutex<HashMap<ServiceKey, Arc<ServiceRuntime>>>,
@@ -50,11 +50,14 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// A data plane binding listeners on `bind`; everything stops on `shutdown`.
-    pub fn new(metrics: ProxyMetrics, bind: IpAddr, limits: Limits, shutdown: CancellationToken) -> Self {
+    pub fn new(metrics: ProxyMetrics, bind: IpAddr, mut serving: Serving, shutdown: CancellationToken) -> Self {
+        serving.access_log = serving
+            .access_log
+            .map(|log| log.with_dropped(metrics.access_log_dropped.clone()));
         Self {
             metrics,
             bind,
-            limits,
+            serving,
             shutdown,
             tasks: TaskTracker::new(),
             services: Mutex::new(HashMap::new()),
@@ -115,16 +118,20 @@ impl Dataplane {
                 let stop = self.shutdown.child_token();
                 match l.protocol {
                     ListenerProtocol::Http => {
-                        let proxy = Arc::new(HttpProxy::new(runtime.clone(), &l.name));
+                        let proxy = Arc::new(HttpProxy::new(
+                            runtime.clone(),
+                            &l.name,
+                            self.serving.access_log.clone(),
+                        ));
                         self.tasks
-                            .spawn(serve_http(socket, proxy, self.limits.clone(), stop.clone()));
+                            .spawn(serve_http(socket, proxy, self.serving.clone(), stop.clone()));
                     }
                     ListenerProtocol::Tcp => {
                         self.tasks.spawn(serve_tcp(
                             socket,
                             runtime.clone(),
                             l.name.clone(),
-                            self.limits.clone(),
+                            self.serving.clone(),
                             stop.clone(),
                         ));
                     }

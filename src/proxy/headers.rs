@@ -3,11 +3,13 @@
 //! (origin-form and `Host` for HTTP/1.1, `:authority` and no `Host` for h2).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
 
+use super::conn::ConnState;
 use super::upstream::Protocol;
 
 /// Rejects framing that proxies and backends could read differently (request
@@ -36,10 +38,18 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Whether a request asks to switch protocols (WebSocket and friends).
+/// Whether a request asks to switch protocols (WebSocket and friends). An
+/// upgrade to h2c is not one: the proxy already speaks h2c to whoever asks
+/// with prior knowledge, so the offer is dropped and the request forwarded.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| !t.trim().eq_ignore_ascii_case("h2c"))
         && connection_has(req.headers(), "upgrade")
 }
 
@@ -96,6 +106,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, strip_upgrade: bool) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    // Only meaningful with `Upgrade: h2c`, which never goes upstream.
+    headers.remove("http2-settings");
     if strip_upgrade {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
@@ -119,13 +131,15 @@ fn is_standard_connection_token(v: &[u8]) -> bool {
 pub struct Downstream {
     /// The client's address.
     pub peer: SocketAddr,
+    /// The connection's shared state (its clock, its in-flight requests).
+    pub conn: Arc<ConnState>,
     ip: HeaderValue,
     forwarded: HeaderValue,
 }
 
 impl Downstream {
     /// The facts of a connection from `peer`.
-    pub fn new(peer: SocketAddr) -> Self {
+    pub fn new(peer: SocketAddr, conn: Arc<ConnState>) -> Self {
         let ip = peer.ip().to_string();
         let node = if peer.is_ipv6() {
             format!("\"[{ip}]\"")
@@ -134,6 +148,7 @@ impl Downstream {
         };
         Self {
             peer,
+            conn,
             ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             forwarded: HeaderValue::from_str(&format!("for={node};proto=http"))
                 .unwrap_or_else(|_| HeaderValue::from_static("for=unknown;proto=http")),
@@ -142,10 +157,12 @@ impl Downstream {
 }
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets
-/// `X-Forwarded-Proto` unless an outer proxy already did.
-pub fn add_forwarding(headers: &mut HeaderMap, client: &Downstream) {
+/// `X-Forwarded-Proto` to what the client spoke to us, keeping the client's
+/// own only when the listener trusts it (`trustForwardedHeaders`: an outer
+/// proxy that terminated TLS says `https`; anyone else could lie).
+pub fn add_forwarding(headers: &mut HeaderMap, client: &Downstream, trust: bool) {
     append_list(headers, HeaderName::from_static("x-forwarded-for"), &client.ip);
-    if !headers.contains_key("x-forwarded-proto") {
+    if !(trust && headers.contains_key("x-forwarded-proto")) {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
     append_list(headers, header::FORWARDED, &client.forwarded);
@@ -221,6 +238,11 @@ pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
 mod tests {
     use super::*;
 
+    fn downstream(addr: &str) -> Downstream {
+        let peer: SocketAddr = addr.parse().unwrap();
+        Downstream::new(peer, Arc::new(ConnState::new(peer)))
+    }
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -274,15 +296,38 @@ mod tests {
     #[test]
     fn forwarding_headers_append_the_client() {
         let mut h = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-proto", "https")]);
-        add_forwarding(&mut h, &Downstream::new("10.0.0.9:5555".parse().unwrap()));
+        add_forwarding(&mut h, &downstream("10.0.0.9:5555"), false);
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
-        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-proto"], "http", "an untrusted client cannot claim https");
         assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
+        let mut h = headers(&[("x-forwarded-proto", "https")]);
+        add_forwarding(&mut h, &downstream("10.0.0.9:5555"), true);
+        assert_eq!(
+            h["x-forwarded-proto"], "https",
+            "a trusted load balancer's word is kept"
+        );
         let mut h = HeaderMap::new();
-        add_forwarding(&mut h, &Downstream::new("[::1]:80".parse().unwrap()));
+        add_forwarding(&mut h, &downstream("[::1]:80"), false);
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn an_h2c_upgrade_offer_is_dropped_not_tunnelled() {
+        let req = |upgrade: &str| {
+            Request::get("/")
+                .header("connection", "Upgrade, HTTP2-Settings")
+                .header("upgrade", upgrade)
+                .header("http2-settings", "AAMAAABkAAQAAP__")
+                .body(())
+                .unwrap()
+        };
+        assert!(!is_upgrade(&req("h2c")));
+        assert!(is_upgrade(&req("websocket")));
+        let mut h = req("h2c").headers().clone();
+        strip_hop_by_hop(&mut h, true);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     fn request(version: Version, uri: &str, host: Option<&str>) -> http::request::Parts {

@@ -3,9 +3,11 @@
 //! connection pools, and pass the answer back. Upgrades (WebSocket) become
 //! tunnels through the same attempt loop.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
@@ -15,17 +17,19 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 
+use super::access::{self, AccessLog, Entry, Flags};
 use super::answer::{self, plain};
-use super::attempt::{Attempts, RequestFacts};
-use super::body::{ProxyBody, Release, RequestBody, Tracked};
+use super::attempt::{Attempts, Exhausted, RequestFacts};
+use super::body::{ClientBody, ProxyBody, ReadError, Release, RequestBody, Tracked, Upload, UploadEnd, UploadState};
+use super::conn::InFlight;
 use super::headers::{Downstream, add_forwarding, check_framing, is_grpc, is_upgrade, shape_for, strip_hop_by_hop};
 use super::retry::Failure;
 use super::service::{ActiveGuard, Current, ServiceRuntime};
 use super::upstream::{Conn, Pool, Protocol, UpBody};
 use crate::api::config::{Algorithm, AppProtocol, Config, HashKey};
-use crate::balance::picker;
+use crate::balance::{Snapshot, picker};
 use crate::health::probe::io_text;
-use crate::metrics::{AtomicHistogram, DownstreamLabels, ServiceLabels};
+use crate::metrics::{AtomicHistogram, ConnectionLabels, DownstreamLabels, ServiceLabels};
 
 /// Response header naming the endpoint that answered (behind `spec.debug.endpointHeader`).
 pub const ENDPOINT_HEADER: &str = "x-balanced-endpoint";
@@ -34,14 +38,18 @@ pub const ENDPOINT_HEADER: &str = "x-balanced-endpoint";
 pub struct HttpProxy {
     service: Arc<ServiceRuntime>,
     listener: String,
+    access_log: Option<AccessLog>,
+    names: (Arc<str>, Arc<str>),
+    body_timeouts: prometheus_client::metrics::counter::Counter,
     // Resolved once: label lookups cost more than the rest of the metrics work.
     downstream: [prometheus_client::metrics::counter::Counter; 5],
     duration: AtomicHistogram,
 }
 
 impl HttpProxy {
-    /// The proxy for listener `listener` (by name) of `service`.
-    pub fn new(service: Arc<ServiceRuntime>, listener: &str) -> Self {
+    /// The proxy for listener `listener` (by name) of `service`, writing an
+    /// access log when one is given.
+    pub fn new(service: Arc<ServiceRuntime>, listener: &str, access_log: Option<AccessLog>) -> Self {
         let metrics = service.metrics();
         let downstream = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
             metrics
@@ -59,23 +67,80 @@ impl HttpProxy {
                 service: service.label().to_string(),
             })
             .clone();
+        let names = (Arc::from(service.label()), Arc::from(listener));
+        let body_timeouts = metrics
+            .closed
+            .get_or_create(&ConnectionLabels {
+                service: service.label().to_string(),
+                listener: listener.to_string(),
+                reason: "requestBody",
+            })
+            .clone();
         Self {
             service,
             listener: listener.to_string(),
+            access_log,
+            names,
+            body_timeouts,
             downstream,
             duration,
         }
     }
 
-    /// Answers one client request.
-    pub async fn handle(&self, req: Request<Incoming>, client: &Downstream) -> Response<ProxyBody> {
+    /// The service this listener belongs to.
+    pub fn service(&self) -> &Arc<ServiceRuntime> {
+        &self.service
+    }
+
+    /// The listener's name.
+    pub fn listener(&self) -> &str {
+        &self.listener
+    }
+
+    /// Answers one client request; `flight` marks it on its connection until
+    /// the answer's last byte is gone.
+    pub async fn handle(&self, req: Request<Incoming>, client: &Downstream, flight: InFlight) -> Response<ClientBody> {
+        let logged = self.access_log.as_ref().map(|_| {
+            (
+                SystemTime::now(),
+                Instant::now(),
+                req.method().clone(),
+                req.uri().clone(),
+                req.headers().get(http::header::HOST).cloned(),
+                req.version(),
+            )
+        });
+        let mut up = access::Upstream::default();
         let current = self.service.current();
         let response = match current.listener(&self.listener) {
-            Some(listener) => self.forward(req, client, &current, listener).await,
+            Some(listener) => self.forward(req, client, &current, listener, &mut up).await,
             None => plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"),
         };
-        self.downstream[usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1].inc();
-        response
+        let status = response.status().as_u16();
+        self.downstream[usize::from(status / 100).clamp(1, 5) - 1].inc();
+        let log = match (logged, &self.access_log) {
+            (Some((start, started, method, uri, authority, version)), Some(log)) => Some(Box::new((
+                log.clone(),
+                started,
+                Entry {
+                    start,
+                    client: client.peer,
+                    service: self.names.0.clone(),
+                    listener: self.names.1.clone(),
+                    method: Some(method),
+                    uri: Some(uri),
+                    authority,
+                    version: Some(version),
+                    status,
+                    bytes_in: up.bytes_in,
+                    bytes_out: 0,
+                    duration: Duration::ZERO,
+                    upstream: up,
+                },
+            ))),
+            _ => None,
+        };
+        response.map(|body| ClientBody::new(body, flight, log))
     }
 
     async fn forward(
@@ -84,24 +149,43 @@ impl HttpProxy {
         client: &Downstream,
         current: &Current,
         listener: usize,
+        up: &mut access::Upstream,
     ) -> Response<ProxyBody> {
         if let Err(why) = check_framing(req.headers()) {
             return answer::bad_request(why);
         }
-        if is_upgrade(&req) {
-            return self.tunnel(req, client, current, listener).await;
+        if let Err(why) = check_host(&req) {
+            return answer::bad_request(why);
         }
         let config = &current.config;
+        if let Some(target) = req.uri().path_and_query()
+            && target.as_str().len() > config.limits.max_uri_bytes
+        {
+            return plain(
+                StatusCode::URI_TOO_LONG,
+                "414 URI Too Long: the request target is longer than spec.limits.maxUriBytes\n",
+            );
+        }
+        if is_upgrade(&req) {
+            return self.tunnel(req, client, current, listener, up).await;
+        }
+        let trust = config.listeners[listener].trust_forwarded_headers;
         let (mut parts, body) = req.into_parts();
         let key = hash_key(config, &parts.headers, client.peer);
         let protocol = upstream_protocol(config.listeners[listener].app_protocol, &parts.headers);
         strip_hop_by_hop(&mut parts.headers, true);
-        add_forwarding(&mut parts.headers, client);
+        add_forwarding(&mut parts.headers, client, trust);
         shape_for(&mut parts, protocol);
-        let mut body = match RequestBody::read(body, config.retry.max_body_bytes).await {
+        let mut body = match RequestBody::read(body, config.retry.max_body_bytes, config.timeouts.request_body).await {
             Ok(b) => b,
+            Err(ReadError::Timeout(t)) => {
+                self.service_body_timeout(client);
+                return answer::request_timeout(t);
+            }
             Err(e) => return answer::bad_request(&format!("cannot read request body: {e}")),
         };
+        let upload = body.upload();
+        up.bytes_in = body.buffered_len();
 
         let snap = &current.snap;
         let mut attempts = Attempts::new(&self.service, config, snap, key);
@@ -140,11 +224,12 @@ impl HttpProxy {
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let up = upstream_request(&parts, headers, attempt_body);
+            let request = upstream_request(&parts, headers, attempt_body);
             let reused = matches!(conn, Conn::H1 { reused: true, .. });
             let started = Instant::now();
-            let sent = tokio::time::timeout(config.timeouts.response, send(pool, conn, up)).await;
-            let mut outcome = sent.unwrap_or(Err((Failure::Timeout, None)));
+            up.endpoint = Some(member.spec.addr);
+            let mut outcome =
+                after_upload(upload.as_deref(), config.timeouts.response, send(pool, conn, request)).await;
             // An idle keep-alive connection the endpoint closed just as we used
             // it is not the endpoint failing: once, on a fresh connection, with
             // the request hyper handed back unsent, or a copy when one was kept.
@@ -154,13 +239,11 @@ impl HttpProxy {
                     _ if keep => body.take().map(|b| upstream_request(&parts, parts.headers.clone(), b)),
                     _ => None,
                 };
-                if let Some(up) = again {
+                if let Some(resend) = again {
                     outcome = match pool.fresh_h1().await {
                         Ok(sender) => {
                             let conn = Conn::H1 { sender, reused: false };
-                            tokio::time::timeout(config.timeouts.response, send(pool, conn, up))
-                                .await
-                                .unwrap_or(Err((Failure::Timeout, None)))
+                            after_upload(upload.as_deref(), config.timeouts.response, send(pool, conn, resend)).await
                         }
                         Err(f) => Err((f, None)),
                     };
@@ -168,17 +251,36 @@ impl HttpProxy {
             }
             self.duration.observe(started.elapsed());
             let outcome = outcome.map_err(|(failure, _)| failure);
+            up.attempts = attempts.tries() as u32;
+            if let Some(state) = &upload {
+                up.bytes_in = up.bytes_in.max(state.bytes());
+            }
             match outcome {
                 Ok((resp, release)) => {
                     let status = resp.status().as_u16();
                     let answer = respond(resp, guard, release, member.spec.addr, config);
                     if !attempts.answered(i, status, facts) {
+                        if fallback.is_some() || attempts.tries() > 1 && status >= 500 {
+                            up.flags.set(Flags::RETRIES_EXHAUSTED);
+                        }
                         return answer;
                     }
                     fallback = Some(answer);
                 }
                 Err(failure) => {
                     drop(guard);
+                    // The client's upload broke off: its failure, not the endpoint's.
+                    match upload.as_ref().map(|u| u.end()) {
+                        Some(UploadEnd::TimedOut) => {
+                            self.service_body_timeout(client);
+                            return answer::request_timeout(config.timeouts.request_body);
+                        }
+                        Some(UploadEnd::Failed) => {
+                            up.flags.set(Flags::DOWNSTREAM_CLOSED);
+                            return answer::bad_request("the request body broke off");
+                        }
+                        _ => {}
+                    }
                     if !attempts.failed(i, failure, facts) {
                         break;
                     }
@@ -186,9 +288,18 @@ impl HttpProxy {
             }
         }
         if let Some(answer) = fallback {
+            up.flags.set(Flags::RETRIES_EXHAUSTED);
             return answer;
         }
-        answer::exhausted(&attempts.exhausted(), config.error_detail)
+        let end = attempts.exhausted();
+        up.attempts = end.tries as u32;
+        up.flags.set(exhausted_flags(&end, &current.snap));
+        answer::exhausted(&end, config.error_detail)
+    }
+
+    /// Counts a connection whose request body stalled; the answer (408) closes it.
+    fn service_body_timeout(&self, _client: &Downstream) {
+        self.body_timeouts.inc();
     }
 
     /// Forwards an Upgrade request (WebSocket and friends) and, on 101, joins
@@ -200,8 +311,10 @@ impl HttpProxy {
         client: &Downstream,
         current: &Current,
         listener: usize,
+        up: &mut access::Upstream,
     ) -> Response<ProxyBody> {
         let config = &current.config;
+        let trust = config.listeners[listener].trust_forwarded_headers;
         let client_upgrade = hyper::upgrade::on(&mut req);
         let key = hash_key(config, req.headers(), client.peer);
         let snap = &current.snap;
@@ -222,20 +335,32 @@ impl HttpProxy {
                 }
             }
         }
+        up.attempts = attempts.tries() as u32;
         let Some((stream, guard, addr)) = connected else {
-            return answer::exhausted(&attempts.exhausted(), config.error_detail);
+            let end = attempts.exhausted();
+            up.flags.set(exhausted_flags(&end, snap));
+            return answer::exhausted(&end, config.error_detail);
         };
+        up.endpoint = Some(addr);
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        add_forwarding(&mut parts.headers, client);
+        add_forwarding(&mut parts.headers, client, trust);
         shape_for(&mut parts, Protocol::Http1);
-        let up = Request::from_parts(parts, UpBody::Stream { head: None, rest: body });
+        let upload = Upload::new(config.timeouts.request_body);
+        let request = Request::from_parts(
+            parts,
+            UpBody::Stream {
+                head: None,
+                rest: body,
+                upload,
+            },
+        );
         let (mut sender, conn) = match http1::handshake(TokioIo::new(stream)).await {
             Ok(pair) => pair,
             Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("upgrade handshake failed: {e}\n")),
         };
         tokio::spawn(conn.with_upgrades());
-        let mut resp = match tokio::time::timeout(config.timeouts.response, sender.send_request(up)).await {
+        let mut resp = match tokio::time::timeout(config.timeouts.response, sender.send_request(request)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 return plain(
@@ -249,6 +374,9 @@ impl HttpProxy {
             return respond(resp, guard, Release::None, addr, config);
         }
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        // From here the client connection carries bytes, not requests: its
+        // clock becomes the tunnel's idle timeout.
+        client.conn.set_tunnel();
         tokio::spawn(async move {
             let _guard = guard;
             if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
@@ -260,6 +388,56 @@ impl HttpProxy {
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, super::body::empty())
     }
+}
+
+/// Runs `send` with `timeouts.response` counted from the end of the upload
+/// (nginx `proxy_read_timeout`): a slow upload is bounded by
+/// `timeouts.requestBody` between reads, not by the response timeout.
+async fn after_upload<T>(
+    upload: Option<&UploadState>,
+    response: Duration,
+    send: impl Future<Output = Result<T, (Failure, Option<Request<UpBody>>)>>,
+) -> Result<T, (Failure, Option<Request<UpBody>>)> {
+    tokio::pin!(send);
+    if let Some(upload) = upload {
+        tokio::select! {
+            r = &mut send => return r,
+            _ = upload.ended() => {}
+        }
+    }
+    tokio::time::timeout(response, send)
+        .await
+        .unwrap_or(Err((Failure::Timeout, None)))
+}
+
+/// Envoy's flags for attempts that ended without an answer.
+fn exhausted_flags(end: &Exhausted, snap: &Snapshot) -> Flags {
+    let mut flags = Flags::default();
+    match &end.last {
+        None if snap.serving(crate::balance::now_ms()) > 0 => flags.set(Flags::UPSTREAM_OVERFLOW),
+        None => flags.set(Flags::NO_HEALTHY_UPSTREAM),
+        Some((_, Failure::Connect(_))) => flags.set(Flags::UPSTREAM_CONNECT_FAILURE),
+        Some((_, Failure::Timeout)) => flags.set(Flags::UPSTREAM_TIMEOUT),
+        Some(_) => {}
+    }
+    if end.tries > 1 {
+        flags.set(Flags::RETRIES_EXHAUSTED);
+    }
+    flags
+}
+
+/// RFC 9112 3.2: exactly one `Host` (none at all is allowed only for HTTP/1.0
+/// and for an absolute-form target, whose authority then stands for it).
+fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(http::header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if first.is_none() && req.version() == http::Version::HTTP_11 && req.uri().authority().is_none() {
+        return Err("HTTP/1.1 request without a Host header");
+    }
+    Ok(())
 }
 
 /// One attempt's request: the shaped head of the client's request, with

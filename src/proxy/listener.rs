@@ -1,6 +1,8 @@
-//! Accept loops for HTTP and TCP listeners, with a cap on open connections,
-//! hyper's timers set, and graceful shutdown (GOAWAY on h2, close-after-response
-//! on HTTP/1, in-flight requests finished within a grace period).
+//! Accept loops for HTTP and TCP listeners: `spec.limits` on connections
+//! (the oldest idle one closed to make room), accept failures backed off,
+//! each HTTP connection on its own clock (see `conn`), idle TCP connections
+//! closed, and graceful shutdown (GOAWAY on h2, close-after-response on
+//! HTTP/1, in-flight requests finished within a grace period).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,142 +11,323 @@ use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::access::AccessLog;
 use super::answer::failure_text;
 use super::attempt::{Attempts, RequestFacts};
+use super::conn::Activity;
+use super::conn::{ClientIo, Clock, ConnCounters, ConnState, ConnTable};
 use super::headers::Downstream;
 use super::http::HttpProxy;
 use super::service::{ActiveGuard, ServiceRuntime};
+use crate::api::config::ListenerProtocol;
+use crate::throttle::LogThrottle;
 
-/// Limits every listener applies.
+/// How listeners serve, whatever the service: set by the command line.
 #[derive(Clone, Debug)]
-pub struct Limits {
-    /// Open client connections per listener.
-    pub max_connections: usize,
-    /// Time a client has to send request headers (also bounds idle keep-alive).
-    pub header_read_timeout: Duration,
+pub struct Serving {
     /// Time in-flight requests get to finish on shutdown.
     pub grace: Duration,
+    /// Where access-log lines go, when asked for.
+    pub access_log: Option<AccessLog>,
 }
 
-impl Default for Limits {
+impl Default for Serving {
     fn default() -> Self {
         Self {
-            max_connections: 10_000,
-            header_read_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(30),
+            access_log: None,
         }
     }
 }
 
-async fn accept(
-    listener: &TcpListener,
-    permits: &Arc<Semaphore>,
-    stop: &CancellationToken,
-) -> Option<(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit)> {
-    loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => return None,
-            p = permits.clone().acquire_owned() => p.ok()?,
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return None,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    return Some((stream, peer, permit));
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+/// Accepts connections, backing off when the process is out of descriptors
+/// (as tokio's and hyper's examples do) and logging failures at most once a second.
+struct Acceptor {
+    listener: TcpListener,
+    failures: LogThrottle,
+    backoff: Duration,
+}
+
+impl Acceptor {
+    fn new(listener: TcpListener) -> Self {
+        Self {
+            listener,
+            failures: LogThrottle::new(Duration::from_secs(1)),
+            backoff: Duration::ZERO,
         }
     }
+
+    async fn accept(&mut self, stop: &CancellationToken) -> Option<(TcpStream, SocketAddr)> {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        self.backoff = Duration::ZERO;
+                        let _ = stream.set_nodelay(true);
+                        return Some((stream, peer));
+                    }
+                    Err(e) => {
+                        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                        if let Some(n) = self.failures.hit() {
+                            let local = self.listener.local_addr().ok();
+                            tracing::warn!(error = %e, times = n, backoff = ?self.backoff, listen = ?local, "accept failed; backing off");
+                        }
+                        tokio::select! {
+                            _ = stop.cancelled() => return None,
+                            _ = tokio::time::sleep(self.backoff) => {}
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Waits for room under `limits.maxConnections`, closing the oldest idle
+/// connection to make it; false on shutdown.
+async fn room(
+    table: &ConnTable,
+    max: usize,
+    counters: &ConnCounters,
+    full: &LogThrottle,
+    what: &str,
+    stop: &CancellationToken,
+) -> bool {
+    while table.len() >= max {
+        if table.evict_oldest_idle() {
+            counters.evicted.inc();
+        } else {
+            counters.at_max.inc();
+            if let Some(n) = full.hit() {
+                tracing::warn!(
+                    listener = what,
+                    max_connections = max,
+                    times = n,
+                    "spec.limits.maxConnections reached with no idle connection to close; new connections wait"
+                );
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = table.freed() => {}
+            // An evicted h2 connection may take a moment to send GOAWAY and go.
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+    true
 }
 
 /// Serves HTTP/1.1 and h2c on `listener` until `stop`, then drains.
-pub async fn serve_http(listener: TcpListener, proxy: Arc<HttpProxy>, limits: Limits, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        // Small answers: one flattened buffer per write beats writev's iovecs
-        // (A/B: about 4% less CPU per request).
-        .writev(false)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(100)
-        .max_header_list_size(16 * 1024)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
-    while let Some((stream, peer, permit)) = accept(&listener, &permits, &stop).await {
-        let proxy = proxy.clone();
-        let client = Arc::new(Downstream::new(peer));
-        let service = service_fn(move |req| {
-            let proxy = proxy.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req, &client).await) }
-        });
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+pub async fn serve_http(listener: TcpListener, proxy: Arc<HttpProxy>, serving: Serving, stop: CancellationToken) {
+    let service = proxy.service().clone();
+    let what = format!("{}/{}", service.key, proxy.listener());
+    let counters = Arc::new(ConnCounters::new(service.metrics(), service.label(), proxy.listener()));
+    let table = Arc::new(ConnTable::default());
+    let tracker = TaskTracker::new();
+    let kill = CancellationToken::new();
+    let (full, refused) = (
+        LogThrottle::new(Duration::from_secs(10)),
+        LogThrottle::new(Duration::from_secs(10)),
+    );
+    let mut acceptor = Acceptor::new(listener);
+    loop {
+        let limits = service.current().config.limits.clone();
+        if !room(&table, limits.max_connections, &counters, &full, &what, &stop).await {
+            break;
+        }
+        let Some((stream, peer)) = acceptor.accept(&stop).await else {
+            break;
+        };
+        let current = service.current();
+        let state = Arc::new(ConnState::new(peer));
+        let registration = match table.admit(&state, usize::MAX, current.config.limits.max_connections_per_client) {
+            Ok(r) => r,
+            Err(_) => {
+                counters.per_client.inc();
+                if let Some(n) = refused.hit() {
+                    tracing::warn!(listener = %what, client = %peer.ip(), max = current.config.limits.max_connections_per_client, times = n, "spec.limits.maxConnectionsPerClient reached; connection closed");
+                }
+                continue;
             }
+        };
+        let clock = Clock {
+            request_header: current.config.timeouts.request_header,
+            idle: current.config.timeouts.idle_for(ListenerProtocol::Http),
+            max_uri: current.config.limits.max_uri_bytes,
+        };
+        let max_headers = current.config.limits.max_request_headers_bytes;
+        drop(current);
+        let io = ClientIo::new(stream, state.clone(), clock, counters.clone());
+        let proxy = proxy.clone();
+        let kill = kill.clone();
+        let counters = counters.clone();
+        tracker.spawn(async move {
+            let _registration = registration;
+            counters.open.inc();
+            tokio::select! {
+                _ = serve_connection(io, proxy, state, clock, max_headers) => {}
+                _ = kill.cancelled() => {}
+            }
+            counters.open.dec();
         });
     }
-    drop(listener);
-    if tokio::time::timeout(limits.grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(grace = ?limits.grace, "grace period over; closing remaining connections");
+    table.close_all();
+    tracker.close();
+    if tokio::time::timeout(serving.grace, tracker.wait()).await.is_err() {
+        tracing::warn!(grace = ?serving.grace, listener = %what, "grace period over; closing remaining connections");
+        kill.cancel();
+        tracker.wait().await;
+    }
+}
+
+/// One client connection: sniff the protocol, serve it with hyper, and close
+/// it gracefully when asked (shutdown, eviction, h2 idle).
+async fn serve_connection(
+    mut io: ClientIo,
+    proxy: Arc<HttpProxy>,
+    state: Arc<ConnState>,
+    clock: Clock,
+    max_headers: usize,
+) {
+    let Some(h2) = io.sniff().await else {
+        return;
+    };
+    let client = Arc::new(Downstream::new(state.peer, state.clone()));
+    let service = service_fn(move |req| {
+        let flight = client.conn.begin();
+        let proxy = proxy.clone();
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, &client, flight).await) }
+    });
+    let io = TokioIo::new(io);
+    let peer = state.peer;
+    let close = state.close_asked();
+    tokio::pin!(close);
+    let result = if h2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(100)
+            .max_header_list_size(max_headers as u32)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = &mut close => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            // Our clock (ClientIo) keeps the header and idle deadlines apart
+            // and always fires first; hyper's, set past ours, only makes
+            // hyper read (so ours is armed) as soon as a connection goes idle.
+            .header_read_timeout(clock.idle + clock.request_header + Duration::from_secs(1))
+            // hyper's buffer cannot be smaller than 8 KiB; validation keeps
+            // the limit at or above 1 KiB, and the smaller limit is checked
+            // on the parsed head.
+            .max_buf_size(max_headers.max(8192))
+            // Small answers: one flattened buffer per write beats writev's iovecs
+            // (A/B: about 4% less CPU per request).
+            .writev(false)
+            .keep_alive(true)
+            .serve_connection(io, service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            _ = &mut close => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }
 
 /// Serves a TCP listener: one endpoint per connection, bytes copied both ways
-/// with half-close, until `stop`; open connections get the grace period.
+/// with half-close, until `stop`; a connection with no bytes either way for
+/// `timeouts.idle` is closed; open connections get the grace period.
 pub async fn serve_tcp(
     listener: TcpListener,
     service: Arc<ServiceRuntime>,
     name: String,
-    limits: Limits,
+    serving: Serving,
     stop: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let what = format!("{}/{}", service.key, name);
+    let counters = Arc::new(ConnCounters::new(service.metrics(), service.label(), &name));
+    let table = Arc::new(ConnTable::default());
     let tracker = TaskTracker::new();
     let kill = CancellationToken::new();
-    while let Some((mut client, peer, permit)) = accept(&listener, &permits, &stop).await {
+    let (full, refused) = (
+        LogThrottle::new(Duration::from_secs(10)),
+        LogThrottle::new(Duration::from_secs(10)),
+    );
+    let mut acceptor = Acceptor::new(listener);
+    loop {
+        let limits = service.current().config.limits.clone();
+        if !room(&table, limits.max_connections, &counters, &full, &what, &stop).await {
+            break;
+        }
+        let Some((mut client, peer)) = acceptor.accept(&stop).await else {
+            break;
+        };
+        let state = Arc::new(ConnState::new(peer));
+        // A TCP connection is never idle in the eviction sense: it may be
+        // mid-stream however quiet it looks.
+        state.set_tunnel();
+        let registration = match table.admit(&state, usize::MAX, limits.max_connections_per_client) {
+            Ok(r) => r,
+            Err(_) => {
+                counters.per_client.inc();
+                if let Some(n) = refused.hit() {
+                    tracing::warn!(listener = %what, client = %peer.ip(), max = limits.max_connections_per_client, times = n, "spec.limits.maxConnectionsPerClient reached; connection closed");
+                }
+                continue;
+            }
+        };
+        let idle = service.current().config.timeouts.idle_for(ListenerProtocol::Tcp);
         let service = service.clone();
         let name = name.clone();
         let kill = kill.clone();
+        let counters = counters.clone();
         tracker.spawn(async move {
-            let _permit = permit;
+            let _registration = registration;
+            counters.open.inc();
+            let _open = scopeguard(|| {
+                counters.open.dec();
+            });
             let Some((mut upstream, _guard, endpoint)) = connect(&service, &name, peer).await else {
                 return;
             };
+            let activity = Activity::new();
             let copied = tokio::select! {
                 _ = kill.cancelled() => return,
-                r = copy_both_ways(&mut client, &mut upstream) => r,
+                _ = activity.idle_for(idle) => {
+                    counters.idle_timeout.inc();
+                    tracing::debug!(service = %service.key, %peer, %endpoint, ?idle, "tcp connection idle; closed");
+                    return;
+                }
+                r = copy_both_ways(&mut client, &mut upstream, &activity) => r,
             };
             if let Err(e) = copied {
                 tracing::debug!(service = %service.key, %peer, %endpoint, error = %e, "tcp connection ended with an error");
             }
         });
     }
-    drop(listener);
+    drop(table);
     tracker.close();
-    if tokio::time::timeout(limits.grace, tracker.wait()).await.is_err() {
+    if tokio::time::timeout(serving.grace, tracker.wait()).await.is_err() {
         kill.cancel();
         tracker.wait().await;
     }
@@ -187,11 +370,33 @@ async fn connect(
 }
 
 #[cfg(target_os = "linux")]
-async fn copy_both_ways(client: &mut TcpStream, upstream: &mut TcpStream) -> std::io::Result<(u64, u64)> {
-    super::splice::copy_bidirectional(client, upstream).await
+async fn copy_both_ways(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    activity: &Activity,
+) -> std::io::Result<(u64, u64)> {
+    super::splice::copy_bidirectional(client, upstream, activity).await
 }
 
 #[cfg(not(target_os = "linux"))]
-async fn copy_both_ways(client: &mut TcpStream, upstream: &mut TcpStream) -> std::io::Result<(u64, u64)> {
-    tokio::io::copy_bidirectional_with_sizes(client, upstream, 64 * 1024, 64 * 1024).await
+async fn copy_both_ways(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    activity: &Activity,
+) -> std::io::Result<(u64, u64)> {
+    let mut client = super::conn::Touching::new(client, activity);
+    tokio::io::copy_bidirectional_with_sizes(&mut client, upstream, 64 * 1024, 64 * 1024).await
+}
+
+/// Runs `f` on drop.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

@@ -1,10 +1,12 @@
 //! The data plane: HTTP and TCP listeners balancing over a service's endpoints,
 //! the retry loop, and the admin server.
 
+pub mod access;
 pub mod admin;
 pub mod answer;
 pub mod attempt;
 pub mod body;
+pub mod conn;
 pub mod dataplane;
 pub mod headers;
 pub mod http;
@@ -16,4 +18,4 @@ pub mod splice;
 pub mod upstream;
 
 pub use dataplane::Dataplane;
-pub use listener::Limits;
+pub use listener::Serving;

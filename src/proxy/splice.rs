@@ -13,18 +13,21 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::conn::{Activity, Touching};
+
 /// Bytes moved per splice call, and the pipe capacity asked for (Linux's
 /// default pipe is 64 KiB; a larger one means fewer calls per megabyte).
 const CHUNK: usize = 256 * 1024;
 
 /// Copies both ways until both directions ended; returns bytes a->b and b->a.
-pub async fn copy_bidirectional(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<(u64, u64)> {
+pub async fn copy_bidirectional(a: &mut TcpStream, b: &mut TcpStream, activity: &Activity) -> io::Result<(u64, u64)> {
     let pipes = (pipe(), pipe());
     let (Ok(ab), Ok(ba)) = pipes else {
-        return tokio::io::copy_bidirectional_with_sizes(a, b, 64 * 1024, 64 * 1024).await;
+        let mut a = Touching::new(a, activity);
+        return tokio::io::copy_bidirectional_with_sizes(&mut a, b, 64 * 1024, 64 * 1024).await;
     };
     let (a, b) = (&*a, &*b);
-    tokio::try_join!(pump(a, b, ab), pump(b, a, ba))
+    tokio::try_join!(pump(a, b, ab, activity), pump(b, a, ba, activity))
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -39,7 +42,12 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// One direction: socket `from` into the pipe and the pipe into socket `to`,
 /// both as far as they will go on each wake-up (the pipe fills while it
 /// drains), until `from` says end of stream; then `to` gets a FIN.
-async fn pump(from: &TcpStream, to: &TcpStream, (read_end, write_end): (OwnedFd, OwnedFd)) -> io::Result<u64> {
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    (read_end, write_end): (OwnedFd, OwnedFd),
+    activity: &Activity,
+) -> io::Result<u64> {
     use nix::fcntl::{SpliceFFlags, splice};
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let (mut in_pipe, mut total, mut eof) = (0usize, 0u64, false);
@@ -76,7 +84,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, (read_end, write_end): (OwnedFd,
             let _ = nix::sys::socket::shutdown(to.as_raw_fd(), nix::sys::socket::Shutdown::Write);
             return Ok(total);
         }
-        if !progressed {
+        if progressed {
+            activity.touch();
+        } else {
             tokio::select! {
                 r = from.readable(), if !eof && in_pipe < CHUNK => r?,
                 r = to.writable(), if in_pipe > 0 => r?,

@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::body::BoxError;
+use super::body::{BoxError, Upload};
 use super::retry::Failure;
 use crate::health::probe::io_text;
 
@@ -314,6 +314,8 @@ pub enum UpBody {
         head: Option<Bytes>,
         /// The rest, as it arrives.
         rest: Incoming,
+        /// The client's side of the upload: its body timeout and its end.
+        upload: Upload,
     },
 }
 
@@ -325,13 +327,12 @@ impl Body for UpBody {
         match &mut *self {
             UpBody::Empty => Poll::Ready(None),
             UpBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            UpBody::Stream { head, rest } => {
+            UpBody::Stream { head, rest, upload } => {
                 if let Some(b) = head.take() {
+                    upload.count(b.len());
                     return Poll::Ready(Some(Ok(Frame::data(b))));
                 }
-                Pin::new(rest)
-                    .poll_frame(cx)
-                    .map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+                upload.poll_next(Pin::new(rest), cx)
             }
         }
     }
@@ -340,7 +341,7 @@ impl Body for UpBody {
         match self {
             UpBody::Empty => true,
             UpBody::Full(b) => b.is_none(),
-            UpBody::Stream { head, rest } => head.is_none() && rest.is_end_stream(),
+            UpBody::Stream { head, rest, .. } => head.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -348,7 +349,7 @@ impl Body for UpBody {
         match self {
             UpBody::Empty => SizeHint::with_exact(0),
             UpBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpBody::Stream { head, rest } => {
+            UpBody::Stream { head, rest, .. } => {
                 let extra = head.as_ref().map_or(0, |b| b.len() as u64);
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();

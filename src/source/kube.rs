@@ -21,7 +21,7 @@ use crate::api::{BalancedService, validate};
 use crate::balance::MemberSpec;
 use crate::metrics::Metrics;
 use crate::proxy::admin::{self, AdminView};
-use crate::proxy::{Dataplane, Limits};
+use crate::proxy::{Dataplane, Serving};
 
 /// Settings of `balanced proxy`.
 #[derive(Clone, Debug)]
@@ -30,8 +30,8 @@ pub struct ProxyOptions {
     pub key: ServiceKey,
     /// Address the listeners bind.
     pub bind: IpAddr,
-    /// Connection limits and grace.
-    pub limits: Limits,
+    /// Shutdown grace and access log.
+    pub serving: Serving,
     /// On SIGTERM, how long `/readyz` fails before listeners close.
     pub drain_delay: Duration,
 }
@@ -112,7 +112,7 @@ pub async fn run_proxy(client: Client, opts: ProxyOptions, admin_listener: TcpLi
     let metrics = Arc::new(Metrics::new());
     let state = Arc::new(ProxyState {
         key: opts.key.clone(),
-        dataplane: Dataplane::new(metrics.proxy.clone(), opts.bind, opts.limits.clone(), stop.clone()),
+        dataplane: Dataplane::new(metrics.proxy.clone(), opts.bind, opts.serving.clone(), stop.clone()),
         metrics,
         has_snapshot: AtomicBool::new(false),
         draining: AtomicBool::new(false),
