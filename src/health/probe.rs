@@ -18,6 +18,9 @@ use crate::api::duration::format_duration;
 pub struct ProbeError {
     /// Timeouts are counted apart from other failures.
     pub timed_out: bool,
+    /// The prober itself could not open a socket (out of descriptors): says
+    /// nothing about the endpoint, so its state is left alone.
+    pub local: bool,
     /// What an operator reads in status: `connect: connection refused`.
     pub message: String,
 }
@@ -32,6 +35,7 @@ impl ProbeError {
     fn failed(message: impl Into<String>) -> Self {
         Self {
             timed_out: false,
+            local: false,
             message: message.into(),
         }
     }
@@ -52,6 +56,7 @@ pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &
         Ok(result) => result,
         Err(_) => Err(ProbeError {
             timed_out: true,
+            local: false,
             message: format!(
                 "timeout: {} after {}",
                 match phase {
@@ -66,9 +71,10 @@ pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &
 }
 
 async fn run(kind: &ProbeKind, addr: SocketAddr, tls: &TlsClients, phase: &mut Phase) -> Result<(), ProbeError> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| ProbeError::failed(format!("connect: {}", io_text(&e))))?;
+    let stream = TcpStream::connect(addr).await.map_err(|e| ProbeError {
+        local: is_local_exhaustion(&e),
+        ..ProbeError::failed(format!("connect: {}", io_text(&e)))
+    })?;
     // Close with RST, not FIN: thousands of probes a second must not leave
     // TIME_WAIT sockets behind (HAProxy closes its checks the same way).
     let _ = stream.set_zero_linger();
@@ -169,6 +175,18 @@ async fn tls_probe(
         .map_err(|e| ProbeError::failed(format!("tls: handshake: {}", io_text(&e))))?;
     let _ = session.shutdown().await;
     Ok(())
+}
+
+/// Whether `e` is this process or host running out of something (descriptors,
+/// socket buffers, memory, local ports) rather than the peer failing.
+pub fn is_local_exhaustion(e: &io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        matches!(
+            Errno::from_raw(code),
+            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL
+        )
+    })
 }
 
 /// io::Error text without the `(os error 111)` noise, for status and error bodies.

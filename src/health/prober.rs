@@ -234,6 +234,9 @@ struct EndpointTask {
     stop: CancellationToken,
 }
 
+/// Probes that could not run for want of a local resource, logged at most once a second.
+static LOCAL_FAILURES: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(Duration::from_secs(1));
+
 impl EndpointTask {
     async fn run(self) {
         let service = self.service.to_string();
@@ -276,6 +279,18 @@ impl EndpointTask {
                 r = probe(&self.check.probe, probe_addr, self.check.timeout, &self.inner.tls) => r,
             };
             histogram.observe(started.elapsed().as_secs_f64());
+            if let Err(e) = &result
+                && e.local
+            {
+                // Our failure, not the endpoint's: its state stays as it was.
+                if let Some(n) = LOCAL_FAILURES.hit() {
+                    tracing::warn!(service = %self.service, endpoint = %self.addr, error = %e.message, times = n, "probe could not run: the prober is out of a local resource; endpoint state left unchanged");
+                }
+                if self.sleep(jitter(self.check.interval)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let counter = match &result {
                 Ok(()) => &counters[0],
                 Err(e) if e.timed_out => &counters[2],

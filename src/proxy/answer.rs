@@ -46,6 +46,10 @@ pub fn exhausted(end: &Exhausted, detail: bool) -> Response<ProxyBody> {
     let tries = end.tries;
     let (status, mut text) = match &end.last {
         None => (StatusCode::SERVICE_UNAVAILABLE, "no endpoint available".to_string()),
+        Some((_, Failure::Local(e))) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the proxy cannot open a connection: {e} (a limit of the proxy's own, not the endpoint's)"),
+        ),
         Some((_, Failure::Timeout)) => (
             StatusCode::GATEWAY_TIMEOUT,
             format!("upstream timed out ({tries} {})", tries_word(tries)),
@@ -87,6 +91,7 @@ pub fn failure_text(f: &Failure) -> String {
         Failure::Error(e) => e.clone(),
         Failure::InvalidHeader(e) => format!("invalid response header: {e}"),
         Failure::Status(s) => format!("status {s}"),
+        Failure::Local(e) => format!("local: {e}"),
     }
 }
 

@@ -149,6 +149,8 @@ impl<'a> Attempts<'a> {
         let member = &self.snap.members[i];
         match &failure {
             Failure::Status(s) => member.endpoint.stats.record_status(*s),
+            // Our own exhaustion says nothing about the endpoint.
+            Failure::Local(_) => {}
             f => member.endpoint.stats.record_failure(*f == Failure::Timeout),
         }
         self.service.record_failure(self.config, member, &failure);

@@ -21,6 +21,10 @@ pub enum Failure {
     InvalidHeader(String),
     /// The upstream answered with this status.
     Status(u16),
+    /// The proxy itself could not open a connection (out of descriptors,
+    /// buffers or local ports): not the endpoint's fault, and no other
+    /// endpoint would fare better.
+    Local(String),
 }
 
 impl Failure {
@@ -37,7 +41,7 @@ impl Failure {
             Failure::Status(403) => RetryCondition::Http403,
             Failure::Status(404) => RetryCondition::Http404,
             Failure::Status(429) => RetryCondition::Http429,
-            Failure::Status(_) => return None,
+            Failure::Status(_) | Failure::Local(_) => return None,
         })
     }
 
@@ -50,7 +54,7 @@ impl Failure {
             Failure::Status(502) => PassiveCondition::Http502,
             Failure::Status(503) => PassiveCondition::Http503,
             Failure::Status(504) => PassiveCondition::Http504,
-            Failure::Status(_) => return false,
+            Failure::Status(_) | Failure::Local(_) => return false,
         };
         passive.on.contains(&condition)
     }

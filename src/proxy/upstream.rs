@@ -25,7 +25,7 @@ use tokio::time::Instant;
 
 use super::body::{BoxError, Upload};
 use super::retry::Failure;
-use crate::health::probe::io_text;
+use crate::health::probe::{io_text, is_local_exhaustion};
 
 /// Streams one HTTP/2 connection carries before another is opened: at or
 /// under what common servers allow (nginx 128, HAProxy 100, Go 250), so
@@ -246,6 +246,7 @@ impl Pool {
                 let _ = stream.set_nodelay(true);
                 Ok(stream)
             }
+            Ok(Err(e)) if is_local_exhaustion(&e) => Err(Failure::Local(io_text(&e))),
             Ok(Err(e)) => Err(Failure::Connect(io_text(&e))),
             Err(_) => Err(Failure::Timeout),
         }

@@ -65,6 +65,7 @@ pub fn watch(
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut last_seen = std::fs::read(&path).ok();
+        let unreadable = crate::throttle::LogThrottle::new(Duration::from_secs(10));
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -73,14 +74,26 @@ pub fn watch(
                 _ = hangup.recv() => true,
                 _ = tick.tick() => false,
             };
-            let now = std::fs::read(&path).ok();
-            if !forced && now == last_seen {
+            let now = match std::fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    // Unreadable is not invalid (out of descriptors, a
+                    // half-done rename): the running configuration stays and
+                    // nothing is called rejected.
+                    if let Some(n) = unreadable.hit() {
+                        tracing::warn!(file = %path.display(), error = %e, times = n, "cannot read the configuration file; keeping the running configuration");
+                    }
+                    continue;
+                }
+            };
+            if !forced && last_seen.as_ref() == Some(&now) {
                 continue;
             }
+            let text = String::from_utf8_lossy(&now).into_owned();
             // Remember what we tried, so a bad file is reported once, not every poll.
-            last_seen = now;
+            last_seen = Some(now);
             let trigger = if forced { "SIGHUP" } else { "file changed" };
-            match read_configs(&path) {
+            match configs_from_text(&text) {
                 Ok(configs) => {
                     tracing::info!(file = %path.display(), trigger, services = configs.len(), "reloading configuration");
                     if tx.send(configs).await.is_err() {
