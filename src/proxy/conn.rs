@@ -633,6 +633,8 @@ impl Drop for Registration {
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    // Bytes from the client, and to it.
+    moved: [AtomicU64; 2],
 }
 
 impl Default for Activity {
@@ -647,7 +649,22 @@ impl Activity {
         Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            moved: [AtomicU64::new(0), AtomicU64::new(0)],
         }
+    }
+
+    /// `n` bytes moved from the client (`to_client` false) or to it.
+    pub fn moved(&self, to_client: bool, n: usize) {
+        self.moved[usize::from(to_client)].fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Bytes from the client and to it so far.
+    pub fn totals(&self) -> (u64, u64) {
+        (
+            self.moved[0].load(Ordering::Relaxed),
+            self.moved[1].load(Ordering::Relaxed),
+        )
     }
 
     /// Bytes moved.
@@ -668,7 +685,7 @@ impl Activity {
     }
 }
 
-/// A stream that touches an [`Activity`] whenever bytes move through it.
+/// The client's stream, telling an [`Activity`] of every byte through it.
 pub struct Touching<'a, S> {
     inner: &'a mut S,
     activity: &'a Activity,
@@ -686,7 +703,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Touching<'_, S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.moved(false, buf.filled().len() - before);
         }
         polled
     }
@@ -695,8 +712,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Touching<'_, S> {
 impl<S: AsyncWrite + Unpin> AsyncWrite for Touching<'_, S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n)) = polled {
+            self.activity.moved(true, n);
         }
         polled
     }
@@ -705,5 +722,137 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Touching<'_, S> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const CLOCK: Clock = Clock {
+        request_header: Duration::from_secs(10),
+        idle: Duration::from_secs(60),
+        max_uri: 8192,
+    };
+
+    /// A proxy-side `ClientIo` and the client's end of the same connection.
+    async fn pair() -> (ClientIo, TcpStream, Arc<ConnState>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, peer) = listener.accept().await.unwrap();
+        let state = Arc::new(ConnState::new(peer));
+        let counters = Arc::new(ConnCounters::new(
+            &crate::metrics::Metrics::new().proxy,
+            "default/web",
+            "http",
+        ));
+        (ClientIo::new(server, state.clone(), CLOCK, counters), client, state)
+    }
+
+    const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    /// Sends one whole request and reads it through `io`, as hyper would.
+    async fn one_request(io: &mut ClientIo, client: &mut TcpStream) {
+        client.write_all(REQUEST).await.unwrap();
+        assert_eq!(io.sniff().await, Some(false));
+        let mut buf = [0u8; 64];
+        let mut got = 0;
+        while got < REQUEST.len() {
+            got += io.read(&mut buf).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_ends_at_request_header() {
+        let (mut io, _client, _) = pair().await;
+        let started = Instant::now();
+        assert_eq!(io.sniff().await, None);
+        assert_eq!(started.elapsed(), CLOCK.request_header);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_a_head_gets_408_at_request_header_from_its_first_byte() {
+        let (mut io, mut client, _) = pair().await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        assert_eq!(io.sniff().await, Some(false));
+        let started = Instant::now();
+        let mut buf = [0u8; 64];
+        let mut replayed = 0;
+        let err = loop {
+            match io.read(&mut buf).await {
+                Ok(n) if n > 0 => replayed += n,
+                Ok(_) => panic!("a clean close; expected a 408"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(replayed, 18, "the sniffed bytes are handed on");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // From the first byte (3 s in), not from connecting.
+        assert_eq!(started.elapsed(), CLOCK.request_header);
+        drop(io);
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap_or_default();
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn between_requests_the_idle_timeout_applies_and_a_download_is_not_idle() {
+        let (mut io, mut client, state) = pair().await;
+        one_request(&mut io, &mut client).await;
+        let mut buf = [0u8; 64];
+        // A request in flight for two minutes (a long download): no deadline.
+        let flight = state.begin();
+        let waited = tokio::time::timeout(Duration::from_secs(120), io.read(&mut buf)).await;
+        assert!(waited.is_err(), "closed while a request was in flight");
+        drop(flight);
+        let started = Instant::now();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0, "idle ends in a clean close");
+        assert_eq!(started.elapsed(), CLOCK.idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_stays_open_while_bytes_move() {
+        let (mut io, mut client, state) = pair().await;
+        one_request(&mut io, &mut client).await;
+        let mut buf = [0u8; 64];
+        state.set_tunnel();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            client.write_all(b"frame").await.unwrap();
+            assert_eq!(io.read(&mut buf).await.unwrap(), 5);
+        }
+        let started = Instant::now();
+        let err = io.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), CLOCK.idle);
+    }
+
+    #[tokio::test]
+    async fn the_table_evicts_the_longest_idle_and_counts_per_client() {
+        let table = Arc::new(ConnTable::default());
+        let peer: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let busy = Arc::new(ConnState::new(peer));
+        let old = Arc::new(ConnState::new(peer));
+        let young = Arc::new(ConnState::new("10.0.0.2:1000".parse().unwrap()));
+        let _b = table.admit(&busy, 10, 2).unwrap();
+        let _o = table.admit(&old, 10, 2).unwrap();
+        assert_eq!(
+            table.admit(&Arc::new(ConnState::new(peer)), 10, 2).unwrap_err(),
+            Admit::ClientFull
+        );
+        let _y = table.admit(&young, 10, 2).unwrap();
+        let _flight = busy.begin();
+        assert!(table.evict_oldest_idle());
+        assert!(old.closing.load(Relaxed), "the oldest idle one goes first");
+        assert!(!busy.closing.load(Relaxed), "never one with a request in flight");
+        assert!(table.evict_oldest_idle());
+        assert!(young.closing.load(Relaxed));
+        assert!(!table.evict_oldest_idle(), "nothing idle is left");
+        drop(_o);
+        assert_eq!(table.len(), 2);
     }
 }

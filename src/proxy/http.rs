@@ -410,15 +410,21 @@ async fn after_upload<T>(
         .unwrap_or(Err((Failure::Timeout, None)))
 }
 
-/// Envoy's flags for attempts that ended without an answer.
-fn exhausted_flags(end: &Exhausted, snap: &Snapshot) -> Flags {
+/// Envoy's flags for attempts that ended without an answer: `UH` when no
+/// endpoint passes its health checks (even if the unhealthy ones were tried
+/// as a last resort), `UO` when the healthy ones were all at
+/// `maxConnections`, then what the last attempt met.
+pub(super) fn exhausted_flags(end: &Exhausted, snap: &Snapshot) -> Flags {
     let mut flags = Flags::default();
+    let healthy = snap.members.iter().filter(|m| m.spec.healthy).count();
+    if healthy == 0 {
+        flags.set(Flags::NO_HEALTHY_UPSTREAM);
+    }
     match &end.last {
-        None if snap.serving(crate::balance::now_ms()) > 0 => flags.set(Flags::UPSTREAM_OVERFLOW),
-        None => flags.set(Flags::NO_HEALTHY_UPSTREAM),
+        None if healthy > 0 => flags.set(Flags::UPSTREAM_OVERFLOW),
         Some((_, Failure::Connect(_))) => flags.set(Flags::UPSTREAM_CONNECT_FAILURE),
         Some((_, Failure::Timeout)) => flags.set(Flags::UPSTREAM_TIMEOUT),
-        Some(_) => {}
+        _ => {}
     }
     if end.tries > 1 {
         flags.set(Flags::RETRIES_EXHAUSTED);

@@ -7,15 +7,16 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::access::AccessLog;
+use super::access::{self, AccessLog, Entry};
 use super::answer::failure_text;
 use super::attempt::{Attempts, RequestFacts};
 use super::conn::Activity;
@@ -194,7 +195,12 @@ async fn serve_connection(
     clock: Clock,
     max_headers: usize,
 ) {
-    let Some(h2) = io.sniff().await else {
+    // A connection that has not sent its first bytes is idle: evictable.
+    let sniffed = tokio::select! {
+        s = io.sniff() => s,
+        _ = state.close_asked() => None,
+    };
+    let Some(h2) = sniffed else {
         return;
     };
     let client = Arc::new(Downstream::new(state.peer, state.clone()));
@@ -301,27 +307,47 @@ pub async fn serve_tcp(
         let name = name.clone();
         let kill = kill.clone();
         let counters = counters.clone();
+        let log = serving.access_log.clone();
         tracker.spawn(async move {
             let _registration = registration;
             counters.open.inc();
             let _open = scopeguard(|| {
                 counters.open.dec();
             });
-            let Some((mut upstream, _guard, endpoint)) = connect(&service, &name, peer).await else {
-                return;
-            };
+            let (start, started) = (SystemTime::now(), Instant::now());
+            let mut up = access::Upstream::default();
             let activity = Activity::new();
-            let copied = tokio::select! {
-                _ = kill.cancelled() => return,
-                _ = activity.idle_for(idle) => {
-                    counters.idle_timeout.inc();
-                    tracing::debug!(service = %service.key, %peer, %endpoint, ?idle, "tcp connection idle; closed");
-                    return;
+            if let Some((mut upstream, _guard, endpoint)) = connect(&service, &name, peer, &mut up).await {
+                tokio::select! {
+                    _ = kill.cancelled() => {}
+                    _ = activity.idle_for(idle) => {
+                        counters.idle_timeout.inc();
+                        tracing::debug!(service = %service.key, %peer, %endpoint, ?idle, "tcp connection idle; closed");
+                    }
+                    r = copy_both_ways(&mut client, &mut upstream, &activity) => {
+                        if let Err(e) = r {
+                            tracing::debug!(service = %service.key, %peer, %endpoint, error = %e, "tcp connection ended with an error");
+                        }
+                    }
                 }
-                r = copy_both_ways(&mut client, &mut upstream, &activity) => r,
-            };
-            if let Err(e) = copied {
-                tracing::debug!(service = %service.key, %peer, %endpoint, error = %e, "tcp connection ended with an error");
+            }
+            if let Some(log) = log {
+                let (bytes_in, bytes_out) = activity.totals();
+                log.send(Entry {
+                    start,
+                    client: peer,
+                    service: Arc::from(service.label()),
+                    listener: Arc::from(name.as_str()),
+                    method: None,
+                    uri: None,
+                    authority: None,
+                    version: None,
+                    status: 0,
+                    bytes_in,
+                    bytes_out,
+                    duration: started.elapsed(),
+                    upstream: up,
+                });
             }
         });
     }
@@ -339,6 +365,7 @@ async fn connect(
     service: &ServiceRuntime,
     listener: &str,
     peer: SocketAddr,
+    up: &mut access::Upstream,
 ) -> Option<(TcpStream, ActiveGuard, SocketAddr)> {
     let current = service.current();
     let li = current.listener(listener)?;
@@ -348,9 +375,11 @@ async fn connect(
     while let Some(i) = attempts.next_endpoint() {
         let member = &current.snap.members[i];
         let guard = ActiveGuard::new(member.endpoint.clone());
+        up.endpoint = Some(member.spec.addr);
         match current.pool(li, i).connect_tcp().await {
             Ok(stream) => {
                 attempts.succeeded(i);
+                up.attempts = attempts.tries() as u32;
                 return Some((stream, guard, member.spec.addr));
             }
             Err(failure) => {
@@ -361,6 +390,8 @@ async fn connect(
         }
     }
     let end = attempts.exhausted();
+    up.attempts = end.tries as u32;
+    up.flags.set(super::http::exhausted_flags(&end, &current.snap));
     let last = end
         .last
         .as_ref()

@@ -27,7 +27,7 @@ pub async fn copy_bidirectional(a: &mut TcpStream, b: &mut TcpStream, activity: 
         return tokio::io::copy_bidirectional_with_sizes(&mut a, b, 64 * 1024, 64 * 1024).await;
     };
     let (a, b) = (&*a, &*b);
-    tokio::try_join!(pump(a, b, ab, activity), pump(b, a, ba, activity))
+    tokio::try_join!(pump(a, b, ab, activity, false), pump(b, a, ba, activity, true))
 }
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -47,6 +47,7 @@ async fn pump(
     to: &TcpStream,
     (read_end, write_end): (OwnedFd, OwnedFd),
     activity: &Activity,
+    to_client: bool,
 ) -> io::Result<u64> {
     use nix::fcntl::{SpliceFFlags, splice};
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
@@ -73,6 +74,7 @@ async fn pump(
                 Ok(n) => {
                     in_pipe -= n;
                     total += n as u64;
+                    activity.moved(to_client, n);
                     progressed = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod apiserver;
+pub mod standalone;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
