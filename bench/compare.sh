@@ -6,6 +6,8 @@
 #
 #   bench/compare.sh [ROUNDS] [SECONDS]       (defaults: 3 rounds of 8 s)
 #   PROXY_CORE=0 LOAD_CORE=1 CONNS=32 ONLY="h1 h2 tcp" BALANCED_BIN=... bench/compare.sh
+#   ACCESS_LOG=1 bench/compare.sh    adds a row: a second balanced, the same but
+#                                    with --access-log to a file (the log's cost)
 #
 # Prints, per proxy and per protocol: req/s (median of rounds), p99, CPU
 # microseconds per request of the proxy process, and balanced's ratios.
@@ -175,6 +177,15 @@ fi
 BALANCED_LOG=warn taskset -c "$PROXY_CORE" "$BIN" standalone -f "$WORK/balanced.yaml" \
   --bind 127.0.0.1 --admin 127.0.0.1:27900 >"$WORK/balanced.log" 2>&1 &
 BALANCED=$!; PIDS+=($BALANCED)
+NAMES="balanced haproxy nginx"
+if [ -n "${ACCESS_LOG:-}" ]; then
+  # The same proxy on ports 2600x, one JSON line per request to a file on disk.
+  sed 's/port: 2700/port: 2600/' "$WORK/balanced.yaml" >"$WORK/balanced-log.yaml"
+  BALANCED_LOG=warn taskset -c "$PROXY_CORE" "$BIN" standalone -f "$WORK/balanced-log.yaml" \
+    --bind 127.0.0.1 --admin 127.0.0.1:26900 --access-log "$WORK/access.log" >"$WORK/balanced-log.log" 2>&1 &
+  LOGGED=$!; PIDS+=($LOGGED)
+  NAMES="balanced logged haproxy nginx"
+fi
 taskset -c "$PROXY_CORE" haproxy -f "$WORK/haproxy.cfg" -q >"$WORK/haproxy.log" 2>&1 &
 HAPROXY=$!; PIDS+=($HAPROXY)
 taskset -c "$PROXY_CORE" nginx -c "$WORK/nginx-proxy.conf" -p "$WORK"
@@ -183,6 +194,7 @@ NGINX=$(pgrep -P "$(cat "$WORK/nginx-proxy.pid")" | head -1)
 
 wait_up() { for _ in $(seq 100); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "not up: $1" >&2; for f in "$WORK"/*.log; do echo "== $f"; tail -n 5 "$f"; done >&2; exit 1; }
 wait_up http://127.0.0.1:27001/
+[ -n "${ACCESS_LOG:-}" ] && wait_up http://127.0.0.1:26001/
 wait_up http://127.0.0.1:28001/
 wait_up http://127.0.0.1:29001/
 sleep 2 # every proxy's first checks have passed
@@ -236,6 +248,13 @@ for kind in $ONLY; do
     h2) targets=("balanced $BALANCED http://127.0.0.1:27002/" "haproxy $HAPROXY http://127.0.0.1:28002/" "nginx $NGINX http://127.0.0.1:29002/") ;;
     tcp) targets=("balanced $BALANCED 27003" "haproxy $HAPROXY 28003" "nginx $NGINX 29003") ;;
   esac
+  if [ -n "${ACCESS_LOG:-}" ]; then
+    case $kind in
+      h1) targets+=("logged $LOGGED http://127.0.0.1:26001/") ;;
+      h2) targets+=("logged $LOGGED http://127.0.0.1:26002/") ;;
+      tcp) targets+=("logged $LOGGED 26003") ;;
+    esac
+  fi
   for r in $(seq "$ROUNDS"); do
     for t in "${targets[@]}"; do
       read -r name pid url <<<"$t"
@@ -250,7 +269,7 @@ for kind in $ONLY; do
   echo
   echo "== $kind: $what; proxies on core $PROXY_CORE, load+backends on core $LOAD_CORE; $ROUNDS rounds"
   printf '%-10s %12s %14s %12s   %s\n' proxy "$unit" p99 "cpu us/req" "rounds"
-  for name in balanced haproxy nginx; do
+  for name in $NAMES; do
     k="$kind/$name"
     printf '%-10s %12s %14s %12s   %s\n' "$name" "$(median <<<"${RPS[$k]}")" "$(tr ' ' '\n' <<<"${P99[$k]}" | grep -v '^$' | tail -1)" \
       "$(median <<<"${CPU[$k]}")" "${RPS[$k]}"
@@ -259,6 +278,14 @@ for kind in $ONLY; do
   bc=$(median <<<"${CPU[$kind/balanced]}"); hc=$(median <<<"${CPU[$kind/haproxy]}"); nc=$(median <<<"${CPU[$kind/nginx]}")
   awk -v b="$b" -v h="$h" -v n="$n" -v bc="$bc" -v hc="$hc" -v nc="$nc" 'BEGIN {
     printf "balanced/haproxy: throughput %.2fx, cpu per unit %.2fx;  balanced/nginx: throughput %.2fx, cpu per unit %.2fx\n", b/h, bc/hc, b/n, bc/nc }'
+  if [ -n "${ACCESS_LOG:-}" ]; then
+    l=$(median <<<"${RPS[$kind/logged]}"); lc=$(median <<<"${CPU[$kind/logged]}")
+    awk -v b="$b" -v l="$l" -v bc="$bc" -v lc="$lc" 'BEGIN {
+      printf "access log on/off: throughput %.2fx (%.1f%% lost), cpu per unit %.2fx\n", l/b, (1 - l/b) * 100, lc/bc }'
+  fi
 done
 echo
 echo "balanced peak RSS: $(awk '/VmHWM/ {print int($2/1024)}' /proc/$BALANCED/status) MiB"
+if [ -n "${ACCESS_LOG:-}" ]; then
+  echo "access log: $(wc -l <"$WORK/access.log") lines, $(du -m "$WORK/access.log" | cut -f1) MiB; last: $(tail -n 1 "$WORK/access.log")"
+fi

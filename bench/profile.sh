@@ -3,6 +3,7 @@
 # h2load) drives balanced pinned to one core, then the top of perf report.
 #
 #   bench/profile.sh [h1|h2] [SECONDS]      (defaults: h1, 8 s)
+#   BALANCED_ARGS="--access-log /tmp/a.log" bench/profile.sh    extra flags for balanced
 #
 # Needs perf (Debian linux-perf). The release profile keeps line tables, so
 # symbols resolve. Prints the report to stdout; perf.data stays in a temp dir.
@@ -29,7 +30,7 @@ if [ "$KIND" = h2 ]; then PORTS="18181 18182 18183"; APP=", appProtocol: kuberne
   echo "  listeners: [{name: http, port: 27001$APP}]"
   echo "  healthCheck: {interval: 1s, timeout: 500ms, rise: 1}"
 } > "$WORK/prof.yaml"
-BALANCED_LOG=warn taskset -c 0 "$BIN" standalone -f "$WORK/prof.yaml" --bind 127.0.0.1 --admin 127.0.0.1:27900 &
+BALANCED_LOG=warn taskset -c 0 "$BIN" standalone -f "$WORK/prof.yaml" --bind 127.0.0.1 --admin 127.0.0.1:27900 ${BALANCED_ARGS:-} &
 PID=$!
 for _ in $(seq 100); do curl -sf http://127.0.0.1:27001/ >/dev/null 2>&1 && break; sleep 0.1; done
 sleep 1
@@ -41,6 +42,7 @@ else
   taskset -c 1 wrk -t1 -c32 -d"${DUR}s" http://127.0.0.1:27001/ | grep -E "Requests/sec|Non-2xx"
 fi
 wait $PERF || true
+echo "== by thread"; perf report -i "$WORK/perf.data" --no-children --stdio --sort comm -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | head -4
 echo "== by object"; perf report -i "$WORK/perf.data" --no-children --stdio --sort dso -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | head -8
 echo "== inclusive, our code and hyper/tokio"
 perf report -i "$WORK/perf.data" --children --percent-limit 3 --stdio --sort symbol -g none --dsos balanced 2>/dev/null | grep -v "^#" | grep -v "^$" | cut -c1-160 | head -40
