@@ -287,8 +287,14 @@ pub fn free_port() -> u16 {
 
 /// A loopback address where nothing listens (connections are refused).
 pub async fn refusing_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-    listener.local_addr().expect("bound listener has an address")
+    // Bound but never listening, and kept for the life of the process: a
+    // connect is refused, and no other test can be handed the port (a port
+    // merely freed was, and answered 200 where a refusal was expected).
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind loopback");
+    let addr = socket.local_addr().expect("bound socket has an address");
+    std::mem::forget(socket);
+    addr
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `limit`.
