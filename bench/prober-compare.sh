@@ -7,6 +7,7 @@
 #
 #   bench/prober-compare.sh [SECONDS] [ROUNDS]      (defaults: 20 s, 2 rounds)
 #   PROBER_CORE=0 LOAD_CORE=1 SERVICES=100 BALANCED_BIN=... bench/prober-compare.sh
+#   PERF=1 bench/prober-compare.sh 10 1     also perf-records balanced and prints its top symbols
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-20}
@@ -89,7 +90,15 @@ run() {
   sleep 5 # start-up and the first rise
   up0=$("up_$name")
   t0=$(ticks "$pid")
-  sleep "$DUR"
+  if [ -n "${STRACE:-}" ]; then
+    timeout 5 strace -c -f -p "$pid" -o "$WORK/strace-$name.txt" >/dev/null 2>&1 || true
+    echo "== $name: syscalls in 5 s"; head -25 "$WORK/strace-$name.txt"
+  fi
+  if [ -n "${PERF:-}" ]; then
+    perf record -F 1999 -g -p "$pid" -o "$WORK/perf-$name.data" -- sleep "$DUR" >/dev/null 2>&1
+  else
+    sleep "$DUR"
+  fi
   t1=$(ticks "$pid")
   up1=$("up_$name")
   local rss; rss=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$pid/status")
@@ -104,3 +113,12 @@ for r in $(seq "$ROUNDS"); do
   run balanced
   run haproxy
 done
+if [ -n "${PERF:-}" ]; then
+  for name in balanced haproxy; do
+    echo "== $name: inclusive, syscalls and softirq"
+    perf report -i "$WORK/perf-$name.data" --children --stdio --sort symbol -g none 2>/dev/null \
+      | grep -E "__x64_sys_|do_softirq|net_rx_action|entry_SYSCALL|exit_to_user|schedule$" | cut -c1-100 | head -20
+  done
+  echo "== balanced: top symbols"
+  perf report -i "$WORK/perf-balanced.data" --no-children --percent-limit 0.7 --stdio --sort dso,symbol -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | cut -c1-140 | head -30
+fi
