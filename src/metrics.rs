@@ -141,6 +141,10 @@ pub struct ProbeMetrics {
     pub healthy: Family<EndpointLabels, Gauge>,
     /// Health transitions by new state.
     pub transitions: Family<TransitionLabels, Counter>,
+    /// How late each probe started against its schedule.
+    pub lag: Histogram,
+    /// Probes that started more than a tenth of their interval late.
+    pub late: Counter,
 }
 
 impl ProbeMetrics {
@@ -150,8 +154,21 @@ impl ProbeMetrics {
             duration: Family::new_with_constructor(latency_histogram),
             healthy: Family::default(),
             transitions: Family::default(),
+            // 0.5 ms .. ~8 s, like probe durations.
+            lag: latency_histogram(),
+            late: Counter::default(),
         };
         registry.register("balanced_probes", "Active health probes by result", m.probes.clone());
+        registry.register(
+            "balanced_probe_schedule_lag_seconds",
+            "How late an active health probe started against its schedule",
+            m.lag.clone(),
+        );
+        registry.register(
+            "balanced_probes_late",
+            "Probes that started more than a tenth of their interval late: the prober is not keeping up",
+            m.late.clone(),
+        );
         registry.register(
             "balanced_probe_duration_seconds",
             "Time an active health probe took",

@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::probe::probe;
+use super::probe::{ProbeError, probe};
 use super::state::{Health, HealthState};
 use super::tls::TlsClients;
 use crate::api::config::{HealthCheck, ServiceKey};
@@ -63,7 +63,17 @@ pub struct Prober {
 /// Called after every passing probe with the service and endpoint.
 pub type PassHook = Arc<dyn Fn(&ServiceKey, SocketAddr) + Send + Sync>;
 
+/// Stands in for the network in unit tests: the probe's outcome for an address.
+#[cfg(test)]
+type FakeProbe = Arc<
+    dyn Fn(SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ProbeError>> + Send>>
+        + Send
+        + Sync,
+>;
+
 struct Inner {
+    #[cfg(test)]
+    fake: Option<FakeProbe>,
     on_pass: std::sync::OnceLock<PassHook>,
     services: Mutex<HashMap<ServiceKey, ServiceEntry>>,
     transitions: broadcast::Sender<Transition>,
@@ -91,6 +101,8 @@ impl Prober {
         let (generation, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
+                #[cfg(test)]
+                fake: None,
                 on_pass: std::sync::OnceLock::new(),
                 services: Mutex::new(HashMap::new()),
                 transitions,
@@ -101,6 +113,14 @@ impl Prober {
                 tasks: TaskTracker::new(),
             }),
         }
+    }
+
+    /// A prober whose probes are `fake` instead of the network.
+    #[cfg(test)]
+    fn with_fake(metrics: ProbeMetrics, fake: FakeProbe) -> Self {
+        let mut prober = Self::new(metrics, CancellationToken::new());
+        Arc::get_mut(&mut prober.inner).expect("not shared yet").fake = Some(fake);
+        prober
     }
 
     /// Sets what runs after every passing probe (the data plane lifts a passive
@@ -234,6 +254,9 @@ struct EndpointTask {
     stop: CancellationToken,
 }
 
+/// Late probes, logged at most once every 10 s with a count.
+static LATE: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(Duration::from_secs(10));
+
 /// Probes that could not run for want of a local resource, logged at most once a second.
 static LOCAL_FAILURES: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(Duration::from_secs(1));
 
@@ -276,7 +299,7 @@ impl EndpointTask {
             let started = Instant::now();
             let result = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                r = probe(&self.check.probe, probe_addr, self.check.timeout, &self.inner.tls) => r,
+                r = self.probe(probe_addr) => r,
             };
             histogram.observe(started.elapsed().as_secs_f64());
             if let Err(e) = &result
@@ -362,11 +385,49 @@ impl EndpointTask {
         self.inner.generation.send_modify(|g| *g += 1);
     }
 
-    async fn sleep(&self, d: Duration) -> Result<(), ()> {
-        tokio::select! {
-            _ = self.stop.cancelled() => Err(()),
-            _ = tokio::time::sleep(d) => Ok(()),
+    async fn probe(&self, addr: SocketAddr) -> Result<(), ProbeError> {
+        #[cfg(test)]
+        if let Some(fake) = &self.inner.fake {
+            return tokio::time::timeout(self.check.timeout, fake(addr))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProbeError {
+                        timed_out: true,
+                        local: false,
+                        message: "timeout".into(),
+                    })
+                });
         }
+        probe(&self.check.probe, addr, self.check.timeout, &self.inner.tls).await
+    }
+
+    /// Waits `d`, then records how late the wake-up came: a prober that cannot
+    /// keep up shows it here first. Each endpoint schedules from the end of
+    /// its own last probe, so a late prober spreads its probes out rather than
+    /// bunching them to catch up.
+    async fn sleep(&self, d: Duration) -> Result<(), ()> {
+        let due = tokio::time::Instant::now() + d;
+        tokio::select! {
+            _ = self.stop.cancelled() => return Err(()),
+            _ = tokio::time::sleep_until(due) => {}
+        }
+        let lag = tokio::time::Instant::now().saturating_duration_since(due);
+        let metrics = &self.inner.metrics;
+        metrics.lag.observe(lag.as_secs_f64());
+        if lag > self.check.interval / 10 {
+            metrics.late.inc();
+            if let Some(n) = LATE.hit() {
+                tracing::warn!(
+                    service = %self.service,
+                    endpoint = %self.addr,
+                    late_ms = lag.as_millis() as u64,
+                    interval = %crate::api::duration::format_duration(self.check.interval),
+                    times = n,
+                    "the prober is not keeping up: probes start more than a tenth of their interval late (CPU starved, or too many endpoints for one process)"
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -385,6 +446,111 @@ fn jitter(delay: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::config::ProbeKind;
+    use crate::metrics::Metrics;
+
+    fn check(interval: Duration) -> HealthCheck {
+        HealthCheck {
+            probe: ProbeKind::Tcp,
+            interval,
+            timeout: interval / 2,
+            rise: 1,
+            fall: 1,
+            down_interval: interval,
+            port: None,
+        }
+    }
+
+    type Log = Arc<Mutex<Vec<(SocketAddr, tokio::time::Instant)>>>;
+
+    /// Probes that record when they ran; `hung` never answers.
+    fn recording(hung: Option<SocketAddr>) -> (FakeProbe, Log) {
+        let log: Log = Arc::default();
+        let rec = log.clone();
+        let fake: FakeProbe = Arc::new(move |addr| {
+            rec.lock().unwrap().push((addr, tokio::time::Instant::now()));
+            Box::pin(async move {
+                if Some(addr) == hung {
+                    std::future::pending::<()>().await;
+                }
+                Ok(())
+            })
+        });
+        (fake, log)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_endpoint_does_not_delay_another() {
+        let hung: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let fine: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let (fake, log) = recording(Some(hung));
+        let metrics = Metrics::new().probe;
+        let prober = Prober::with_fake(metrics.clone(), fake);
+        let key = ServiceKey::new("d", "web");
+        prober.update_service(
+            &key,
+            &check(Duration::from_secs(1)),
+            &[Target::new(hung), Target::new(fine)],
+        );
+        tokio::time::sleep(Duration::from_secs(20)).await;
+
+        let times: Vec<_> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| *a == fine)
+            .map(|(_, t)| *t)
+            .collect();
+        assert!(
+            times.len() >= 18,
+            "{} probes of the healthy endpoint in 20 s",
+            times.len()
+        );
+        for gap in times.windows(2).map(|w| w[1] - w[0]) {
+            assert!(
+                gap >= Duration::from_millis(950) && gap <= Duration::from_millis(1050),
+                "the healthy endpoint's probes came {gap:?} apart, not every 1 s ± 5%"
+            );
+        }
+        let states = prober.states(&key);
+        assert_eq!(
+            states[0].1.health,
+            crate::health::state::Health::Unhealthy,
+            "the hung one timed out"
+        );
+        assert_eq!(states[1].1.health, crate::health::state::Health::Healthy);
+        assert_eq!(metrics.late.get(), 0, "nothing started late");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_of_a_large_set_stay_spread_over_the_interval() {
+        let (fake, log) = recording(None);
+        let prober = Prober::with_fake(Metrics::new().probe, fake);
+        let targets: Vec<Target> = (0..2000u32)
+            .map(|i| Target::new(SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 80))))
+            .collect();
+        let start = tokio::time::Instant::now();
+        prober.update_service(&ServiceKey::new("d", "many"), &check(Duration::from_secs(1)), &targets);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+
+        let log = log.lock().unwrap();
+        // Every second of the five, in tenths: each tenth holds about a tenth
+        // of the probes (200), never a burst.
+        let mut tenths = [0usize; 50];
+        for (_, t) in log.iter() {
+            let i = ((*t - start).as_millis() / 100) as usize;
+            if i < 50 {
+                tenths[i] += 1;
+            }
+        }
+        assert!(log.len() >= 9000, "{} probes of 2000 endpoints in 5 s", log.len());
+        for (i, n) in tenths.iter().enumerate() {
+            assert!(
+                (120..=280).contains(n),
+                "tenth {i} of the run held {n} probes, expected about 200: {tenths:?}"
+            );
+        }
+    }
 
     #[test]
     fn spread_and_jitter_stay_in_bounds() {
