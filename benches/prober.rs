@@ -1,20 +1,39 @@
-//! Prober cost at scale: 10,000 endpoints probed over TCP every second.
+//! Prober cost at scale: 10,000, 25,000 and 50,000 endpoints probed every
+//! second, with TCP checks and with HTTP checks.
 //!
-//! Runs the real `balanced standalone` binary as a child process against 100
-//! loopback listeners (0.0.0.0:PORT, reached as 100 addresses of 127.0.0.0/8
-//! each, so 10,000 distinct endpoints) and reads the child's CPU time and
-//! resident memory from /proc. Usage: `cargo bench --bench prober [-- SECONDS]`.
+//! Runs the real `balanced standalone` binary as a child process pinned to
+//! core 0 against 100 loopback listeners served from this process on core 1
+//! (0.0.0.0:PORT, reached as many addresses of 127.0.0.0/8, so every endpoint
+//! is distinct), and reads the child's CPU time and resident memory from /proc
+//! and its probe counts and schedule lag from /metrics.
+//!
+//! `cargo bench --bench prober [-- SECONDS [SIZES] [KINDS]]`, e.g.
+//! `cargo bench --bench prober -- 15 10000,50000 TCP`. Defaults: 15 s per run,
+//! 10000,25000,50000, TCP,HTTP.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PORTS: usize = 100;
-const ADDRS: usize = 100;
-const SERVICES: usize = 100;
+const PER_SERVICE: usize = 100;
 
 fn main() {
-    let seconds: u64 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(30);
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let seconds: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(15);
+    let sizes: Vec<usize> = args
+        .get(1)
+        .map(|a| a.split(',').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_else(|| vec![10_000, 25_000, 50_000]);
+    let kinds: Vec<String> = args
+        .get(2)
+        .map(|a| a.split(',').map(str::to_uppercase).collect())
+        .unwrap_or_else(|| vec!["TCP".into(), "HTTP".into()]);
+    // The backends (this process) on core 1, the prober on core 0.
+    let _ = Command::new("taskset")
+        .args(["-p", "-c", "1", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -22,17 +41,55 @@ fn main() {
         .unwrap();
     let ports = rt.block_on(start_backends());
 
-    // 100 services x 100 endpoints; endpoint i of service s is 127.0.<s>.<i+1>:<port i%100>.
+    println!(
+        "prober benchmark: checks every 1 s (rise 2, fall 3), prober pinned to core 0, {seconds} s measured per run"
+    );
+    println!(
+        "{:>9} {:>5} {:>9} {:>9} {:>11} {:>12} {:>14}",
+        "endpoints", "check", "healthy", "probes/s", "CPU (core)", "RSS peak", "lag p99"
+    );
+    for &n in &sizes {
+        for kind in &kinds {
+            let r = run(&rt, &ports, n, kind, seconds);
+            println!(
+                "{:>9} {:>5} {:>9} {:>9.0} {:>10.1}% {:>8.1} MiB {:>11}",
+                n,
+                kind,
+                r.healthy,
+                r.probes_per_second,
+                r.cpu * 100.0,
+                r.rss_mib,
+                r.lag_p99
+            );
+        }
+    }
+}
+
+struct Run {
+    healthy: usize,
+    probes_per_second: f64,
+    cpu: f64,
+    rss_mib: f64,
+    lag_p99: String,
+}
+
+fn run(rt: &tokio::runtime::Runtime, ports: &[u16], endpoints: usize, kind: &str, seconds: u64) -> Run {
+    let check = match kind {
+        "HTTP" => "{protocol: HTTP, interval: 1s, timeout: 500ms, rise: 2, fall: 3, http: {path: /}}",
+        _ => "{protocol: TCP, interval: 1s, timeout: 500ms, rise: 2, fall: 3}",
+    };
+    // Endpoint i of service s: 127.<1 + s / 250>.<s % 250>.<i + 1>.
     let mut yaml = String::new();
-    for s in 0..SERVICES {
+    for s in 0..endpoints.div_ceil(PER_SERVICE) {
         yaml.push_str(&format!(
-            "---\napiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: svc{s}}}\nspec:\n  listeners: [{{name: http, port: {}}}]\n  healthCheck: {{protocol: TCP, interval: 1s, timeout: 500ms, rise: 2, fall: 3}}\n  endpoints:\n",
+            "---\napiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: svc{s}}}\nspec:\n  listeners: [{{name: http, port: {}}}]\n  healthCheck: {check}\n  endpoints:\n",
             20000 + s
         ));
-        for i in 0..ADDRS {
+        for i in 0..PER_SERVICE.min(endpoints - s * PER_SERVICE) {
             yaml.push_str(&format!(
-                "    - {{address: 127.0.{}.{}, port: {}}}\n",
-                s + 1,
+                "    - {{address: 127.{}.{}.{}, port: {}}}\n",
+                1 + s / 250,
+                s % 250,
                 i + 1,
                 ports[(s + i) % PORTS]
             ));
@@ -44,39 +101,82 @@ fn main() {
         .write_all(yaml.as_bytes())
         .unwrap();
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_balanced"))
-        .args(["standalone", "--admin", "127.0.0.1:19901", "-f"])
+    let mut child = Command::new("taskset")
+        .args([
+            "-c",
+            "0",
+            env!("CARGO_BIN_EXE_balanced"),
+            "standalone",
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--admin", "127.0.0.1:19901", "-f"])
         .arg(&path)
-        .env("BALANCED_LOG", "warn")
+        .env("BALANCED_LOG", "error")
         .stdout(Stdio::null())
         .spawn()
         .expect("start balanced");
     let pid = child.id();
 
+    // Start-up and the first rise: probes land over the first interval, two to rise.
     std::thread::sleep(Duration::from_secs(5));
-    let healthy_before = rt.block_on(count_healthy());
     let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
-    let probes0 = rt.block_on(probe_count());
+    let metrics0 = rt.block_on(admin_get("/metrics"));
     let mut peak_rss = 0;
     while t0.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_millis(500));
         peak_rss = peak_rss.max(rss_kib(pid));
     }
     let (cpu1, wall) = (cpu_seconds(pid), t0.elapsed().as_secs_f64());
-    let probes1 = rt.block_on(probe_count());
-    let healthy_after = rt.block_on(count_healthy());
+    let metrics1 = rt.block_on(admin_get("/metrics"));
+    let healthy = rt.block_on(count_healthy());
     let _ = child.kill();
     let _ = child.wait();
 
-    let endpoints = SERVICES * ADDRS;
-    println!("prober benchmark: {endpoints} endpoints, TCP checks, interval 1s, {seconds}s measured");
-    println!("  healthy endpoints      {healthy_before} after warm-up, {healthy_after} at the end");
-    println!("  probes per second      {:.0}", (probes1 - probes0) / wall);
-    println!(
-        "  CPU                    {:.1}% of one core",
-        100.0 * (cpu1 - cpu0) / wall
-    );
-    println!("  resident memory (peak) {:.1} MiB", peak_rss as f64 / 1024.0);
+    Run {
+        healthy,
+        probes_per_second: (probe_count(&metrics1) - probe_count(&metrics0)) / wall,
+        cpu: (cpu1 - cpu0) / wall,
+        rss_mib: peak_rss as f64 / 1024.0,
+        lag_p99: lag_p99(&metrics0, &metrics1),
+    }
+}
+
+/// The 99th percentile of `balanced_probe_schedule_lag_seconds` between two
+/// scrapes, as the upper bound of its bucket.
+fn lag_p99(before: &str, after: &str) -> String {
+    let buckets = |text: &str| -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| l.starts_with("balanced_probe_schedule_lag_seconds_bucket{"))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?.to_string();
+                Some((le, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect()
+    };
+    let (b0, b1) = (buckets(before), buckets(after));
+    let deltas: Vec<(String, f64)> = b1
+        .iter()
+        .map(|(le, n)| {
+            (
+                le.clone(),
+                n - b0.iter().find(|(l, _)| l == le).map_or(0.0, |(_, m)| *m),
+            )
+        })
+        .collect();
+    let Some(total) = deltas.last().map(|(_, n)| *n) else {
+        return "-".into();
+    };
+    deltas
+        .iter()
+        .find(|(_, n)| *n >= 0.99 * total)
+        .map_or("-".into(), |(le, _)| match le.parse::<f64>() {
+            Ok(s) => format!("<= {:.1} ms", s * 1000.0),
+            Err(_) => format!(
+                "> {:.1} ms",
+                deltas[deltas.len().saturating_sub(2)].0.parse::<f64>().unwrap_or(0.0) * 1000.0
+            ),
+        })
 }
 
 async fn start_backends() -> Vec<u16> {
@@ -86,8 +186,17 @@ async fn start_backends() -> Vec<u16> {
         ports.push(listener.local_addr().unwrap().port());
         tokio::spawn(async move {
             loop {
-                if let Ok((s, _)) = listener.accept().await {
-                    drop(s);
+                if let Ok((mut s, _)) = listener.accept().await {
+                    // Enough HTTP for a check; a bare TCP check never gets here.
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = [0u8; 1024];
+                        if s.read(&mut buf).await.unwrap_or(0) > 0 {
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                                .await;
+                        }
+                    });
                 }
             }
         });
@@ -106,9 +215,8 @@ async fn count_healthy() -> usize {
     admin_get("/status").await.matches("\"state\": \"Healthy\"").count()
 }
 
-async fn probe_count() -> f64 {
-    admin_get("/metrics")
-        .await
+fn probe_count(metrics: &str) -> f64 {
+    metrics
         .lines()
         .filter(|l| l.starts_with("balanced_probes_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -5,7 +5,7 @@
 //! finished) and the first probe of each endpoint lands at a random point of its
 //! interval, so 10,000 endpoints do not fire in the same millisecond.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -76,6 +76,8 @@ struct Inner {
     fake: Option<FakeProbe>,
     on_pass: std::sync::OnceLock<PassHook>,
     services: Mutex<HashMap<ServiceKey, ServiceEntry>>,
+    // Services with a transition since `take_changed` last ran.
+    changed: Mutex<HashSet<ServiceKey>>,
     transitions: broadcast::Sender<Transition>,
     generation: watch::Sender<u64>,
     metrics: ProbeMetrics,
@@ -105,6 +107,7 @@ impl Prober {
                 fake: None,
                 on_pass: std::sync::OnceLock::new(),
                 services: Mutex::new(HashMap::new()),
+                changed: Mutex::new(HashSet::new()),
                 transitions,
                 generation,
                 metrics,
@@ -139,6 +142,12 @@ impl Prober {
     /// "something changed" for consumers that rebuild a snapshot.
     pub fn generation(&self) -> watch::Receiver<u64> {
         self.inner.generation.subscribe()
+    }
+
+    /// The services whose endpoints changed health since the last call: with
+    /// thousands of services, a consumer rebuilds only those.
+    pub fn take_changed(&self) -> HashSet<ServiceKey> {
+        std::mem::take(&mut *self.inner.changed.lock().expect("prober lock poisoned"))
     }
 
     /// Sets what a service probes. Endpoints that stay keep their state (and keep
@@ -373,6 +382,11 @@ impl EndpointTask {
             error = error.as_deref(),
             "endpoint health changed"
         );
+        self.inner
+            .changed
+            .lock()
+            .expect("prober lock poisoned")
+            .insert(self.service.clone());
         // Nobody listening is fine: standalone without a proxy has no subscribers.
         let _ = self.inner.transitions.send(Transition {
             service: self.service.clone(),
