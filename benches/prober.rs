@@ -9,7 +9,7 @@
 //!
 //! `cargo bench --bench prober [-- SECONDS [SIZES] [KINDS]]`, e.g.
 //! `cargo bench --bench prober -- 15 10000,50000 TCP`. Defaults: 15 s per run,
-//! 10000,25000,50000, TCP,HTTP.
+//! 10000,25000,50000, TCP,HTTP. `PROBER_INTERVAL=3s` probes less often.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -65,6 +65,10 @@ fn main() {
     }
 }
 
+fn interval() -> String {
+    std::env::var("PROBER_INTERVAL").unwrap_or_else(|_| "1s".into())
+}
+
 struct Run {
     healthy: usize,
     probes_per_second: f64,
@@ -74,9 +78,12 @@ struct Run {
 }
 
 fn run(rt: &tokio::runtime::Runtime, ports: &[u16], endpoints: usize, kind: &str, seconds: u64) -> Run {
+    let interval = interval();
     let check = match kind {
-        "HTTP" => "{protocol: HTTP, interval: 1s, timeout: 500ms, rise: 2, fall: 3, http: {path: /}}",
-        _ => "{protocol: TCP, interval: 1s, timeout: 500ms, rise: 2, fall: 3}",
+        "HTTP" => {
+            format!("{{protocol: HTTP, interval: {interval}, timeout: 500ms, rise: 2, fall: 3, http: {{path: /}}}}")
+        }
+        _ => format!("{{protocol: TCP, interval: {interval}, timeout: 500ms, rise: 2, fall: 3}}"),
     };
     // Endpoint i of service s: 127.<1 + s / 250>.<s % 250>.<i + 1>.
     let mut yaml = String::new();
@@ -119,7 +126,8 @@ fn run(rt: &tokio::runtime::Runtime, ports: &[u16], endpoints: usize, kind: &str
     let pid = child.id();
 
     // Start-up and the first rise: probes land over the first interval, two to rise.
-    std::thread::sleep(Duration::from_secs(5));
+    let every = balanced::api::duration::parse_duration(&interval).unwrap_or(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_secs(5) + 2 * every);
     let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
     let metrics0 = rt.block_on(admin_get("/metrics"));
     let mut peak_rss = 0;
