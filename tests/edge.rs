@@ -157,6 +157,7 @@ async fn an_upload_longer_than_the_response_timeout_succeeds() {
     let started = Instant::now();
     for _ in 0..40 {
         s.write_all(&chunk).await.unwrap();
+        // On purpose: the client uploads at a limited rate (20 MB in ~1 s).
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let mut answer = String::new();
