@@ -51,8 +51,20 @@ enum Phase {
 
 /// Runs one probe of `kind` against `addr`, bounded by `timeout`.
 pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &TlsClients) -> Result<(), ProbeError> {
+    probe_with(kind, addr, timeout, tls, None).await
+}
+
+/// [`probe`], with the HTTP request built once by [`http_request`] for an
+/// endpoint probed again and again.
+pub async fn probe_with(
+    kind: &ProbeKind,
+    addr: SocketAddr,
+    timeout: Duration,
+    tls: &TlsClients,
+    request: Option<&[u8]>,
+) -> Result<(), ProbeError> {
     let mut phase = Phase::Connect;
-    match tokio::time::timeout(timeout, run(kind, addr, tls, &mut phase)).await {
+    match tokio::time::timeout(timeout, run(kind, addr, tls, request, &mut phase)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError {
             timed_out: true,
@@ -70,7 +82,13 @@ pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &
     }
 }
 
-async fn run(kind: &ProbeKind, addr: SocketAddr, tls: &TlsClients, phase: &mut Phase) -> Result<(), ProbeError> {
+async fn run(
+    kind: &ProbeKind,
+    addr: SocketAddr,
+    tls: &TlsClients,
+    request: Option<&[u8]>,
+    phase: &mut Phase,
+) -> Result<(), ProbeError> {
     let stream = connect(addr, matches!(kind, ProbeKind::Tcp))
         .await
         .map_err(|e| ProbeError {
@@ -81,7 +99,7 @@ async fn run(kind: &ProbeKind, addr: SocketAddr, tls: &TlsClients, phase: &mut P
         ProbeKind::Tcp => Ok(()),
         ProbeKind::Http(http) => {
             *phase = Phase::Response;
-            http_probe(stream, addr, http).await
+            http_probe(stream, addr, http, request).await
         }
         ProbeKind::Tls(settings) => {
             *phase = Phase::Handshake;
@@ -113,17 +131,35 @@ async fn connect(addr: SocketAddr, bare: bool) -> io::Result<TcpStream> {
     socket.connect(addr).await
 }
 
-async fn http_probe(mut stream: TcpStream, addr: SocketAddr, http: &HttpProbe) -> Result<(), ProbeError> {
+/// The request an HTTP check sends to `addr`.
+pub fn http_request(http: &HttpProbe, addr: SocketAddr) -> Vec<u8> {
     let host = match &http.host {
         Some(h) => h.clone(),
         None => addr.to_string(),
     };
-    let request = format!(
+    format!(
         "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balanced-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         http.method, http.path
-    );
+    )
+    .into_bytes()
+}
+
+async fn http_probe(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    http: &HttpProbe,
+    request: Option<&[u8]>,
+) -> Result<(), ProbeError> {
+    let built;
+    let request = match request {
+        Some(r) => r,
+        None => {
+            built = http_request(http, addr);
+            &built
+        }
+    };
     stream
-        .write_all(request.as_bytes())
+        .write_all(request)
         .await
         .map_err(|e| ProbeError::failed(format!("http: send: {}", io_text(&e))))?;
     let status = read_status(&mut stream).await?;
