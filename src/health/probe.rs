@@ -54,14 +54,43 @@ pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &
     probe_with(kind, addr, timeout, tls, None).await
 }
 
-/// [`probe`], with the HTTP request built once by [`http_request`] for an
-/// endpoint probed again and again.
+/// What an HTTP check keeps between probes of one endpoint: its request,
+/// built once, and a buffer for the status line (on the heap, so a task that
+/// probes over TCP does not carry it).
+#[derive(Debug)]
+pub struct HttpScratch {
+    request: Vec<u8>,
+    buf: Box<[u8]>,
+}
+
+impl HttpScratch {
+    /// The request `http` sends to `addr`, and an empty buffer.
+    pub fn new(http: &HttpProbe, addr: SocketAddr) -> Self {
+        let host = match &http.host {
+            Some(h) => h.clone(),
+            None => addr.to_string(),
+        };
+        let request = format!(
+            "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balanced-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+            http.method, http.path
+        );
+        Self {
+            request: request.into_bytes(),
+            buf: vec![0; STATUS_LINE_MAX].into_boxed_slice(),
+        }
+    }
+}
+
+/// The longest status line read.
+const STATUS_LINE_MAX: usize = 1024;
+
+/// [`probe`], reusing `scratch` for an endpoint probed again and again.
 pub async fn probe_with(
     kind: &ProbeKind,
     addr: SocketAddr,
     timeout: Duration,
     tls: &TlsClients,
-    request: Option<&[u8]>,
+    request: Option<&mut HttpScratch>,
 ) -> Result<(), ProbeError> {
     let mut phase = Phase::Connect;
     match tokio::time::timeout(timeout, run(kind, addr, tls, request, &mut phase)).await {
@@ -86,7 +115,7 @@ async fn run(
     kind: &ProbeKind,
     addr: SocketAddr,
     tls: &TlsClients,
-    request: Option<&[u8]>,
+    request: Option<&mut HttpScratch>,
     phase: &mut Phase,
 ) -> Result<(), ProbeError> {
     let stream = connect(addr, matches!(kind, ProbeKind::Tcp))
@@ -103,7 +132,9 @@ async fn run(
         }
         ProbeKind::Tls(settings) => {
             *phase = Phase::Handshake;
-            tls_probe(stream, addr, settings, tls).await
+            // Boxed: a TLS handshake's state is kilobytes, and every
+            // endpoint's task would carry that much even for TCP checks.
+            Box::pin(tls_probe(stream, addr, settings, tls)).await
         }
     }
 }
@@ -131,38 +162,22 @@ async fn connect(addr: SocketAddr, bare: bool) -> io::Result<TcpStream> {
     socket.connect(addr).await
 }
 
-/// The request an HTTP check sends to `addr`.
-pub fn http_request(http: &HttpProbe, addr: SocketAddr) -> Vec<u8> {
-    let host = match &http.host {
-        Some(h) => h.clone(),
-        None => addr.to_string(),
-    };
-    format!(
-        "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balanced-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        http.method, http.path
-    )
-    .into_bytes()
-}
-
 async fn http_probe(
     mut stream: TcpStream,
     addr: SocketAddr,
     http: &HttpProbe,
-    request: Option<&[u8]>,
+    scratch: Option<&mut HttpScratch>,
 ) -> Result<(), ProbeError> {
-    let built;
-    let request = match request {
-        Some(r) => r,
-        None => {
-            built = http_request(http, addr);
-            &built
-        }
+    let mut built = None;
+    let scratch = match scratch {
+        Some(s) => s,
+        None => built.insert(HttpScratch::new(http, addr)),
     };
     stream
-        .write_all(request)
+        .write_all(&scratch.request)
         .await
         .map_err(|e| ProbeError::failed(format!("http: send: {}", io_text(&e))))?;
-    let status = read_status(&mut stream).await?;
+    let status = read_status(&mut stream, &mut scratch.buf).await?;
     if http.expect.matches(status) {
         Ok(())
     } else {
@@ -174,8 +189,7 @@ async fn http_probe(
 }
 
 /// Reads just the status line: the check module and HAProxy decide on it alone.
-async fn read_status(stream: &mut TcpStream) -> Result<u16, ProbeError> {
-    let mut buf = [0u8; 1024];
+async fn read_status(stream: &mut TcpStream, buf: &mut [u8]) -> Result<u16, ProbeError> {
     let mut len = 0;
     loop {
         let n = stream

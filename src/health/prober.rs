@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::probe::{ProbeError, http_request, probe_with};
+use super::probe::{HttpScratch, ProbeError, probe_with};
 use super::state::{Health, HealthState};
 use super::tls::TlsClients;
 use crate::api::config::{HealthCheck, ServiceKey};
@@ -301,8 +301,8 @@ impl EndpointTask {
         healthy_gauge.set(i64::from(self.state.lock().expect("state lock poisoned").is_healthy()));
 
         // Built once: the request is the same for every probe of this endpoint.
-        let request = match &self.check.probe {
-            crate::api::config::ProbeKind::Http(http) => Some(http_request(http, probe_addr)),
+        let mut scratch = match &self.check.probe {
+            crate::api::config::ProbeKind::Http(http) => Some(HttpScratch::new(http, probe_addr)),
             _ => None,
         };
         let first = spread(self.check.interval);
@@ -313,7 +313,7 @@ impl EndpointTask {
             let started = Instant::now();
             let result = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                r = self.probe(probe_addr, request.as_deref()) => r,
+                r = self.probe(probe_addr, scratch.as_mut()) => r,
             };
             histogram.observe(started.elapsed().as_secs_f64());
             if let Err(e) = &result
@@ -404,7 +404,7 @@ impl EndpointTask {
         self.inner.generation.send_modify(|g| *g += 1);
     }
 
-    async fn probe(&self, addr: SocketAddr, request: Option<&[u8]>) -> Result<(), ProbeError> {
+    async fn probe(&self, addr: SocketAddr, scratch: Option<&mut HttpScratch>) -> Result<(), ProbeError> {
         #[cfg(test)]
         if let Some(fake) = &self.inner.fake {
             return tokio::time::timeout(self.check.timeout, fake(addr))
@@ -417,7 +417,7 @@ impl EndpointTask {
                     })
                 });
         }
-        probe_with(&self.check.probe, addr, self.check.timeout, &self.inner.tls, request).await
+        probe_with(&self.check.probe, addr, self.check.timeout, &self.inner.tls, scratch).await
     }
 
     /// Waits `d`, then records how late the wake-up came: a prober that cannot
