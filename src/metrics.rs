@@ -265,34 +265,52 @@ pub struct ConnectionLabels {
 pub struct EndpointStats {
     /// Requests (HTTP) or connections (TCP) in flight: also what least connections reads.
     pub active: Gauge,
-    /// Attempts by outcome, indexed like [`OUTCOMES`].
-    outcomes: Arc<Outcomes>,
-    /// Passive ejections.
-    pub ejections: Counter,
-    /// Passive ejections ended early because an active probe passed.
-    pub lifted: Counter,
+    counters: Arc<EndpointCounters>,
 }
 
-/// An endpoint's attempt counters, each registered on its first use: most
-/// endpoints only ever see one or two outcomes, and seven series for each of
-/// 10,000 endpoints were a fifth of the prober's memory.
+/// An endpoint's counters, each registered on its first use: most endpoints
+/// see one or two outcomes and are never ejected, and nine series for each
+/// of 10,000 endpoints were a fifth of the prober's memory.
 #[derive(Debug, Default)]
-struct Outcomes {
-    counters: [OnceLock<Counter>; 7],
+struct EndpointCounters {
+    /// Attempts by outcome, indexed like [`OUTCOMES`].
+    outcomes: [OnceLock<Counter>; 7],
+    ejections: OnceLock<Counter>,
+    lifted: OnceLock<Counter>,
     // Where to register them; None for stats kept off the registry.
-    family: Option<(Family<UpstreamLabels, Counter>, String, String)>,
+    registry: Option<Families>,
 }
 
-impl Outcomes {
-    fn counter(&self, i: usize) -> &Counter {
-        self.counters[i].get_or_init(|| match &self.family {
-            Some((family, service, endpoint)) => family
+#[derive(Debug)]
+struct Families {
+    upstream: Family<UpstreamLabels, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
+    lifted: Family<EndpointLabels, Counter>,
+    labels: EndpointLabels,
+}
+
+impl EndpointCounters {
+    fn outcome(&self, i: usize) -> &Counter {
+        self.outcomes[i].get_or_init(|| match &self.registry {
+            Some(f) => f
+                .upstream
                 .get_or_create(&UpstreamLabels {
-                    service: service.clone(),
-                    endpoint: endpoint.clone(),
+                    service: f.labels.service.clone(),
+                    endpoint: f.labels.endpoint.clone(),
                     code: OUTCOMES[i],
                 })
                 .clone(),
+            None => Counter::default(),
+        })
+    }
+
+    fn per_endpoint<'a>(
+        &self,
+        cell: &'a OnceLock<Counter>,
+        family: impl Fn(&Families) -> &Family<EndpointLabels, Counter>,
+    ) -> &'a Counter {
+        cell.get_or_init(|| match &self.registry {
+            Some(f) => family(f).get_or_create(&f.labels).clone(),
             None => Counter::default(),
         })
     }
@@ -302,20 +320,30 @@ impl EndpointStats {
     /// Counts an attempt that ended with `status`.
     pub fn record_status(&self, status: u16) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.outcomes.counter(class).inc();
+        self.counters.outcome(class).inc();
     }
     /// Counts an attempt that got no response.
     pub fn record_failure(&self, timed_out: bool) {
-        self.outcomes.counter(if timed_out { 6 } else { 5 }).inc();
+        self.counters.outcome(if timed_out { 6 } else { 5 }).inc();
     }
     /// Attempts so far, all outcomes.
     pub fn total(&self) -> u64 {
-        self.outcomes
-            .counters
+        self.counters
+            .outcomes
             .iter()
             .filter_map(|c| c.get())
             .map(|c| c.get())
             .sum()
+    }
+    /// Counts a passive ejection.
+    pub fn record_ejection(&self) {
+        let c = &self.counters;
+        c.per_endpoint(&c.ejections, |f| &f.ejections).inc();
+    }
+    /// Counts an ejection ended early because an active probe passed.
+    pub fn record_lift(&self) {
+        let c = &self.counters;
+        c.per_endpoint(&c.lifted, |f| &f.lifted).inc();
     }
 }
 
@@ -431,12 +459,15 @@ impl ProxyMetrics {
         };
         EndpointStats {
             active: self.active.get_or_create(&labels).clone(),
-            outcomes: Arc::new(Outcomes {
-                counters: Default::default(),
-                family: Some((self.upstream.clone(), service.to_string(), endpoint.to_string())),
+            counters: Arc::new(EndpointCounters {
+                registry: Some(Families {
+                    upstream: self.upstream.clone(),
+                    ejections: self.ejections.clone(),
+                    lifted: self.lifted.clone(),
+                    labels,
+                }),
+                ..Default::default()
             }),
-            ejections: self.ejections.get_or_create(&labels).clone(),
-            lifted: self.lifted.get_or_create(&labels).clone(),
         }
     }
 

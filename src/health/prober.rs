@@ -279,8 +279,14 @@ impl EndpointTask {
             endpoint: endpoint.clone(),
             result,
         };
-        let counters = [labels("success"), labels("failure"), labels("timeout")]
-            .map(|l| self.inner.metrics.probes.get_or_create(&l).clone());
+        // Failures and timeouts are registered when they first happen: most
+        // endpoints never time out, and a series is memory for each of 10,000.
+        const RESULTS: [&str; 3] = ["success", "failure", "timeout"];
+        let mut counters: [Option<prometheus_client::metrics::counter::Counter>; 3] = [
+            Some(self.inner.metrics.probes.get_or_create(&labels(RESULTS[0])).clone()),
+            None,
+            None,
+        ];
         let histogram = self
             .inner
             .metrics
@@ -328,12 +334,14 @@ impl EndpointTask {
                 }
                 continue;
             }
-            let counter = match &result {
-                Ok(()) => &counters[0],
-                Err(e) if e.timed_out => &counters[2],
-                Err(_) => &counters[1],
+            let i = match &result {
+                Ok(()) => 0,
+                Err(e) if e.timed_out => 2,
+                Err(_) => 1,
             };
-            counter.inc();
+            counters[i]
+                .get_or_insert_with(|| self.inner.metrics.probes.get_or_create(&labels(RESULTS[i])).clone())
+                .inc();
 
             let now = SystemTime::now();
             let (changed, delay, error) = {

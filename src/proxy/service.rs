@@ -226,7 +226,7 @@ impl ServiceRuntime {
         if let Some(m) = snap.members.iter().find(|m| m.spec.addr == addr)
             && m.endpoint.passive.lift(now)
         {
-            m.endpoint.stats.lifted.inc();
+            m.endpoint.stats.record_lift();
             tracing::info!(service = %self.key, endpoint = %addr, "ejection lifted: active health check passed");
         }
     }
@@ -251,7 +251,7 @@ impl ServiceRuntime {
             .passive
             .record_failure(now_ms(), p.max_fails, p.fail_timeout)
         {
-            member.endpoint.stats.ejections.inc();
+            member.endpoint.stats.record_ejection();
             if let Some(until) = self.ejections_until.get() {
                 until.fetch_max(now_ms() + p.fail_timeout.as_millis() as u64, Ordering::Relaxed);
             }
