@@ -213,7 +213,7 @@ async fn start_backends() -> Vec<u16> {
 }
 
 async fn admin_get(path: &str) -> String {
-    match balanced::backend::http_get("127.0.0.1:19901".parse().unwrap(), path).await {
+    match balanced::demo::backend::http_get("127.0.0.1:19901".parse().unwrap(), path).await {
         Ok((_, body)) => body,
         // A saturated prober may not answer: the row says so rather than ending the run.
         Err(e) => {

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 
@@ -131,49 +130,118 @@ pub enum Command {
     },
 }
 
-fn open_access_log(path: Option<&str>) -> anyhow::Result<Option<crate::proxy::access::AccessLog>> {
-    path.map(|p| crate::proxy::access::AccessLog::open(p).with_context(|| format!("--access-log: cannot open {p:?}")))
-        .transpose()
+/// Why a command could not run; [`Error::exit_code`] is the one place that
+/// maps errors to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file's BalancedServices are invalid.
+    #[error("invalid configuration in {file}:\n  {errors}", errors = .errors.to_string().replace('\n', "\n  "))]
+    InvalidConfig {
+        /// The file.
+        file: PathBuf,
+        /// Every problem, each naming its document and field.
+        errors: crate::api::LoadErrors,
+    },
+    /// A file could not be read.
+    #[error("cannot read {}: {source}", .file.display())]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A flag's value is unusable.
+    #[error("{flag}: {message}")]
+    Flag {
+        /// The flag, as typed (`--access-log`).
+        flag: &'static str,
+        /// What is wrong, with the value.
+        message: String,
+    },
+    /// A socket the command needs could not be bound.
+    #[error("cannot listen on {addr} ({flag}): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The flag that named it.
+        flag: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
+    /// No Kubernetes API is configured or reachable.
+    #[error("no Kubernetes API to talk to: {0}")]
+    NoCluster(kube::Error),
+    /// `standalone` stopped.
+    #[error(transparent)]
+    Standalone(#[from] standalone::Error),
+    /// The serving runtime stopped.
+    #[error(transparent)]
+    Serve(#[from] crate::shell::Error),
+    /// The demo could not run.
+    #[error(transparent)]
+    Demo(#[from] crate::demo::Error),
+}
+
+impl Error {
+    /// The process exit code: 2 for a configuration the user must fix, 1 for
+    /// everything else (as `nginx -t` and `haproxy -c` distinguish them).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::InvalidConfig { .. } | Error::Standalone(standalone::Error::InvalidConfig { .. }) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn open_access_log(path: Option<&str>) -> Result<Option<crate::proxy::access::AccessLog>, Error> {
+    path.map(|p| {
+        crate::proxy::access::AccessLog::open(p).map_err(|e| Error::Flag {
+            flag: "--access-log",
+            message: format!("cannot open {p:?}: {e}"),
+        })
+    })
+    .transpose()
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
     crate::api::duration::parse_duration(s)
 }
 
-async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
         .await
-        .with_context(|| format!("cannot listen on {addr} ({flag})"))
+        .map_err(|source| Error::Bind { addr, flag, source })
 }
 
 /// What `controller` and `proxy` both start with: signals, the admin socket, a kube client.
 async fn in_cluster(
     admin: SocketAddr,
-) -> anyhow::Result<(tokio_util::sync::CancellationToken, TcpListener, kube::Client)> {
-    let shutdown = crate::signal::shutdown_token()?;
+) -> Result<(tokio_util::sync::CancellationToken, TcpListener, kube::Client), Error> {
+    let shutdown = crate::signal::shutdown_token().map_err(Error::Signal)?;
     let admin = bind(admin, "--admin").await?;
-    let client = kube::Client::try_default()
-        .await
-        .context("no Kubernetes API to talk to")?;
+    let client = kube::Client::try_default().await.map_err(Error::NoCluster)?;
     Ok((shutdown, admin, client))
 }
 
-fn render_options(image: Option<String>, resources: Option<String>) -> anyhow::Result<RenderOptions> {
+fn render_options(image: Option<String>, resources: Option<String>) -> Result<RenderOptions, Error> {
     let mut opts = RenderOptions::default();
     if let Some(image) = image {
         opts.image = image;
     }
     if let Some(json) = resources {
-        opts.default_resources = Some(
-            serde_json::from_str(&json)
-                .with_context(|| format!("--proxy-resources: not a ResourceRequirements: {json}"))?,
-        );
+        opts.default_resources = Some(serde_json::from_str(&json).map_err(|e| Error::Flag {
+            flag: "--proxy-resources",
+            message: format!("not a ResourceRequirements ({e}): {json}"),
+        })?);
     }
     Ok(opts)
 }
 
 /// Runs one command; the exit code is the command's verdict.
-pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
+pub async fn run(command: Command) -> Result<ExitCode, Error> {
     match command {
         Command::Crd => print!("{}", crate::api::crd_yaml()),
         Command::Demo => {
@@ -182,17 +250,13 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Render { file, image } => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let text = std::fs::read_to_string(&file).map_err(|source| Error::Read {
+                file: file.clone(),
+                source,
+            })?;
             match crate::controller::desired::render(&text, &render_options(image, None)?) {
                 Ok(yaml) => print!("{yaml}"),
-                Err(errors) => {
-                    eprintln!(
-                        "error: invalid configuration in {}:\n  {}",
-                        file.display(),
-                        errors.0.join("\n  ")
-                    );
-                    return Ok(ExitCode::from(2));
-                }
+                Err(errors) => return Err(Error::InvalidConfig { file, errors }),
             }
         }
         Command::Standalone { file, once: true, .. } => {
@@ -215,7 +279,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
             ..
         } => {
             let access_log = open_access_log(access_log.as_deref())?;
-            let shutdown = crate::signal::shutdown_token()?;
+            let shutdown = crate::signal::shutdown_token().map_err(Error::Signal)?;
             let admin = bind(admin, "--admin").await?;
             let mut opts = standalone::Options::new(file);
             opts.poll = poll;
@@ -269,7 +333,7 @@ pub async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 serving,
                 drain_delay,
             };
-            crate::source::kube::run_proxy(client, opts, admin, shutdown).await;
+            crate::source::kube::run_proxy(client, opts, admin, shutdown).await?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
-pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod controller;
@@ -12,7 +11,11 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod runtime;
+pub mod shell;
 pub mod signal;
 pub mod source;
 pub mod standalone;
 pub mod throttle;
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;

@@ -23,30 +23,25 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    // The demo prints its own timeline; only warnings would add to it.
-    let default_level = if matches!(args.command, Command::Demo) {
-        "warn"
-    } else {
-        "info"
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCED_LOG").unwrap_or_else(|_| default_level.into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match args.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().flatten_event(true).init(),
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BALANCED_LOG").unwrap_or_else(|_| "info".into());
+    // The demo prints its own timeline; its log lines go to a file it names.
+    let demo_log = matches!(args.command, Command::Demo)
+        .then(|| std::fs::File::create(balanced::demo::log_path()).ok())
+        .flatten();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    match (demo_log, args.log_format) {
+        (Some(file), _) => logs.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init(),
+        (None, LogFormat::Text) => logs
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        (None, LogFormat::Json) => logs.json().flatten_event(true).with_writer(std::io::stderr).init(),
     }
     match balanced::cli::run(args.command).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            let invalid = matches!(
-                e.downcast_ref(),
-                Some(balanced::standalone::Error::InvalidConfig { .. })
-            );
-            ExitCode::from(if invalid { 2 } else { 1 })
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

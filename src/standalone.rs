@@ -1,10 +1,10 @@
 //! `balanced standalone`: the prober (and, with the proxy, the listeners) driven
 //! by a YAML file instead of the cluster.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -18,8 +18,8 @@ use crate::health::Health;
 use crate::health::report::report;
 use crate::health::{Prober, Target, TlsClients, probe};
 use crate::metrics::Metrics;
-use crate::proxy::admin::{self, AdminView};
 use crate::proxy::{Dataplane, Serving};
+use crate::shell::{self, Change, Source, SourceView};
 use crate::source::file;
 
 /// Options of `balanced standalone`.
@@ -54,7 +54,7 @@ impl Options {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The file at start-up is invalid (exit code 2).
-    #[error("invalid configuration in {file}:\n  {}", .errors.0.join("\n  "))]
+    #[error("invalid configuration in {file}:\n  {errors}", errors = .errors.to_string().replace('\n', "\n  "))]
     InvalidConfig {
         /// The file.
         file: String,
@@ -62,8 +62,8 @@ pub enum Error {
         errors: LoadErrors,
     },
     /// Listeners could not be bound at start-up.
-    #[error("cannot start listeners:\n  {}", .0.join("\n  "))]
-    Listen(Vec<String>),
+    #[error(transparent)]
+    Listen(#[from] shell::Error),
     /// Signal handlers could not be installed.
     #[error("cannot watch for SIGHUP: {0}")]
     Signal(std::io::Error),
@@ -72,87 +72,71 @@ pub enum Error {
 /// Probes and serves the file's BalancedServices until `shutdown` is cancelled,
 /// with the admin server on `admin_listener`.
 pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
-    let configs = file::read_configs(&opts.file).map_err(|errors| Error::InvalidConfig {
-        file: opts.file.display().to_string(),
-        errors,
-    })?;
-    // Everything runs on `stop`, cancelled after the drain delay, so `/readyz`
-    // can fail while listeners still serve.
-    let stop = CancellationToken::new();
-    let mut updates = file::watch(opts.file.clone(), opts.poll, stop.clone()).map_err(Error::Signal)?;
-
     let metrics = Arc::new(Metrics::new());
-    let prober = Prober::new(metrics.probe.clone(), stop.clone());
-    let dataplane = Dataplane::new(metrics.proxy.clone(), opts.bind, opts.serving.clone(), stop.clone());
-    let state = Arc::new(State {
-        configs: ArcSwap::from_pointee(Vec::new()),
-        prober: prober.clone(),
-        dataplane,
-        metrics,
-        draining: AtomicBool::new(false),
-    });
-    let weak = Arc::downgrade(&state);
-    prober.on_pass(Arc::new(move |key, addr| {
-        if let Some(state) = weak.upgrade() {
-            state.dataplane.lift_ejection(key, addr);
-        }
-    }));
-    let errors = state.apply(configs);
-    if !errors.is_empty() {
-        stop.cancel();
-        return Err(Error::Listen(errors));
-    }
-    let mut health_changes = prober.generation();
+    let source = FileSource::open(&opts.file, opts.poll, &metrics)?;
     tracing::info!(
         file = %opts.file.display(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        services = state.configs.load().len(),
+        services = source.view.configs.load().len(),
         "standalone running"
     );
-    let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone(), stop.clone()));
-
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(configs) = updates.recv() => {
-                for e in state.apply(configs) {
-                    tracing::error!(error = %e, "listener not changed");
-                }
-            }
-            changed = health_changes.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                state.refresh_changed();
-            }
-        }
-    }
-    state.draining.store(true, Ordering::Relaxed);
-    if !opts.drain_delay.is_zero() {
-        tracing::info!(delay = ?opts.drain_delay, "draining: /readyz fails, listeners still serve");
-        tokio::time::sleep(opts.drain_delay).await;
-    }
-    stop.cancel();
-    state.dataplane.stopped().await;
-    prober.stopped().await;
-    let _ = admin_task.await;
+    let shell_opts = shell::Options {
+        bind: opts.bind,
+        serving: opts.serving,
+        drain_delay: opts.drain_delay,
+        metrics,
+    };
+    shell::run(source, shell_opts, admin_listener, shutdown).await?;
     Ok(())
 }
 
-struct State {
-    configs: ArcSwap<Vec<Arc<Config>>>,
+/// A standalone file and our own prober: the configs come from the file, the
+/// endpoints' health from the probes.
+pub struct FileSource {
     prober: Prober,
-    dataplane: Dataplane,
-    metrics: Arc<Metrics>,
-    draining: AtomicBool,
+    updates: tokio::sync::mpsc::Receiver<Vec<Config>>,
+    health_changes: tokio::sync::watch::Receiver<u64>,
+    view: Arc<FileView>,
+    pending: VecDeque<Change>,
+    stop: CancellationToken,
 }
 
-impl State {
-    /// Applies the difference: services and endpoints that stay keep their
-    /// state, listeners that stay keep their sockets. Returns listener errors.
-    fn apply(&self, configs: Vec<Config>) -> Vec<String> {
+struct FileView {
+    configs: ArcSwap<Vec<Arc<Config>>>,
+    prober: Prober,
+}
+
+impl FileSource {
+    /// Reads `file` (an invalid one is an error), starts probing its
+    /// endpoints and watching it for changes every `poll` and on SIGHUP.
+    pub fn open(file: &Path, poll: Duration, metrics: &Metrics) -> Result<Self, Error> {
+        let configs = file::read_configs(file).map_err(|errors| Error::InvalidConfig {
+            file: file.display().to_string(),
+            errors,
+        })?;
+        let stop = CancellationToken::new();
+        let updates = file::watch(file.to_path_buf(), poll, stop.clone()).map_err(Error::Signal)?;
+        let prober = Prober::new(metrics.probe.clone(), stop.clone());
+        let mut source = Self {
+            health_changes: prober.generation(),
+            view: Arc::new(FileView {
+                configs: ArcSwap::from_pointee(Vec::new()),
+                prober: prober.clone(),
+            }),
+            prober,
+            updates,
+            pending: VecDeque::new(),
+            stop,
+        };
+        source.apply(configs);
+        Ok(source)
+    }
+
+    /// Probes what the new configs list (services and endpoints that stay
+    /// keep their state) and queues the services and all their snapshots.
+    fn apply(&mut self, configs: Vec<Config>) {
         let configs: Vec<Arc<Config>> = configs.into_iter().map(Arc::new).collect();
-        let old = self.configs.load();
+        let old = self.view.configs.load();
         for gone in old.iter().filter(|o| !configs.iter().any(|c| c.key == o.key)) {
             tracing::info!(service = %gone.key, "service removed");
             self.prober.remove_service(&gone.key);
@@ -161,33 +145,29 @@ impl State {
             let targets: Vec<Target> = cfg.endpoints.iter().map(|e| Target::new(e.addr)).collect();
             self.prober.update_service(&cfg.key, &cfg.health, &targets);
         }
-        let errors = self.dataplane.apply(&configs);
-        self.configs.store(Arc::new(configs));
-        self.refresh();
-        errors
-    }
-
-    /// Rebuilds every service's endpoint snapshot from its config and the probes.
-    fn refresh(&self) {
+        self.view.configs.store(Arc::new(configs.clone()));
         self.prober.take_changed();
-        for cfg in self.configs.load().iter() {
-            self.refresh_one(cfg);
+        self.pending.push_back(Change::Services(configs.clone()));
+        for cfg in configs {
+            let members = self.members(&cfg);
+            self.pending.push_back(Change::Endpoints(cfg, members));
         }
     }
 
-    /// Rebuilds the snapshots of the services whose health changed: a
+    /// Queues new snapshots of the services whose health changed: a
     /// transition in one of 500 services costs one rebuild, not 500.
-    fn refresh_changed(&self) {
+    fn refresh_changed(&mut self) {
         let changed = self.prober.take_changed();
         if changed.is_empty() {
             return;
         }
-        for cfg in self.configs.load().iter().filter(|c| changed.contains(&c.key)) {
-            self.refresh_one(cfg);
+        for cfg in self.view.configs.load().iter().filter(|c| changed.contains(&c.key)) {
+            let members = self.members(cfg);
+            self.pending.push_back(Change::Endpoints(cfg.clone(), members));
         }
     }
 
-    fn refresh_one(&self, cfg: &Arc<Config>) {
+    fn members(&self, cfg: &Config) -> Vec<MemberSpec> {
         let healthy: std::collections::HashSet<SocketAddr> = self
             .prober
             .states(&cfg.key)
@@ -195,8 +175,7 @@ impl State {
             .filter(|(_, s)| s.health == Health::Healthy)
             .map(|(a, _)| a)
             .collect();
-        let members = cfg
-            .endpoints
+        cfg.endpoints
             .iter()
             .map(|e| MemberSpec {
                 addr: e.addr,
@@ -205,17 +184,54 @@ impl State {
                 max_connections: e.max_connections,
                 healthy: healthy.contains(&e.addr),
             })
-            .collect();
-        self.dataplane.set_endpoints(cfg.clone(), members);
+            .collect()
     }
 }
 
-impl AdminView for State {
-    fn status(&self) -> String {
+impl Source for FileSource {
+    fn attach(&mut self, dataplane: &Arc<Dataplane>) {
+        // A passing active probe ends a passive ejection at once.
+        let weak = Arc::downgrade(dataplane);
+        self.prober.on_pass(Arc::new(move |key, addr| {
+            if let Some(dataplane) = weak.upgrade() {
+                dataplane.lift_ejection(key, addr);
+            }
+        }));
+    }
+
+    async fn next(&mut self) -> Option<Change> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Some(change);
+            }
+            tokio::select! {
+                Some(configs) = self.updates.recv() => self.apply(configs),
+                changed = self.health_changes.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    self.refresh_changed();
+                }
+            }
+        }
+    }
+
+    fn view(&self) -> Arc<dyn SourceView> {
+        self.view.clone()
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.prober.stopped().await;
+    }
+}
+
+impl SourceView for FileView {
+    fn status(&self, dataplane: &Dataplane) -> serde_json::Value {
         let keys: Vec<_> = self.configs.load().iter().map(|c| c.key.clone()).collect();
         let mut status = report(&self.prober, &keys);
         for (svc, key) in status.services.iter_mut().zip(&keys) {
-            let live = self.dataplane.live(key);
+            let live = dataplane.live(key);
             for ep in &mut svc.endpoints {
                 let addr = ep.address.parse().map(|ip| SocketAddr::new(ip, ep.port));
                 if let Some(l) = addr.ok().and_then(|a| live.get(&a)) {
@@ -224,15 +240,7 @@ impl AdminView for State {
                 }
             }
         }
-        serde_json::to_string_pretty(&status).unwrap_or_default()
-    }
-
-    fn ready(&self) -> bool {
-        !self.draining.load(Ordering::Relaxed)
-    }
-
-    fn metrics(&self) -> String {
-        self.metrics.encode()
+        serde_json::to_value(&status).unwrap_or_default()
     }
 }
 

@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use balanced::api::config::ServiceKey;
-use balanced::backend::{Backend, Behavior, eventually, free_port, http_get};
+use balanced::demo::backend::{Backend, Behavior, http_get};
 use balanced::proxy::Serving;
 use balanced::source::kube::{ProxyOptions, run_proxy};
+use balanced::testing::{eventually, free_port};
 use serde_json::json;
 use support::apiserver::ApiServer;
 use tokio::net::TcpListener;
@@ -62,7 +63,7 @@ async fn the_proxy_follows_its_balanced_service() {
         drain_delay: Duration::ZERO,
     };
     let task = tokio::spawn(run_proxy(server.client(), opts, admin_listener, shutdown.clone()));
-    eventually(Duration::from_secs(3), "/readyz", || async move {
+    eventually(Duration::from_secs(10), "/readyz", || async move {
         (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
     })
     .await;
@@ -75,7 +76,20 @@ async fn the_proxy_follows_its_balanced_service() {
 
     // An in-flight request on slow b survives a spec change and a health flip.
     let in_flight = tokio::spawn(async move { answered_by(listen).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let b_port = b.addr.port();
+    eventually(
+        Duration::from_secs(2),
+        "the request to be in flight on b",
+        || async move {
+            let status = status_of(admin).await;
+            let endpoints = status["services"][0]["endpoints"].as_array()?.clone();
+            endpoints
+                .iter()
+                .any(|e| e["port"] == b_port && e["activeConnections"].as_u64() > Some(0))
+                .then_some(())
+        },
+    )
+    .await;
     let mut obj = server.get("balancedservices", NS, "web").unwrap();
     obj["spec"]["algorithm"] = json!("RoundRobin");
     server.put("balancedservices", NS, obj);
@@ -92,23 +106,35 @@ async fn the_proxy_follows_its_balanced_service() {
     .await;
     assert!(started.elapsed() < Duration::from_secs(1));
     assert_eq!(in_flight.await.unwrap(), (200, "b".into()), "in-flight request dropped");
-    let (_, status) = http_get(admin, "/status").await.unwrap();
-    assert!(status.contains("\"algorithm\":\"RoundRobin\""), "{status}");
+    let status = status_of(admin).await;
+    assert_eq!(status["lastApplied"]["algorithm"], "RoundRobin", "{status}");
 
     // A bad spec is ignored: the last snapshot keeps serving.
     let mut obj = server.get("balancedservices", NS, "web").unwrap();
     obj["spec"]["algorithm"] = json!("ConsistentHash");
     server.put("balancedservices", NS, obj);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rejected = eventually(Duration::from_secs(2), "the bad spec to be rejected", || async {
+        status_of(admin).await["lastRejected"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(rejected.contains("spec."), "names the field: {rejected}");
     assert_eq!(answered_by(listen).await, (200, "a".into()));
     assert_eq!(http_get(admin, "/readyz").await.unwrap().0, 200);
 
     // No API server: still serving.
     server.stop();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually(Duration::from_secs(3), "the watch to fail", || async {
+        status_of(admin).await["watchError"].as_str().map(|_| ())
+    })
+    .await;
     for _ in 0..5 {
         assert_eq!(answered_by(listen).await, (200, "a".into()));
     }
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+async fn status_of(admin: SocketAddr) -> serde_json::Value {
+    let (_, body) = http_get(admin, "/status").await.unwrap();
+    serde_json::from_str(&body).unwrap()
 }

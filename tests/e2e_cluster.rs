@@ -15,7 +15,7 @@ use kube::{Client, CustomResourceExt};
 use serde_json::json;
 
 use balanced::api::BalancedService;
-use balanced::backend::eventually;
+use balanced::testing::eventually;
 
 async fn client() -> Option<Client> {
     let path = std::env::var("BALANCED_E2E_KUBECONFIG").ok()?;

@@ -7,7 +7,8 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use balanced::backend::{Backend, Behavior, eventually, refusing_addr};
+use balanced::demo::backend::{Backend, Behavior};
+use balanced::testing::{eventually, refusing_addr};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -106,7 +107,7 @@ async fn a_connection_cap_full_of_silent_clients_still_serves() {
         "served after {:?}; requestHeader + 1 s is 3 s",
         started.elapsed()
     );
-    let (_, metrics) = balanced::backend::http_get(p.admin, "/metrics").await.unwrap();
+    let (_, metrics) = balanced::demo::backend::http_get(p.admin, "/metrics").await.unwrap();
     assert!(
         metrics.contains("balanced_downstream_connections_closed_total{service=\"default/web\",listener=\"main\",reason=\"maxConnections\"}"),
         "{metrics}"
@@ -137,7 +138,7 @@ async fn a_stalled_body_is_closed_at_request_body() {
     head.extend(std::iter::repeat_n(b'x', 100_000));
     let (got, _) = until_closed(p.listen, &head).await;
     assert_eq!(status_of(&got), "408", "{got}");
-    let (_, status) = balanced::backend::http_get(p.admin, "/status").await.unwrap();
+    let (_, status) = balanced::demo::backend::http_get(p.admin, "/status").await.unwrap();
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["services"][0]["endpoints"][0]["ejected"], false, "{status}");
 }
@@ -330,11 +331,11 @@ async fn the_access_log_says_what_happened() {
     let _ = std::fs::remove_file(&log2);
     let p = proxy_with(&[dead], "HTTP", "", 0, Some(&log2)).await;
     eventually(Duration::from_secs(3), "the dead endpoint marked down", || async {
-        let (_, body) = balanced::backend::http_get(p.admin, "/status").await.ok()?;
+        let (_, body) = balanced::demo::backend::http_get(p.admin, "/status").await.ok()?;
         body.contains("\"Unhealthy\"").then_some(())
     })
     .await;
-    let (status, _) = balanced::backend::http_get(p.listen, "/").await.unwrap();
+    let (status, _) = balanced::demo::backend::http_get(p.listen, "/").await.unwrap();
     assert_eq!(status, 502);
     let line = eventually(Duration::from_secs(3), "the UH line", || async {
         log_lines(&log2).pop()
@@ -347,7 +348,7 @@ async fn the_access_log_says_what_happened() {
     let log3 = dir.join(format!("access-ut-{}.log", std::process::id()));
     let _ = std::fs::remove_file(&log3);
     let p = proxy_with(&[slow.addr], "HTTP", "  timeouts: {response: 200ms}", 1, Some(&log3)).await;
-    let (status, _) = balanced::backend::http_get(p.listen, "/").await.unwrap();
+    let (status, _) = balanced::demo::backend::http_get(p.listen, "/").await.unwrap();
     assert_eq!(status, 504);
     let line = eventually(Duration::from_secs(3), "the UT line", || async {
         log_lines(&log3).pop()

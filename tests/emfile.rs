@@ -5,9 +5,10 @@ use std::fs::File;
 use std::time::Duration;
 
 use balanced::api::config::{HealthCheck, ProbeKind, ServiceKey};
-use balanced::backend::{Backend, Behavior, eventually};
+use balanced::demo::backend::{Backend, Behavior};
 use balanced::health::{Health, Prober, Target, TlsClients, probe};
 use balanced::metrics::Metrics;
+use balanced::testing::eventually;
 use tokio_util::sync::CancellationToken;
 
 /// Opens /dev/null until the process is out of descriptors, then gives back

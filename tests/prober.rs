@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use balanced::api::config::{HealthCheck, HttpProbe, ProbeKind, ServiceKey, StatusMatch, TlsProbe};
-use balanced::backend::{Backend, Behavior, eventually, refusing_addr};
+use balanced::demo::backend::{Backend, Behavior};
 use balanced::health::{Health, Prober, Target, TlsClients, probe};
 use balanced::metrics::Metrics;
+use balanced::testing::{eventually, refusing_addr};
 use tokio_util::sync::CancellationToken;
 
 fn http_kind(expect: &[(bool, u16)]) -> ProbeKind {
@@ -150,7 +151,7 @@ async fn an_endpoint_that_goes_down_and_comes_back_follows_fall_and_rise() {
     let states = prober.states(&key);
     assert_eq!(states[0].1.consecutive_failures, 2, "fall is 2: exactly two failures");
 
-    backend.revive().await;
+    backend.revive().await.unwrap();
     let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
     assert_eq!((t.from, t.to), (Health::Unhealthy, Health::Healthy));
     assert_eq!(prober.states(&key)[0].1.last_error, None);

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use balanced::backend::{Backend, Behavior, eventually, free_port, http_get, refusing_addr};
+use balanced::demo::backend::{Backend, Behavior, http_get};
+use balanced::testing::{eventually, free_port, refusing_addr};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -679,7 +680,7 @@ async fn a_passing_active_probe_lifts_a_passive_ejection() {
         assert_eq!(send(&c, "GET", p.listen, "").await.0, 200, "retried on b");
     }
     assert_eq!(status_of_a(p.admin).await["ejected"], true);
-    a.revive().await;
+    a.revive().await.unwrap();
     eventually(
         Duration::from_secs(2),
         "the next passing probe to lift the ejection",

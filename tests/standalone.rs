@@ -7,8 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use balanced::backend::{Backend, Behavior, eventually, http_get, refusing_addr};
+use balanced::demo::backend::{Backend, Behavior, http_get};
 use balanced::standalone::{self, Options};
+use balanced::testing::{eventually, refusing_addr};
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -112,7 +113,7 @@ async fn status_follows_a_killed_and_revived_backend_within_a_second() {
     a.kill();
     wait_state(run.admin, a.addr.port(), "Unhealthy", Duration::from_secs(1)).await;
     assert_eq!(state_of(run.admin, b.addr.port()).await.as_deref(), Some("Healthy"));
-    a.revive().await;
+    a.revive().await.unwrap();
     wait_state(run.admin, a.addr.port(), "Healthy", Duration::from_secs(1)).await;
 
     let (code, metrics) = http_get(run.admin, "/metrics").await.unwrap();

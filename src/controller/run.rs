@@ -17,6 +17,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::{broadcast, mpsc};
@@ -87,13 +88,13 @@ pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, s
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(SERVICE_NAME_LABEL),
     )
-    .default_backoff()
+    .backoff(watch_backoff())
     .reflect(slice_writer)
     .applied_objects();
 
     let (bsvc_reader, bsvc_writer) = reflector::store::<BalancedService>();
     let bsvc_stream = watcher(Api::<BalancedService>::all(client.clone()), watcher::Config::default())
-        .default_backoff()
+        .backoff(watch_backoff())
         .reflect(bsvc_writer)
         .applied_objects()
         // Our own status writes must not re-trigger reconciles.
@@ -120,6 +121,11 @@ pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, s
     let writer = tokio::spawn(status_writer(ctx.clone(), bsvc_reader.clone(), dirty_rx, stop.clone()));
     let store = bsvc_reader.clone();
     let controller = Controller::for_stream(bsvc_stream, bsvc_reader)
+        // The owned-object watches share one backoff, so a 410 Gone on each
+        // (every watch expires at once when the API server compacts or
+        // restarts) compounded kube's default (800 ms doubling to 30 s) to
+        // ~16 s before new endpoints were seen.
+        .trigger_backoff(watch_backoff())
         .owns(
             Api::<Deployment>::all(client.clone()),
             watcher::Config::default().labels("app.kubernetes.io/managed-by=balanced"),
@@ -636,4 +642,63 @@ pub async fn serve(
         super::leader::release(client, cfg).await;
     }
     let _ = admin_task.await;
+}
+
+/// The backoff of every watch; a minute without errors starts it over.
+fn watch_backoff() -> ResetTimerBackoff<WatchBackoff> {
+    ResetTimerBackoff::new(WatchBackoff::default(), Duration::from_secs(60))
+}
+
+/// Watch retry delays: 250 ms doubling to 10 s, each with up to 50% jitter so
+/// replicas do not retry in step.
+#[derive(Debug)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(10);
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (base * 2).min(Self::MAX);
+        Some(base.mul_f64(1.0 + rand::random::<f64>() * 0.5))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_doubles_to_ten_seconds_with_jitter_and_resets() {
+        let mut b = WatchBackoff::default();
+        let delays: Vec<Duration> = (0..8).map(|_| b.next().unwrap()).collect();
+        let bases = [250, 500, 1000, 2000, 4000, 8000, 10_000, 10_000].map(Duration::from_millis);
+        for (d, base) in delays.iter().zip(bases) {
+            assert!(
+                *d >= base && *d <= base.mul_f64(1.5),
+                "{d:?} not within [{base:?}, 1.5x]"
+            );
+        }
+        b.reset();
+        assert!(b.next().unwrap() < Duration::from_millis(400));
+    }
 }

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::http::HttpProxy;
 use super::listener::{Serving, serve_http, serve_tcp};
 use super::service::ServiceRuntime;
+use super::tasks::Tasks;
 use crate::api::config::{Config, ListenerProtocol, ServiceKey};
 use crate::balance::{MemberSpec, now_ms};
 use crate::metrics::ProxyMetrics;
@@ -27,6 +27,22 @@ pub struct EndpointLive {
     pub active: u64,
     /// Remaining passive ejection, if ejected.
     pub ejected_for: Option<Duration>,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("{service}: spec.listeners[{index}] ({listener}): cannot listen on {addr}: {source}")]
+pub struct ListenError {
+    /// The service.
+    pub service: ServiceKey,
+    /// Position of the listener in `spec.listeners`.
+    pub index: usize,
+    /// The listener's name.
+    pub listener: String,
+    /// The address it asked for.
+    pub addr: SocketAddr,
+    /// What `bind` or `listen` said.
+    pub source: std::io::Error,
 }
 
 struct Running {
@@ -41,7 +57,7 @@ pub struct Dataplane {
     bind: IpAddr,
     serving: Serving,
     shutdown: CancellationToken,
-    tasks: TaskTracker,
+    tasks: Tasks,
     services: Mutex<HashMap<ServiceKey, Arc<ServiceRuntime>>>,
     listeners: Mutex<HashMap<(ServiceKey, String), Running>>,
     // When the last passive ejection of any service ends ([`now_ms`]).
@@ -59,16 +75,16 @@ impl Dataplane {
             bind,
             serving,
             shutdown,
-            tasks: TaskTracker::new(),
+            tasks: Tasks::new(),
             services: Mutex::new(HashMap::new()),
             listeners: Mutex::new(HashMap::new()),
             ejections_until: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Brings services and listeners in line with `configs`. Returns one message
-    /// per listener that could not be bound (the old one, if any, keeps serving).
-    pub fn apply(&self, configs: &[Arc<Config>]) -> Vec<String> {
+    /// Brings services and listeners in line with `configs`. Returns the
+    /// listeners that could not be bound (the old one, if any, keeps serving).
+    pub fn apply(&self, configs: &[Arc<Config>]) -> Vec<ListenError> {
         let mut errors = Vec::new();
         let mut services = self.services.lock().expect("dataplane lock poisoned");
         let mut listeners = self.listeners.lock().expect("dataplane lock poisoned");
@@ -104,11 +120,14 @@ impl Dataplane {
                 let addr = SocketAddr::new(self.bind, l.port);
                 let socket = match bind(addr) {
                     Ok(s) => s,
-                    Err(e) => {
-                        errors.push(format!(
-                            "{}: spec.listeners[{i}] ({}): cannot listen on {addr}: {e}",
-                            config.key, l.name
-                        ));
+                    Err(source) => {
+                        errors.push(ListenError {
+                            service: config.key.clone(),
+                            index: i,
+                            listener: l.name.clone(),
+                            addr,
+                            source,
+                        });
                         continue;
                     }
                 };
@@ -123,8 +142,13 @@ impl Dataplane {
                             &l.name,
                             self.serving.access_log.clone(),
                         ));
-                        self.tasks
-                            .spawn(serve_http(socket, proxy, self.serving.clone(), stop.clone()));
+                        self.tasks.spawn(serve_http(
+                            socket,
+                            proxy,
+                            self.serving.clone(),
+                            self.tasks.scope(),
+                            stop.clone(),
+                        ));
                     }
                     ListenerProtocol::Tcp => {
                         self.tasks.spawn(serve_tcp(
@@ -132,6 +156,7 @@ impl Dataplane {
                             runtime.clone(),
                             l.name.clone(),
                             self.serving.clone(),
+                            self.tasks.scope(),
                             stop.clone(),
                         ));
                     }
@@ -196,10 +221,18 @@ impl Dataplane {
             .collect()
     }
 
-    /// Waits for every listener to drain after shutdown.
+    /// Waits for every listener, connection and tunnel to drain after
+    /// shutdown; each listener closes what outlives the grace period.
     pub async fn stopped(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
+        // Each listener gives its connections the grace and then drops them,
+        // so this bound is only reached if a listener task itself hangs.
+        let left = self.tasks.drain(self.serving.grace + Duration::from_secs(1)).await;
+        if left > 0 {
+            tracing::warn!(
+                tasks = left,
+                "data plane tasks still running after the grace period; closed"
+            );
+        }
     }
 }
 

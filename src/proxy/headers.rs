@@ -10,6 +10,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
 
 use super::conn::ConnState;
+use super::tasks::Tasks;
 use super::upstream::Protocol;
 
 /// Rejects framing that proxies and backends could read differently (request
@@ -133,13 +134,15 @@ pub struct Downstream {
     pub peer: SocketAddr,
     /// The connection's shared state (its clock, its in-flight requests).
     pub conn: Arc<ConnState>,
+    /// Where the connection's tunnels are spawned, so shutdown waits for them.
+    pub tasks: Tasks,
     ip: HeaderValue,
     forwarded: HeaderValue,
 }
 
 impl Downstream {
     /// The facts of a connection from `peer`.
-    pub fn new(peer: SocketAddr, conn: Arc<ConnState>) -> Self {
+    pub fn new(peer: SocketAddr, conn: Arc<ConnState>, tasks: Tasks) -> Self {
         let ip = peer.ip().to_string();
         let node = if peer.is_ipv6() {
             format!("\"[{ip}]\"")
@@ -149,6 +152,7 @@ impl Downstream {
         Self {
             peer,
             conn,
+            tasks,
             ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             forwarded: HeaderValue::from_str(&format!("for={node};proto=http"))
                 .unwrap_or_else(|_| HeaderValue::from_static("for=unknown;proto=http")),
@@ -240,7 +244,7 @@ mod tests {
 
     fn downstream(addr: &str) -> Downstream {
         let peer: SocketAddr = addr.parse().unwrap();
-        Downstream::new(peer, Arc::new(ConnState::new(peer)))
+        Downstream::new(peer, Arc::new(ConnState::new(peer)), Tasks::new())
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

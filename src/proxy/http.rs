@@ -359,7 +359,9 @@ impl HttpProxy {
             Ok(pair) => pair,
             Err(e) => return plain(StatusCode::BAD_GATEWAY, format!("upgrade handshake failed: {e}\n")),
         };
-        tokio::spawn(conn.with_upgrades());
+        client.tasks.spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
         let mut resp = match tokio::time::timeout(config.timeouts.response, sender.send_request(request)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -377,7 +379,7 @@ impl HttpProxy {
         // From here the client connection carries bytes, not requests: its
         // clock becomes the tunnel's idle timeout.
         client.conn.set_tunnel();
-        tokio::spawn(async move {
+        client.tasks.spawn(async move {
             let _guard = guard;
             if let (Ok(client), Ok(upstream)) = tokio::join!(client_upgrade, upstream_upgrade) {
                 let mut client = TokioIo::new(client);

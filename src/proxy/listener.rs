@@ -14,7 +14,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::access::{self, AccessLog, Entry};
 use super::answer::failure_text;
@@ -24,6 +23,7 @@ use super::conn::{ClientIo, Clock, ConnCounters, ConnState, ConnTable};
 use super::headers::Downstream;
 use super::http::HttpProxy;
 use super::service::{ActiveGuard, ServiceRuntime};
+use super::tasks::Tasks;
 use crate::api::config::ListenerProtocol;
 use crate::throttle::LogThrottle;
 
@@ -124,13 +124,17 @@ async fn room(
 }
 
 /// Serves HTTP/1.1 and h2c on `listener` until `stop`, then drains.
-pub async fn serve_http(listener: TcpListener, proxy: Arc<HttpProxy>, serving: Serving, stop: CancellationToken) {
+pub async fn serve_http(
+    listener: TcpListener,
+    proxy: Arc<HttpProxy>,
+    serving: Serving,
+    tasks: Tasks,
+    stop: CancellationToken,
+) {
     let service = proxy.service().clone();
     let what = format!("{}/{}", service.key, proxy.listener());
     let counters = Arc::new(ConnCounters::new(service.metrics(), service.label(), proxy.listener()));
     let table = Arc::new(ConnTable::default());
-    let tracker = TaskTracker::new();
-    let kill = CancellationToken::new();
     let (full, refused) = (
         LogThrottle::new(Duration::from_secs(10)),
         LogThrottle::new(Duration::from_secs(10)),
@@ -165,24 +169,24 @@ pub async fn serve_http(listener: TcpListener, proxy: Arc<HttpProxy>, serving: S
         drop(current);
         let io = ClientIo::new(stream, state.clone(), clock, counters.clone());
         let proxy = proxy.clone();
-        let kill = kill.clone();
         let counters = counters.clone();
-        tracker.spawn(async move {
+        let conn_tasks = tasks.clone();
+        tasks.spawn(async move {
             let _registration = registration;
             counters.open.inc();
-            tokio::select! {
-                _ = serve_connection(io, proxy, state, clock, max_headers) => {}
-                _ = kill.cancelled() => {}
-            }
-            counters.open.dec();
+            let _open = scopeguard(|| {
+                counters.open.dec();
+            });
+            serve_connection(io, proxy, state, clock, max_headers, conn_tasks).await;
         });
     }
+    // Close the listening socket now: connections that reach it during the
+    // grace would wait in its backlog and never be served.
+    drop(acceptor);
     table.close_all();
-    tracker.close();
-    if tokio::time::timeout(serving.grace, tracker.wait()).await.is_err() {
-        tracing::warn!(grace = ?serving.grace, listener = %what, "grace period over; closing remaining connections");
-        kill.cancel();
-        tracker.wait().await;
+    let left = tasks.drain(serving.grace).await;
+    if left > 0 {
+        tracing::warn!(grace = ?serving.grace, listener = %what, connections = left, "grace period over; closed the remaining connections and tunnels");
     }
 }
 
@@ -194,6 +198,7 @@ async fn serve_connection(
     state: Arc<ConnState>,
     clock: Clock,
     max_headers: usize,
+    tasks: Tasks,
 ) {
     // A connection that has not sent its first bytes is idle: evictable.
     let sniffed = tokio::select! {
@@ -203,7 +208,7 @@ async fn serve_connection(
     let Some(h2) = sniffed else {
         return;
     };
-    let client = Arc::new(Downstream::new(state.peer, state.clone()));
+    let client = Arc::new(Downstream::new(state.peer, state.clone(), tasks));
     let service = service_fn(move |req| {
         let flight = client.conn.begin();
         let proxy = proxy.clone();
@@ -268,13 +273,12 @@ pub async fn serve_tcp(
     service: Arc<ServiceRuntime>,
     name: String,
     serving: Serving,
+    tasks: Tasks,
     stop: CancellationToken,
 ) {
     let what = format!("{}/{}", service.key, name);
     let counters = Arc::new(ConnCounters::new(service.metrics(), service.label(), &name));
     let table = Arc::new(ConnTable::default());
-    let tracker = TaskTracker::new();
-    let kill = CancellationToken::new();
     let (full, refused) = (
         LogThrottle::new(Duration::from_secs(10)),
         LogThrottle::new(Duration::from_secs(10)),
@@ -305,10 +309,9 @@ pub async fn serve_tcp(
         let idle = service.current().config.timeouts.idle_for(ListenerProtocol::Tcp);
         let service = service.clone();
         let name = name.clone();
-        let kill = kill.clone();
         let counters = counters.clone();
         let log = serving.access_log.clone();
-        tracker.spawn(async move {
+        tasks.spawn_closable(|kill| async move {
             let _registration = registration;
             counters.open.inc();
             let _open = scopeguard(|| {
@@ -351,11 +354,11 @@ pub async fn serve_tcp(
             }
         });
     }
+    drop(acceptor);
     drop(table);
-    tracker.close();
-    if tokio::time::timeout(serving.grace, tracker.wait()).await.is_err() {
-        kill.cancel();
-        tracker.wait().await;
+    let left = tasks.drain(serving.grace).await;
+    if left > 0 {
+        tracing::warn!(grace = ?serving.grace, listener = %what, connections = left, "grace period over; closed the remaining connections");
     }
 }
 

@@ -15,6 +15,7 @@ pub mod retry;
 pub mod service;
 #[cfg(target_os = "linux")]
 pub mod splice;
+pub mod tasks;
 pub mod upstream;
 
 pub use dataplane::Dataplane;

@@ -369,7 +369,7 @@ mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
-    use crate::backend::{Backend, Behavior};
+    use crate::demo::backend::{Backend, Behavior};
 
     /// One GET on `conn`; returns the connection once the answer was read.
     async fn get(conn: Conn) -> (u16, http1::SendRequest<UpBody>) {

@@ -20,8 +20,8 @@ use crate::api::config::{Config, ServiceKey};
 use crate::api::{BalancedService, validate};
 use crate::balance::MemberSpec;
 use crate::metrics::Metrics;
-use crate::proxy::admin::{self, AdminView};
 use crate::proxy::{Dataplane, Serving};
+use crate::shell::{self, Change, Source, SourceView};
 
 /// Settings of `balanced proxy`.
 #[derive(Clone, Debug)]
@@ -71,18 +71,106 @@ pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
     out
 }
 
-struct ProxyState {
+/// One BalancedService watched in the cluster: its spec is the config, its
+/// status (written by the controller's prober) the endpoints' health.
+pub struct ClusterSource {
     key: ServiceKey,
-    dataplane: Dataplane,
-    metrics: Arc<Metrics>,
-    has_snapshot: AtomicBool,
-    draining: AtomicBool,
-    last: std::sync::Mutex<Option<serde_json::Value>>,
+    objects: std::pin::Pin<Box<dyn futures::Stream<Item = Result<BalancedService, watcher::Error>> + Send>>,
+    view: Arc<ClusterView>,
+    pending: Option<Change>,
 }
 
-impl AdminView for ProxyState {
-    fn status(&self) -> String {
-        let live = self.dataplane.live(&self.key);
+struct ClusterView {
+    key: ServiceKey,
+    has_snapshot: AtomicBool,
+    last: std::sync::Mutex<Option<serde_json::Value>>,
+    // Why the newest spec is not the one serving, and why the watch is
+    // failing, for `/status` (cleared by the next good spec or event).
+    rejected: std::sync::Mutex<Option<String>>,
+    watch_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClusterSource {
+    /// Watches `key` through `client`.
+    pub fn new(client: Client, key: ServiceKey) -> Self {
+        let api: Api<BalancedService> = Api::namespaced(client, &key.namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={}", key.name));
+        // default_backoff: watch errors (API server gone, 410 Gone) restart the
+        // watch with backoff; the snapshot stays while they do.
+        let objects = watcher(api, config).default_backoff().applied_objects().boxed();
+        Self {
+            view: Arc::new(ClusterView {
+                key: key.clone(),
+                has_snapshot: AtomicBool::new(false),
+                last: std::sync::Mutex::new(None),
+                rejected: std::sync::Mutex::new(None),
+                watch_error: std::sync::Mutex::new(None),
+            }),
+            key,
+            objects,
+            pending: None,
+        }
+    }
+
+    /// The changes an object implies, or `None` (logged) when its spec is invalid.
+    fn changes(&self, bsvc: &BalancedService) -> Option<(Change, Change)> {
+        let cfg = match validate(self.key.clone(), &bsvc.spec) {
+            Ok(cfg) => Arc::new(with_status_protocols(cfg, bsvc)),
+            Err(errors) => {
+                tracing::warn!(service = %self.key, errors = %errors, "invalid spec; serving the last good snapshot");
+                *self.view.rejected.lock().expect("rejected lock") = Some(format!(
+                    "generation {}: {errors}",
+                    bsvc.metadata.generation.unwrap_or_default()
+                ));
+                return None;
+            }
+        };
+        *self.view.rejected.lock().expect("rejected lock") = None;
+        let members = members(&cfg, bsvc);
+        let healthy = members.iter().filter(|m| m.healthy).count();
+        tracing::info!(service = %self.key, algorithm = cfg.algorithm.name(), endpoints = members.len(), healthy, "snapshot applied");
+        *self.view.last.lock().expect("last lock") = Some(serde_json::json!({
+            "generation": bsvc.metadata.generation,
+            "algorithm": cfg.algorithm.name(),
+            "endpoints": members.len(),
+            "healthy": healthy,
+        }));
+        Some((Change::Services(vec![cfg.clone()]), Change::Endpoints(cfg, members)))
+    }
+}
+
+impl Source for ClusterSource {
+    async fn next(&mut self) -> Option<Change> {
+        if let Some(change) = self.pending.take() {
+            // The snapshot is in once its endpoints are: /readyz may pass.
+            self.view.has_snapshot.store(true, Ordering::Relaxed);
+            return Some(change);
+        }
+        loop {
+            let next = self.objects.next().await?;
+            *self.view.watch_error.lock().expect("watch error lock") = next.as_ref().err().map(|e| e.to_string());
+            match next {
+                Ok(bsvc) => {
+                    if let Some((services, endpoints)) = self.changes(&bsvc) {
+                        self.pending = Some(endpoints);
+                        return Some(services);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "watch failed; serving the last snapshot"),
+            }
+        }
+    }
+
+    fn view(&self) -> Arc<dyn SourceView> {
+        self.view.clone()
+    }
+
+    async fn stop(self) {}
+}
+
+impl SourceView for ClusterView {
+    fn status(&self, dataplane: &Dataplane) -> serde_json::Value {
+        let live = dataplane.live(&self.key);
         let endpoints: Vec<_> = live
             .iter()
             .map(|(addr, l)| {
@@ -95,52 +183,31 @@ impl AdminView for ProxyState {
         serde_json::json!({
             "services": [{ "namespace": self.key.namespace, "name": self.key.name, "endpoints": endpoints }],
             "lastApplied": self.last.lock().expect("last lock").clone(),
+            "lastRejected": self.rejected.lock().expect("rejected lock").clone(),
+            "watchError": self.watch_error.lock().expect("watch error lock").clone(),
         })
-        .to_string()
     }
+
     fn ready(&self) -> bool {
-        self.has_snapshot.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed)
-    }
-    fn metrics(&self) -> String {
-        self.metrics.encode()
+        self.has_snapshot.load(Ordering::Relaxed)
     }
 }
 
 /// Watches the BalancedService and serves it until `shutdown`.
-pub async fn run_proxy(client: Client, opts: ProxyOptions, admin_listener: TcpListener, shutdown: CancellationToken) {
-    let stop = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
-    let state = Arc::new(ProxyState {
-        key: opts.key.clone(),
-        dataplane: Dataplane::new(metrics.proxy.clone(), opts.bind, opts.serving.clone(), stop.clone()),
-        metrics,
-        has_snapshot: AtomicBool::new(false),
-        draining: AtomicBool::new(false),
-        last: std::sync::Mutex::new(None),
-    });
-    let admin_task = tokio::spawn(admin::serve(admin_listener, state.clone(), stop.clone()));
-    let api: Api<BalancedService> = Api::namespaced(client, &opts.key.namespace);
-    let config = watcher::Config::default().fields(&format!("metadata.name={}", opts.key.name));
-    // default_backoff: watch errors (API server gone, 410 Gone) restart the
-    // watch with backoff; the snapshot stays while they do.
-    let mut objects = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = objects.next() => match next {
-                Some(Ok(bsvc)) => apply(&state, &bsvc),
-                Some(Err(e)) => tracing::warn!(error = %e, "watch failed; serving the last snapshot"),
-                None => break,
-            },
-        }
-    }
-    state.draining.store(true, Ordering::Relaxed);
-    if !opts.drain_delay.is_zero() {
-        tokio::time::sleep(opts.drain_delay).await;
-    }
-    stop.cancel();
-    state.dataplane.stopped().await;
-    let _ = admin_task.await;
+pub async fn run_proxy(
+    client: Client,
+    opts: ProxyOptions,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), shell::Error> {
+    let source = ClusterSource::new(client, opts.key);
+    let shell_opts = shell::Options {
+        bind: opts.bind,
+        serving: opts.serving,
+        drain_delay: opts.drain_delay,
+        metrics: Arc::new(Metrics::new()),
+    };
+    shell::run(source, shell_opts, admin_listener, shutdown).await
 }
 
 /// Listeners whose spec names no `appProtocol` take the one the controller
@@ -156,28 +223,4 @@ pub fn with_status_protocols(mut cfg: Config, bsvc: &BalancedService) -> Config 
         }
     }
     cfg
-}
-
-fn apply(state: &ProxyState, bsvc: &BalancedService) {
-    let cfg = match validate(state.key.clone(), &bsvc.spec) {
-        Ok(cfg) => Arc::new(with_status_protocols(cfg, bsvc)),
-        Err(errors) => {
-            tracing::warn!(service = %state.key, errors = %errors, "invalid spec; serving the last good snapshot");
-            return;
-        }
-    };
-    let members = members(&cfg, bsvc);
-    let healthy = members.iter().filter(|m| m.healthy).count();
-    for e in state.dataplane.apply(std::slice::from_ref(&cfg)) {
-        tracing::error!(error = %e, "listener not changed");
-    }
-    state.dataplane.set_endpoints(cfg.clone(), members.clone());
-    tracing::info!(service = %state.key, algorithm = cfg.algorithm.name(), endpoints = members.len(), healthy, "snapshot applied");
-    *state.last.lock().expect("last lock") = Some(serde_json::json!({
-        "generation": bsvc.metadata.generation,
-        "algorithm": cfg.algorithm.name(),
-        "endpoints": members.len(),
-        "healthy": healthy,
-    }));
-    state.has_snapshot.store(true, Ordering::Relaxed);
 }

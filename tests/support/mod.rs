@@ -50,6 +50,6 @@ pub fn standalone_yaml(name: &str, endpoints: &[SocketAddr], health: &str) -> St
     format!(
         "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: {name}}}\nspec:\n  endpoints:\n{}\n  listeners: [{{name: http, port: {}}}]\n  healthCheck:\n{health}\n",
         eps.join("\n"),
-        balanced::backend::free_port()
+        balanced::testing::free_port()
     )
 }

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use balanced::backend::{eventually, free_port, http_get};
+use balanced::demo::backend::http_get;
 use balanced::standalone::{self, Options};
+use balanced::testing::{eventually, free_port};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

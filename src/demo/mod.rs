@@ -15,13 +15,65 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, Behavior, free_port, http_get};
+pub mod backend;
+
 use crate::standalone::{self, Options};
+use backend::{Backend, Behavior, http_get};
 
 /// When things happen, from the start of traffic.
-const KILL_AT: Duration = Duration::from_secs(6);
-const REVIVE_AT: Duration = Duration::from_secs(14);
-const END_AT: Duration = Duration::from_secs(22);
+#[derive(Clone, Copy, Debug)]
+pub struct Timeline {
+    /// When backend b is killed.
+    pub kill_at: Duration,
+    /// When it comes back.
+    pub revive_at: Duration,
+    /// When traffic stops.
+    pub end_at: Duration,
+}
+
+impl Default for Timeline {
+    /// Slow enough to read as it prints.
+    fn default() -> Self {
+        Self {
+            kill_at: Duration::from_secs(6),
+            revive_at: Duration::from_secs(14),
+            end_at: Duration::from_secs(22),
+        }
+    }
+}
+
+impl Timeline {
+    /// The same story in a third of the time (the test suite runs this one):
+    /// still several probe intervals between each step.
+    pub fn quick() -> Self {
+        Self {
+            kill_at: Duration::from_secs(2),
+            revive_at: Duration::from_millis(4500),
+            end_at: Duration::from_secs(7),
+        }
+    }
+}
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A socket or the config file could not be set up.
+    #[error("demo set-up failed: {0}")]
+    Setup(#[from] std::io::Error),
+    /// The backends never passed their probes.
+    #[error("backends did not turn healthy within 10 s (see the log file {})", .log.display())]
+    NeverHealthy {
+        /// Where the proxy's log lines went.
+        log: std::path::PathBuf,
+    },
+}
+
+/// Where `balanced demo` writes its log lines, so they do not interrupt the
+/// timeline it prints.
+pub fn log_path() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("balanced-demo-{}.log", std::process::id()))
+}
+
 const WORKERS: usize = 8;
 const PAUSE: Duration = Duration::from_millis(20);
 
@@ -45,13 +97,18 @@ struct Tally {
 }
 
 /// Runs the demo, printing a timeline to stdout; returns the summary.
-pub async fn run() -> anyhow::Result<Summary> {
+pub async fn run() -> Result<Summary, Error> {
+    run_with(Timeline::default()).await
+}
+
+/// Runs the demo on `timeline`.
+pub async fn run_with(timeline: Timeline) -> Result<Summary, Error> {
     let a = Backend::http("a", Behavior::Slow(Duration::from_millis(1))).await;
     let mut b = Backend::http("b", Behavior::Slow(Duration::from_millis(1))).await;
     let c = Backend::http("c-slow", Behavior::Slow(Duration::from_millis(40))).await;
     let names: HashMap<u16, &str> = [(a.addr.port(), "a"), (b.addr.port(), "b"), (c.addr.port(), "c-slow")].into();
 
-    let port = free_port();
+    let port = free_port()?;
     let yaml = format!(
         "apiVersion: balanced.dev/v1alpha1
 kind: BalancedService
@@ -83,6 +140,7 @@ spec:
     );
     println!("  proxy      http://127.0.0.1:{port}  ({WORKERS} clients, steady traffic)");
     println!("  config     {}", file.display());
+    println!("  log        {}", log_path().display());
     println!();
 
     let admin_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -99,7 +157,8 @@ spec:
     // Wait for every endpoint to pass `rise` probes before sending traffic.
     while watcher.healthy().await < 3 {
         if started.elapsed() > Duration::from_secs(10) {
-            anyhow::bail!("backends did not turn healthy within 10 s");
+            shutdown.cancel();
+            return Err(Error::NeverHealthy { log: log_path() });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -117,15 +176,15 @@ spec:
     let mut summary = Summary::default();
     let (mut killed_at, mut revived_at) = (None, None);
     let mut last_report = Duration::ZERO;
-    while started.elapsed() < END_AT {
+    while started.elapsed() < timeline.end_at {
         let now = started.elapsed();
-        if killed_at.is_none() && now >= KILL_AT {
+        if killed_at.is_none() && now >= timeline.kill_at {
             b.kill();
             killed_at = Some(Instant::now());
             println!("{} killed backend b (listener and open connections closed)", stamp());
         }
-        if revived_at.is_none() && now >= REVIVE_AT {
-            b.revive().await;
+        if revived_at.is_none() && now >= timeline.revive_at {
+            b.revive().await?;
             revived_at = Some(Instant::now());
             println!("{} revived backend b on the same port", stamp());
         }
@@ -275,4 +334,9 @@ fn print_summary(s: &Summary) {
     println!();
     println!("Least connections gave the slow backend the smallest share; retries hid the");
     println!("killed backend from clients while probes and passive ejection took it out.");
+}
+
+/// A loopback port free right now, for the proxy's listener.
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -1,6 +1,6 @@
-//! Small backends on real loopback sockets: servers that answer, answer slowly,
-//! refuse, hang, reset, or die and come back. `balanced demo` runs them, and the
-//! tests use them as misbehaving upstreams.
+//! The demo's backends on real loopback sockets: servers that answer, answer
+//! slowly, hang, reset, or die and come back. `balanced demo` runs them, and
+//! the tests use them as misbehaving upstreams.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -116,7 +116,7 @@ impl Backend {
     }
 
     /// Listens again on the same address with the same behaviour.
-    pub async fn revive(&mut self) {
+    pub async fn revive(&mut self) -> std::io::Result<()> {
         self.kill.cancel();
         let (_, kill, accepted) = spawn(
             &self.name,
@@ -125,14 +125,20 @@ impl Backend {
             self.addr,
             self.frozen.clone(),
         )
-        .await;
+        .await?;
         self.kill = kill;
         self.accepted = accepted;
+        Ok(())
     }
 
+    /// # Panics
+    /// If `addr` cannot be bound within a second (a free loopback port always can).
     async fn start(name: &str, behavior: Behavior, kind: Kind, addr: SocketAddr) -> Backend {
         let frozen = Arc::new(AtomicBool::new(false));
-        let (addr, kill, accepted) = spawn(name, behavior.clone(), kind, addr, frozen.clone()).await;
+        let (addr, kill, accepted) = match spawn(name, behavior.clone(), kind, addr, frozen.clone()).await {
+            Ok(started) => started,
+            Err(e) => panic!("backend {name}: cannot listen on {addr}: {e}"),
+        };
         Backend {
             addr,
             name: name.to_string(),
@@ -152,9 +158,9 @@ async fn spawn(
     kind: Kind,
     addr: SocketAddr,
     frozen: Arc<AtomicBool>,
-) -> (SocketAddr, CancellationToken, Arc<AtomicU64>) {
-    let listener = bind_retrying(addr).await;
-    let addr = listener.local_addr().expect("bound listener has an address");
+) -> std::io::Result<(SocketAddr, CancellationToken, Arc<AtomicU64>)> {
+    let listener = bind_retrying(addr).await?;
+    let addr = listener.local_addr()?;
     let kill = CancellationToken::new();
     let accepted = Arc::new(AtomicU64::new(0));
     let (task_kill, task_accepted) = (kill.clone(), accepted.clone());
@@ -204,7 +210,7 @@ async fn spawn(
             }
         });
     }
-    (addr, kill, accepted)
+    Ok((addr, kill, accepted))
 }
 
 impl Drop for Backend {
@@ -265,51 +271,15 @@ async fn serve_http(stream: TcpStream, name: String, behavior: Behavior, frozen:
 }
 
 /// Binds, retrying briefly: a revived backend's port may still be held for a moment.
-async fn bind_retrying(addr: SocketAddr) -> TcpListener {
-    let mut last = None;
-    for _ in 0..50 {
-        match TcpListener::bind(addr).await {
-            Ok(l) => return l,
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("cannot bind {addr}: {last:?}");
-}
-
-/// A loopback port free right now (for listeners that must name a port).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind loopback")
-}
-
-/// A loopback address where nothing listens (connections are refused).
-pub async fn refusing_addr() -> SocketAddr {
-    // Bound but never listening, and kept for the life of the process: a
-    // connect is refused, and no other test can be handed the port (a port
-    // merely freed was, and answered 200 where a refusal was expected).
-    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
-    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind loopback");
-    let addr = socket.local_addr().expect("bound socket has an address");
-    std::mem::forget(socket);
-    addr
-}
-
-/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after `limit`.
-pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
+/// Binds `addr`, retrying for a second: a revived backend's port may still be
+/// held by the connections of its previous life.
+async fn bind_retrying(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let mut tries = 0;
     loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            panic!("timed out after {limit:?} waiting for {what}");
+        match TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) if tries >= 50 => return Err(e),
+            Err(_) => tries += 1,
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -1,0 +1,218 @@
+//! The runtime every serving command shares: a [`Source`] says what to serve,
+//! and [`run`] owns the data plane, the admin server, draining and shutdown.
+//!
+//! `balanced standalone` (a file and our own prober) and `balanced proxy` (one
+//! BalancedService watched in the cluster) are sources; tests use
+//! [`StaticSource`]. Whatever the source, shutdown is the same: `/readyz`
+//! fails for `drain_delay`, listeners stop accepting, and every connection,
+//! tunnel and TCP copy gets `grace` to finish before it is closed.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::config::Config;
+use crate::balance::MemberSpec;
+use crate::metrics::Metrics;
+use crate::proxy::admin::{self, AdminView};
+use crate::proxy::dataplane::ListenError;
+use crate::proxy::{Dataplane, Serving};
+
+/// A change a source hands to the runtime.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Every service now configured; services not in the list are removed,
+    /// listeners that stay keep their sockets.
+    Services(Vec<Arc<Config>>),
+    /// A service's endpoints and their health: a new snapshot for its balancer.
+    Endpoints(Arc<Config>, Vec<MemberSpec>),
+}
+
+/// Where configuration comes from: a file, the cluster, a fixed list.
+pub trait Source: Send + 'static {
+    /// Called once before the first change, with the data plane the changes go to.
+    fn attach(&mut self, _dataplane: &Arc<Dataplane>) {}
+    /// The next change; `None` when the source has ended for good.
+    fn next(&mut self) -> impl Future<Output = Option<Change>> + Send;
+    /// What `/status` and `/readyz` show of this source.
+    fn view(&self) -> Arc<dyn SourceView>;
+    /// Stops what the source runs (probes, watches), after the listeners drained.
+    fn stop(self) -> impl Future<Output = ()> + Send;
+}
+
+/// The admin server's view of a source.
+pub trait SourceView: Send + Sync + 'static {
+    /// The `/status` document.
+    fn status(&self, dataplane: &Dataplane) -> serde_json::Value;
+    /// Whether the source has given something worth serving (`/readyz`).
+    fn ready(&self) -> bool {
+        true
+    }
+}
+
+/// How the runtime serves.
+#[derive(Clone)]
+pub struct Options {
+    /// Address the listeners bind.
+    pub bind: IpAddr,
+    /// Grace period and access log.
+    pub serving: Serving,
+    /// On shutdown, how long `/readyz` fails before listeners stop accepting.
+    pub drain_delay: Duration,
+    /// The process's metrics (the source may have registered its own in them).
+    pub metrics: Arc<Metrics>,
+}
+
+impl Options {
+    /// Defaults: every address, 30 s grace, no drain delay, fresh metrics.
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            bind: IpAddr::from([0, 0, 0, 0]),
+            serving: Serving::default(),
+            drain_delay: Duration::ZERO,
+            metrics,
+        }
+    }
+}
+
+/// Why the runtime stopped before serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The first configuration's listeners could not be bound.
+    #[error("cannot start listeners:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Listen(Vec<ListenError>),
+}
+
+/// Serves what `source` says until `shutdown` is cancelled (or the source
+/// ends), with the admin server on `admin_listener`; then drains.
+///
+/// A listener that cannot be bound in the first configuration is fatal
+/// (nothing would serve it); in a later one it is logged and the running
+/// listener, if any, keeps serving.
+pub async fn run<S: Source>(
+    mut source: S,
+    opts: Options,
+    admin_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    // Everything runs on `stop`, cancelled after the drain delay, so `/readyz`
+    // can fail while listeners still serve.
+    let stop = CancellationToken::new();
+    let dataplane = Arc::new(Dataplane::new(
+        opts.metrics.proxy.clone(),
+        opts.bind,
+        opts.serving.clone(),
+        stop.clone(),
+    ));
+    source.attach(&dataplane);
+    let admin_state = Arc::new(AdminState {
+        source: source.view(),
+        dataplane: dataplane.clone(),
+        metrics: opts.metrics.clone(),
+        draining: AtomicBool::new(false),
+    });
+    let admin_task = tokio::spawn(admin::serve(admin_listener, admin_state.clone(), stop.clone()));
+
+    let mut first = true;
+    let mut failed = None;
+    loop {
+        let change = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            change = source.next() => change,
+        };
+        match change {
+            None => break,
+            Some(Change::Services(configs)) => {
+                let errors = dataplane.apply(&configs);
+                if first && !errors.is_empty() {
+                    failed = Some(Error::Listen(errors));
+                    break;
+                }
+                first = false;
+                for e in errors {
+                    tracing::error!(error = %e, "listener not changed");
+                }
+            }
+            Some(Change::Endpoints(config, members)) => dataplane.set_endpoints(config, members),
+        }
+    }
+    if failed.is_none() {
+        admin_state.draining.store(true, Ordering::Relaxed);
+        if !opts.drain_delay.is_zero() {
+            tracing::info!(delay = ?opts.drain_delay, "draining: /readyz fails, listeners still serve");
+            tokio::time::sleep(opts.drain_delay).await;
+        }
+    }
+    stop.cancel();
+    dataplane.stopped().await;
+    source.stop().await;
+    let _ = admin_task.await;
+    failed.map_or(Ok(()), Err)
+}
+
+struct AdminState {
+    source: Arc<dyn SourceView>,
+    dataplane: Arc<Dataplane>,
+    metrics: Arc<Metrics>,
+    draining: AtomicBool,
+}
+
+impl AdminView for AdminState {
+    fn status(&self) -> String {
+        serde_json::to_string_pretty(&self.source.status(&self.dataplane)).unwrap_or_default()
+    }
+
+    fn ready(&self) -> bool {
+        self.source.ready() && !self.draining.load(Ordering::Relaxed)
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.encode()
+    }
+}
+
+/// A source that hands out a fixed list of changes, then waits: for tests and
+/// for embedding the proxy with a configuration built in code.
+#[derive(Debug, Default)]
+pub struct StaticSource {
+    changes: VecDeque<Change>,
+}
+
+impl StaticSource {
+    /// The services `configs`, each with its `members`.
+    pub fn new(services: Vec<(Arc<Config>, Vec<MemberSpec>)>) -> Self {
+        let mut changes = VecDeque::new();
+        changes.push_back(Change::Services(services.iter().map(|(c, _)| c.clone()).collect()));
+        changes.extend(services.into_iter().map(|(c, m)| Change::Endpoints(c, m)));
+        Self { changes }
+    }
+}
+
+struct StaticView;
+
+impl SourceView for StaticView {
+    fn status(&self, _: &Dataplane) -> serde_json::Value {
+        serde_json::json!({ "source": "static" })
+    }
+}
+
+impl Source for StaticSource {
+    async fn next(&mut self) -> Option<Change> {
+        match self.changes.pop_front() {
+            Some(c) => Some(c),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn view(&self) -> Arc<dyn SourceView> {
+        Arc::new(StaticView)
+    }
+
+    async fn stop(self) {}
+}
