@@ -183,6 +183,7 @@ impl FileSource {
                 backup: e.backup,
                 max_connections: e.max_connections,
                 healthy: healthy.contains(&e.addr),
+                ports: Vec::new(),
             })
             .collect()
     }

@@ -21,7 +21,7 @@ fn chart_crd_is_the_same_bytes_as_crds_dir() {
 }
 
 /// `rules:` of a template, parsed (the rules themselves carry no templating).
-fn rules(template: &str) -> Vec<serde_yaml::Value> {
+fn rules(template: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(format!("{ROOT}/charts/balanced/templates/{template}")).unwrap();
     let mut out = Vec::new();
     for doc in text.split("\n---") {
@@ -31,8 +31,8 @@ fn rules(template: &str) -> Vec<serde_yaml::Value> {
                 .take_while(|l| !l.starts_with("{{") && !l.starts_with("---"))
                 .collect::<Vec<_>>()
                 .join("\n");
-            let parsed: serde_yaml::Value = serde_yaml::from_str(&block).unwrap();
-            out.extend(parsed["rules"].as_sequence().unwrap().iter().cloned());
+            let parsed: serde_json::Value = serde_saphyr::from_str(&block).unwrap();
+            out.extend(parsed["rules"].as_array().unwrap().iter().cloned());
         }
     }
     out
@@ -47,7 +47,7 @@ fn chart_rbac_grants_exactly_the_controllers_api_calls() {
     {
         let strs = |k: &str| -> Vec<String> {
             rule[k]
-                .as_sequence()
+                .as_array()
                 .unwrap()
                 .iter()
                 .map(|v| v.as_str().unwrap().to_string())

@@ -9,7 +9,7 @@ use std::time::Duration;
 use balanced::controller::desired::RenderOptions;
 use balanced::controller::leader::LeaseConfig;
 use balanced::controller::run::{ControllerOptions, serve};
-use balanced::demo::backend::{Backend, Behavior};
+use balanced::demo::backend::{Backend, Behavior, http_get};
 use balanced::testing::{eventually, free_port};
 use serde_json::{Value, json};
 use support::apiserver::ApiServer;
@@ -418,6 +418,84 @@ async fn the_service_ports_app_protocol_reaches_status_for_the_proxies() {
     let protocols: Vec<_> = cfg.listeners.iter().map(|l| l.app_protocol).collect();
     use balanced::api::config::AppProtocol;
     assert_eq!(protocols, vec![Some(AppProtocol::H2c), Some(AppProtocol::Http1)]);
+    c.stop.cancel();
+    stopped(c.task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_listener_reaches_the_port_its_named_target_port_names() {
+    // One pod (one IP) with two container ports, and a BalancedService with
+    // one listener per port name: each listener's traffic goes to its own port.
+    let server = ApiServer::start().await;
+    let web = Backend::http("web-port", Behavior::Status(200)).await;
+    let metrics = Backend::http("metrics-port", Behavior::Status(200)).await;
+    server.put(
+        "endpointslices",
+        NS,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": "web-two-ports", "namespace": NS,
+                            "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4",
+               "ports": [{"name": "metrics", "port": metrics.addr.port(), "protocol": "TCP"},
+                         {"name": "http", "port": web.addr.port(), "protocol": "TCP"}],
+               "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true},
+                              "targetRef": {"kind": "Pod", "name": "web-pod-0"}}]}),
+    );
+    let (http_port, metrics_port) = (free_port(), free_port());
+    let mut spec = web_spec(1);
+    spec["listeners"] = json!([
+        {"name": "http", "port": http_port, "targetPort": "http"},
+        {"name": "metrics", "port": metrics_port, "targetPort": "metrics"},
+    ]);
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let c = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(5), "the endpoint healthy", |s| {
+        s["ready"] == "1/1"
+    })
+    .await;
+    let s = status(&server, "web");
+    assert_eq!(
+        s["endpoints"][0]["port"],
+        web.addr.port(),
+        "probed on the first listener's port: {s}"
+    );
+    assert_eq!(
+        s["endpoints"][0]["ports"],
+        json!([{"listener": "http", "port": web.addr.port()}, {"listener": "metrics", "port": metrics.addr.port()}]),
+        "{s}"
+    );
+
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let opts = balanced::source::kube::ProxyOptions {
+        key: balanced::api::config::ServiceKey::new(NS, "web"),
+        bind: [127, 0, 0, 1].into(),
+        serving: balanced::proxy::Serving::default(),
+        drain_delay: Duration::ZERO,
+    };
+    let proxy = tokio::spawn(balanced::source::kube::run_proxy(
+        server.client(),
+        opts,
+        admin_listener,
+        shutdown.clone(),
+    ));
+    eventually(Duration::from_secs(10), "the proxy's /readyz", || async move {
+        (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    for (listener, backend) in [(http_port, "web-port"), (metrics_port, "metrics-port")] {
+        for _ in 0..3 {
+            let (code, body) = http_get(([127, 0, 0, 1], listener).into(), "/").await.unwrap();
+            assert_eq!((code, body.as_str()), (200, backend), "listener on {listener}");
+        }
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), proxy)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     c.stop.cancel();
     stopped(c.task).await;
 }

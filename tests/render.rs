@@ -44,3 +44,30 @@ fn proxy_runs_restricted_with_probes_on_the_admin_port() {
         assert!(out.contains(needle), "missing {needle:?} in\n{out}");
     }
 }
+
+#[test]
+fn a_uid_in_the_file_gives_every_object_an_owner_reference() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/web.yaml")).unwrap();
+    let without = render(&text, &RenderOptions::default()).unwrap();
+    assert!(
+        !without.contains("ownerReferences"),
+        "no uid, nothing to own the objects"
+    );
+
+    let uid = "5f0c3f5e-1111-4222-8333-944455556666";
+    let with_uid = text.replacen("metadata:\n", &format!("metadata:\n  uid: {uid}\n"), 1);
+    assert_ne!(with_uid, text, "the example has a metadata block to add the uid to");
+    let out = render(&with_uid, &RenderOptions::default()).unwrap();
+    let objects: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
+    assert!(objects.len() >= 4, "{out}");
+    for o in &objects {
+        let owners = o["metadata"]["ownerReferences"].as_array();
+        let owner = owners
+            .and_then(|r| r.first())
+            .unwrap_or_else(|| panic!("no ownerReferences on {o}"));
+        assert_eq!(owner["uid"], uid, "{o}");
+        assert_eq!(owner["kind"], "BalancedService", "{o}");
+        assert_eq!(owner["name"], "web", "{o}");
+        assert_eq!(owner["controller"], true, "{o}");
+    }
+}

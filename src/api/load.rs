@@ -19,14 +19,94 @@ pub struct Document {
     pub index: usize,
     /// `metadata.namespace` (default `default`) and `metadata.name`.
     pub key: ServiceKey,
+    /// `metadata.uid`, when the file carries one (`kubectl get -o yaml`).
+    pub uid: Option<String>,
     /// The spec as written.
     pub spec: BalancedServiceSpec,
 }
 
-/// Everything wrong with a file, each line naming the document and the field.
+/// One thing wrong with a file, naming the document and the field.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("{}", .0.join("\n"))]
-pub struct LoadErrors(pub Vec<String>);
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("{file}: {message}")]
+    Read {
+        /// The file.
+        file: String,
+        /// What the OS said.
+        message: String,
+    },
+    /// Not YAML; the message carries the line and column.
+    #[error("{0}")]
+    Syntax(String),
+    /// A document that is not a BalancedService.
+    #[error(
+        "document {index}: expected apiVersion {API_VERSION} and kind BalancedService, got apiVersion {api_version:?} and kind {kind:?}"
+    )]
+    NotBalancedService {
+        /// 1-based document position.
+        index: usize,
+        /// Its `apiVersion`.
+        api_version: String,
+        /// Its `kind`.
+        kind: String,
+    },
+    /// A field of the wrong type or shape.
+    #[error("document {index}: {path}: {message}")]
+    Shape {
+        /// 1-based document position.
+        index: usize,
+        /// The field, e.g. `spec.listeners[0].port`.
+        path: String,
+        /// What serde expected and found.
+        message: String,
+    },
+    /// A field the API does not have (a typo would otherwise be ignored).
+    #[error("document {index} ({key}): {path}: unknown field")]
+    UnknownField {
+        /// 1-based document position.
+        index: usize,
+        /// The document's namespace/name.
+        key: ServiceKey,
+        /// The field.
+        path: String,
+    },
+    /// Two documents for one namespace/name.
+    #[error("document {index} ({key}): the same namespace/name as document {first}")]
+    Duplicate {
+        /// 1-based document position.
+        index: usize,
+        /// The namespace/name.
+        key: ServiceKey,
+        /// The document that had it first.
+        first: usize,
+    },
+    /// The file holds no BalancedService.
+    #[error("no BalancedService documents found")]
+    Empty,
+    /// A field with a value the API does not accept.
+    #[error("document {index} ({key}): {error}")]
+    Invalid {
+        /// 1-based document position.
+        index: usize,
+        /// The document's namespace/name.
+        key: ServiceKey,
+        /// The field and why.
+        error: FieldError,
+    },
+}
+
+/// Everything wrong with a file, one line per problem.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct LoadErrors(pub Vec<LoadError>);
+
+impl LoadErrors {
+    /// Each problem as the line it prints as.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.iter().map(ToString::to_string).collect()
+    }
+}
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -46,38 +126,38 @@ struct RawMetadata {
     name: String,
     #[serde(default)]
     namespace: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
 }
 
 /// Parses every document of a multi-document YAML text.
 pub fn parse_documents(text: &str) -> Result<Vec<Document>, LoadErrors> {
+    // A YAML syntax error ends the stream: nothing after it can be trusted,
+    // and the parser's message names the line and column.
+    let values: Vec<serde_json::Value> = serde_saphyr::from_multiple_with_options(text, yaml_options())
+        .map_err(|e| LoadErrors(vec![LoadError::Syntax(e.to_string())]))?;
     let mut docs = Vec::new();
     let mut errors = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let index = i + 1;
-        let value = match serde_yaml::Value::deserialize(de) {
-            Ok(serde_yaml::Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(format!("document {index}: {e}"));
-                // A YAML syntax error ends the stream: nothing after it can be trusted.
-                break;
-            }
-        };
-        match parse_one(index, value) {
+    for (i, value) in values.into_iter().enumerate() {
+        if value.is_null() {
+            continue;
+        }
+        match parse_one(i + 1, value) {
             Ok(doc) => docs.push(doc),
             Err(mut errs) => errors.append(&mut errs),
         }
     }
     if docs.is_empty() && errors.is_empty() {
-        errors.push("no BalancedService documents found".to_string());
+        errors.push(LoadError::Empty);
     }
     let mut seen = std::collections::HashMap::new();
     for doc in &docs {
         if let Some(first) = seen.insert(doc.key.clone(), doc.index) {
-            errors.push(format!(
-                "document {} ({}): the same namespace/name as document {first}",
-                doc.index, doc.key
-            ));
+            errors.push(LoadError::Duplicate {
+                index: doc.index,
+                key: doc.key.clone(),
+                first,
+            });
         }
     }
     if errors.is_empty() {
@@ -87,13 +167,26 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, LoadErrors> {
     }
 }
 
-fn parse_one(index: usize, value: serde_yaml::Value) -> Result<Document, Vec<String>> {
-    let header = |v: &serde_yaml::Value, k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
-    let (api_version, kind) = (header(&value, "apiVersion"), header(&value, "kind"));
+/// YAML 1.2 as Kubernetes reads it: `yes`, `on` and `0755` stay strings (as
+/// they did with serde_yaml), and errors are one line with their position.
+fn yaml_options() -> serde_saphyr::Options {
+    let mut opts = serde_saphyr::Options::default();
+    opts.strict_booleans = true;
+    opts.leading_zero_numbers_as_strings = true;
+    opts.underscored_numbers_as_strings = true;
+    opts.with_snippet = false;
+    opts
+}
+
+fn parse_one(index: usize, value: serde_json::Value) -> Result<Document, Vec<LoadError>> {
+    let header = |k: &str| value.get(k).and_then(|x| x.as_str()).unwrap_or("").to_string();
+    let (api_version, kind) = (header("apiVersion"), header("kind"));
     if api_version != API_VERSION || kind != "BalancedService" {
-        return Err(vec![format!(
-            "document {index}: expected apiVersion {API_VERSION} and kind BalancedService, got apiVersion {api_version:?} and kind {kind:?}"
-        )]);
+        return Err(vec![LoadError::NotBalancedService {
+            index,
+            api_version,
+            kind,
+        }]);
     }
     let mut unknown = Vec::new();
     let mut note_unknown = |path: serde_ignored::Path<'_>| {
@@ -104,8 +197,11 @@ fn parse_one(index: usize, value: serde_yaml::Value) -> Result<Document, Vec<Str
     };
     let de = serde_ignored::Deserializer::new(value, &mut note_unknown);
     let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        vec![format!("document {index}: {path}: {}", e.inner())]
+        vec![LoadError::Shape {
+            index,
+            path: e.path().to_string(),
+            message: e.inner().to_string(),
+        }]
     })?;
     let _ = (&raw.api_version, &raw.kind);
     let key = ServiceKey::new(
@@ -115,12 +211,17 @@ fn parse_one(index: usize, value: serde_yaml::Value) -> Result<Document, Vec<Str
     if !unknown.is_empty() {
         return Err(unknown
             .into_iter()
-            .map(|p| format!("document {index} ({key}): {p}: unknown field"))
+            .map(|path| LoadError::UnknownField {
+                index,
+                key: key.clone(),
+                path,
+            })
             .collect());
     }
     Ok(Document {
         index,
         key,
+        uid: raw.metadata.uid,
         spec: raw.spec,
     })
 }
@@ -151,11 +252,11 @@ pub fn load_configs(text: &str) -> Result<Vec<Config>, LoadErrors> {
     for doc in docs {
         match validate(doc.key.clone(), &doc.spec) {
             Ok(cfg) => configs.push(cfg),
-            Err(errs) => errors.extend(
-                errs.0
-                    .iter()
-                    .map(|e: &FieldError| format!("document {} ({}): {e}", doc.index, doc.key)),
-            ),
+            Err(errs) => errors.extend(errs.0.into_iter().map(|error| LoadError::Invalid {
+                index: doc.index,
+                key: doc.key.clone(),
+                error,
+            })),
         }
     }
     if errors.is_empty() {
@@ -198,7 +299,10 @@ spec:
     fn unknown_spec_fields_are_errors() {
         let text = GOOD.replacen("listeners:", "helthCheck: {rise: 2}\n  listeners:", 1);
         let err = parse_documents(&text).unwrap_err();
-        assert_eq!(err.0, vec!["document 1 (shop/web): spec.helthCheck: unknown field"]);
+        assert_eq!(
+            err.lines(),
+            vec!["document 1 (shop/web): spec.helthCheck: unknown field"]
+        );
     }
 
     #[test]
@@ -207,15 +311,54 @@ spec:
         let err = parse_documents(&text).unwrap_err();
         assert_eq!(err.0.len(), 1);
         assert!(
-            err.0[0].starts_with("document 1: spec.listeners[0].port: invalid type: string \"eighty\""),
+            err.lines()[0].starts_with("document 1: spec.listeners[0].port: invalid type: string \"eighty\""),
             "{err}"
         );
     }
 
     #[test]
+    fn yaml_errors_name_the_line_and_column() {
+        let text = GOOD.replacen(
+            "listeners: [{name: http, port: 8080}]",
+            "listeners: [{name: http, port: 8080}",
+            1,
+        );
+        let err = parse_documents(&text).unwrap_err();
+        assert_eq!(err.0.len(), 1, "{err}");
+        let line = err.to_string();
+        assert!(line.contains("at line 7, column 14"), "{line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+    }
+
+    #[test]
+    fn yaml_1_1_words_stay_strings() {
+        // `yes` as a name and `0755`-like values must not turn into bools or
+        // octal numbers on the way to a string field.
+        let text = GOOD
+            .replacen("name: http", "name: yes", 1)
+            .replacen("name: web", "name: \"0755\"", 1);
+        let docs = parse_documents(&text).unwrap();
+        assert_eq!(docs[0].spec.listeners[0].name, "yes");
+        assert_eq!(docs[0].key.name, "0755");
+    }
+
+    #[test]
+    fn metadata_uid_is_kept() {
+        let text = GOOD.replacen(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, uid: 1234-abcd}",
+            1,
+        );
+        assert_eq!(parse_documents(&text).unwrap()[0].uid.as_deref(), Some("1234-abcd"));
+    }
+
+    #[test]
     fn other_kinds_are_refused() {
         let err = parse_documents("apiVersion: v1\nkind: Service\nmetadata: {name: x}\n").unwrap_err();
-        assert!(err.0[0].contains("got apiVersion \"v1\" and kind \"Service\""), "{err}");
+        assert!(
+            err.lines()[0].contains("got apiVersion \"v1\" and kind \"Service\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -227,13 +370,10 @@ spec:
         );
         let err = parse_documents(&twice).unwrap_err();
         assert_eq!(
-            err.0,
+            err.lines(),
             vec!["document 2 (shop/web): the same namespace/name as document 1"]
         );
-        assert_eq!(
-            parse_documents("").unwrap_err().0,
-            vec!["no BalancedService documents found"]
-        );
+        assert_eq!(parse_documents("").unwrap_err().0, vec![LoadError::Empty]);
     }
 
     #[test]
@@ -241,8 +381,14 @@ spec:
         let text = GOOD.replacen("port: 8081", "port: 0", 1);
         let err = load_configs(&text).unwrap_err();
         assert_eq!(
-            err.0,
+            err.lines(),
             vec!["document 1 (shop/web): spec.endpoints[0].port: must be 1..=65535, got 0"]
         );
+        match &err.0[0] {
+            LoadError::Invalid { index, error, .. } => {
+                assert_eq!((*index, error.path.as_str()), (1, "spec.endpoints[0].port"));
+            }
+            other => panic!("not a field error: {other:?}"),
+        }
     }
 }

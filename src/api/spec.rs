@@ -552,6 +552,15 @@ pub struct BalancedServiceStatus {
     pub listeners: Vec<ListenerStatus>,
 }
 
+/// The port one listener reaches on an endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct EndpointPort {
+    /// The listener's name.
+    pub listener: String,
+    /// The port.
+    pub port: i32,
+}
+
 /// One listener as the controller resolved it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -591,8 +600,12 @@ pub struct Condition {
 pub struct EndpointStatus {
     /// IP address.
     pub address: String,
-    /// The endpoint's port.
+    /// The endpoint's port (the first listener's target).
     pub port: i32,
+    /// With several listeners, the port each one reaches on this endpoint
+    /// (a named `targetPort` may differ per listener).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EndpointPort>,
     /// `pod/NAME` when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<String>,

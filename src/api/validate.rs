@@ -540,7 +540,7 @@ mod tests {
     use crate::api::spec::{HashSpec, Listener, PortRef, ProbeProtocol};
 
     fn base() -> BalancedServiceSpec {
-        serde_yaml::from_str("endpoints: [{address: 127.0.0.1, port: 8081}]\nlisteners: [{name: http, port: 8080}]\n")
+        serde_saphyr::from_str("endpoints: [{address: 127.0.0.1, port: 8081}]\nlisteners: [{name: http, port: 8080}]\n")
             .unwrap()
     }
 

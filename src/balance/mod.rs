@@ -64,6 +64,9 @@ pub struct MemberSpec {
     pub max_connections: u32,
     /// Active health checks say it may serve.
     pub healthy: bool,
+    /// Listeners that reach this endpoint on a port other than `addr`'s
+    /// (named target ports resolved per listener), by listener name.
+    pub ports: Vec<(String, u16)>,
 }
 
 /// One endpoint in a snapshot.

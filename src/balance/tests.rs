@@ -16,6 +16,7 @@ fn spec(i: usize, weight: u32) -> MemberSpec {
         backup: false,
         max_connections: 0,
         healthy: true,
+        ports: Vec::new(),
     }
 }
 
@@ -164,6 +165,7 @@ fn when_every_endpoint_is_down_they_are_tried_anyway() {
     let specs: Vec<_> = (0..2)
         .map(|i| MemberSpec {
             healthy: false,
+            ports: Vec::new(),
             ..spec(i, 1)
         })
         .collect();

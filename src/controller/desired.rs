@@ -350,7 +350,7 @@ pub fn to_yaml(objects: &[Owned]) -> String {
             Owned::RoleBinding(r) => with_type::<RoleBinding>(r),
         };
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&value).expect("objects are plain data"));
+        out.push_str(&serde_saphyr::to_string(&value).expect("objects are plain data"));
     }
     out
 }
@@ -370,13 +370,16 @@ pub fn render(text: &str, opts: &RenderOptions) -> Result<String, crate::api::Lo
             Ok(cfg) => {
                 let mut bsvc = BalancedService::new(&doc.key.name, doc.spec.clone());
                 bsvc.metadata.namespace = Some(doc.key.namespace.clone());
+                // With the uid, the objects carry the ownerReferences the
+                // controller would set; without it there is nothing to own them.
+                bsvc.metadata.uid = doc.uid.clone();
                 out.push_str(&to_yaml(&desired(&bsvc, &cfg, opts)));
             }
-            Err(errs) => errors.extend(
-                errs.0
-                    .iter()
-                    .map(|e| format!("document {} ({}): {e}", doc.index, doc.key)),
-            ),
+            Err(errs) => errors.extend(errs.0.into_iter().map(|error| crate::api::LoadError::Invalid {
+                index: doc.index,
+                key: doc.key.clone(),
+                error,
+            })),
         }
     }
     if errors.is_empty() {

@@ -23,11 +23,14 @@ pub struct Discovered {
     pub ready: bool,
     /// `conditions.terminating` (missing means not terminating).
     pub terminating: bool,
+    /// With several listeners, the port each listener reaches (by name).
+    pub ports: Vec<(String, u16)>,
 }
 
 /// Every endpoint of `slices`, with the port the first listener targets:
 /// a numeric `targetPort`, the slice port named by `targetPort`, the slice port
-/// named like the listener, or the slice's only port. FQDN slices are skipped;
+/// named like the listener, or the slice's only port; with several listeners,
+/// each listener's port resolved the same way. FQDN slices are skipped;
 /// IPv4 and IPv6 slices (dual stack) both count. An address listed twice
 /// (slices overlap while they are rewritten) is kept once.
 pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConfig]) -> Vec<Discovered> {
@@ -40,12 +43,16 @@ pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConf
             continue;
         }
         let ports = slice.ports.as_deref().unwrap_or_default();
-        let port = match &first.target_port {
-            Some(TargetPort::Number(n)) => Some(i32::from(*n)),
-            _ => slice_port(ports, first).and_then(|p| p.port),
-        };
-        let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
+        let Some(port) = listener_port(ports, first) else {
             continue;
+        };
+        let per_listener: Vec<(String, u16)> = if listeners.len() > 1 {
+            listeners
+                .iter()
+                .filter_map(|l| Some((l.name.clone(), listener_port(ports, l)?)))
+                .collect()
+        } else {
+            Vec::new()
         };
         for ep in slice.endpoints.as_deref().unwrap_or_default() {
             let conditions = ep.conditions.clone().unwrap_or_default();
@@ -67,12 +74,22 @@ pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConf
                     zone: ep.zone.clone(),
                     ready: conditions.ready.unwrap_or(true),
                     terminating: conditions.terminating.unwrap_or(false),
+                    ports: per_listener.clone(),
                 });
             }
         }
     }
     out.sort_by_key(|d| d.addr);
     out
+}
+
+/// The port `listener` reaches on the endpoints of a slice with `ports`.
+fn listener_port(ports: &[k8s_openapi::api::discovery::v1::EndpointPort], listener: &ListenerConfig) -> Option<u16> {
+    let port = match &listener.target_port {
+        Some(TargetPort::Number(n)) => Some(i32::from(*n)),
+        _ => slice_port(ports, listener).and_then(|p| p.port),
+    };
+    port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0)
 }
 
 /// The slice port a listener targets: the one its `targetPort` names (or
@@ -124,7 +141,7 @@ mod tests {
     use crate::api::config::ListenerProtocol;
 
     fn slices(yaml: &str) -> Vec<EndpointSlice> {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_saphyr::from_str(yaml).unwrap()
     }
 
     fn listener(target: Option<TargetPort>) -> Vec<ListenerConfig> {
@@ -191,6 +208,41 @@ mod tests {
         assert!(eps.iter().all(|e| e.addr.port() == 8080));
         // A name no slice has: no endpoints rather than a guess.
         assert!(endpoints_from_slices(&slices(SLICES), &listener(Some(TargetPort::Name("grpc".into())))).is_empty());
+    }
+
+    #[test]
+    fn every_listener_gets_the_port_its_target_names() {
+        let slices = slices(
+            r#"
+- apiVersion: discovery.k8s.io/v1
+  kind: EndpointSlice
+  metadata: {name: web-abc, labels: {kubernetes.io/service-name: web}}
+  addressType: IPv4
+  ports: [{name: metrics, port: 9100}, {name: http, port: 8080}]
+  endpoints: [{addresses: [10.0.0.1]}]
+"#,
+        );
+        let mut listeners = listener(Some(TargetPort::Name("http".into())));
+        let eps = endpoints_from_slices(&slices, &listeners);
+        assert_eq!(eps[0].ports, vec![], "one listener: the address says it all");
+        listeners.push(ListenerConfig {
+            name: "metrics".into(),
+            port: 81,
+            protocol: ListenerProtocol::Http,
+            target_port: Some(TargetPort::Name("metrics".into())),
+            app_protocol: None,
+            trust_forwarded_headers: false,
+        });
+        let eps = endpoints_from_slices(&slices, &listeners);
+        assert_eq!(
+            eps[0].addr,
+            "10.0.0.1:8080".parse().unwrap(),
+            "identity: the first listener's port"
+        );
+        assert_eq!(
+            eps[0].ports,
+            vec![("http".to_string(), 8080), ("metrics".to_string(), 9100)]
+        );
     }
 
     #[test]

@@ -248,6 +248,7 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
                 zone: None,
                 ready: true,
                 terminating: false,
+                ports: Vec::new(),
             });
         }
     }
@@ -458,6 +459,7 @@ async fn flush(ctx: &Ctx, key: &ServiceKey) -> bool {
             zone: d.zone.clone(),
             ready: d.ready,
             terminating: d.terminating,
+            ports: d.ports.clone(),
             health: states.get(&d.addr).cloned().unwrap_or_default(),
         })
         .collect();

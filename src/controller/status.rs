@@ -17,6 +17,8 @@ pub struct EndpointView {
     pub ready: bool,
     /// Kubernetes says terminating.
     pub terminating: bool,
+    /// With several listeners, each one's port (by listener name).
+    pub ports: Vec<(String, u16)>,
     /// What the probes found.
     pub health: HealthState,
 }
@@ -108,6 +110,14 @@ fn endpoint_status(e: &EndpointView) -> EndpointStatus {
     EndpointStatus {
         address: e.addr.ip().to_string(),
         port: i32::from(e.addr.port()),
+        ports: e
+            .ports
+            .iter()
+            .map(|(listener, port)| crate::api::spec::EndpointPort {
+                listener: listener.clone(),
+                port: i32::from(*port),
+            })
+            .collect(),
         target_ref: e.target_ref.clone(),
         zone: e.zone.clone(),
         healthy: e.serves(),
@@ -155,6 +165,7 @@ mod tests {
             zone: None,
             ready,
             terminating,
+            ports: Vec::new(),
             health: HealthState::inherited(health, None),
         }
     }

@@ -236,6 +236,7 @@ mod tests {
                 backup: e.backup,
                 max_connections: 0,
                 healthy: *h,
+                ports: Vec::new(),
             })
             .collect();
         rt.update(cfg.clone(), members);

@@ -231,12 +231,17 @@ impl ServiceRuntime {
         }
     }
 
-    /// Where `member` is reached for `listener`: its address with the listener's
-    /// numeric target port, or its own port.
+    /// Where `member` is reached for `listener`: its address with the
+    /// listener's numeric target port, the port the controller resolved for
+    /// this listener (a named target port), or its own port.
     pub fn target(member: &Member, listener: &ListenerConfig) -> SocketAddr {
+        let ip = member.spec.addr.ip();
         match listener.target_port {
-            Some(TargetPort::Number(port)) => SocketAddr::new(member.spec.addr.ip(), port),
-            _ => member.spec.addr,
+            Some(TargetPort::Number(port)) => SocketAddr::new(ip, port),
+            _ => match member.spec.ports.iter().find(|(name, _)| *name == listener.name) {
+                Some((_, port)) => SocketAddr::new(ip, *port),
+                None => member.spec.addr,
+            },
         }
     }
 

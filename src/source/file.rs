@@ -11,12 +11,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::config::{Config, TargetPort};
-use crate::api::load::{LoadErrors, parse_documents};
+use crate::api::load::{LoadError, LoadErrors, parse_documents};
+use crate::api::validate::FieldError;
 use crate::api::validate::validate;
 
 /// Reads, parses and validates a standalone file.
 pub fn read_configs(path: &Path) -> Result<Vec<Config>, LoadErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| LoadErrors(vec![format!("{}: {e}", path.display())]))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        LoadErrors(vec![LoadError::Read {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        }])
+    })?;
     configs_from_text(&text)
 }
 
@@ -27,24 +33,30 @@ pub fn configs_from_text(text: &str) -> Result<Vec<Config>, LoadErrors> {
     let mut configs = Vec::new();
     let mut errors = Vec::new();
     for doc in docs {
-        let prefix = format!("document {} ({})", doc.index, doc.key);
+        let invalid = |path: String, message: String| LoadError::Invalid {
+            index: doc.index,
+            key: doc.key.clone(),
+            error: FieldError { path, message },
+        };
         if doc.spec.service.is_some() {
-            errors.push(format!(
-                "{prefix}: spec.service: standalone has no cluster to read a Service's endpoints from; list them in spec.endpoints"
+            errors.push(invalid(
+                "spec.service".into(),
+                "standalone has no cluster to read a Service's endpoints from; list them in spec.endpoints".into(),
             ));
         }
         match validate(doc.key.clone(), &doc.spec) {
             Ok(cfg) => {
                 for (i, l) in cfg.listeners.iter().enumerate() {
                     if let Some(TargetPort::Name(name)) = &l.target_port {
-                        errors.push(format!(
-                            "{prefix}: spec.listeners[{i}].targetPort: the port name {name:?} needs a Service; standalone takes port numbers"
+                        errors.push(invalid(
+                            format!("spec.listeners[{i}].targetPort"),
+                            format!("the port name {name:?} needs a Service; standalone takes port numbers"),
                         ));
                     }
                 }
                 configs.push(cfg);
             }
-            Err(errs) => errors.extend(errs.0.iter().map(|e| format!("{prefix}: {e}"))),
+            Err(errs) => errors.extend(errs.0.into_iter().map(|e| invalid(e.path, e.message))),
         }
     }
     if errors.is_empty() {
@@ -128,7 +140,7 @@ spec:
 ";
         let err = configs_from_text(text).unwrap_err();
         assert_eq!(
-            err.0,
+            err.lines(),
             vec![
                 "document 1 (default/web): spec.service: standalone has no cluster to read a Service's endpoints from; list them in spec.endpoints",
                 "document 1 (default/web): spec.listeners[0].targetPort: the port name \"http\" needs a Service; standalone takes port numbers",

@@ -54,6 +54,11 @@ pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
             backup: st.is_some_and(|s| s.backup),
             max_connections: st.map_or(0, |s| s.max_connections),
             healthy: e.healthy,
+            ports: e
+                .ports
+                .iter()
+                .filter_map(|p| Some((p.listener.clone(), u16::try_from(p.port).ok().filter(|p| *p > 0)?)))
+                .collect(),
         });
     }
     // Before the controller's first status, static endpoints are all there is.
@@ -65,6 +70,7 @@ pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
                 backup: e.backup,
                 max_connections: e.max_connections,
                 healthy: false,
+                ports: Vec::new(),
             });
         }
     }
