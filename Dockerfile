@@ -1,11 +1,13 @@
 # syntax=docker/dockerfile:1
 # balanced: one binary for `controller`, `proxy`, `standalone`.
 # Build: docker build -t balanced:dev .
+# The toolchain is pinned to Cargo.toml's rust-version (and rust-toolchain.toml);
+# dependencies come from Cargo.lock as committed (--locked).
 
-FROM rust:1.95-bookworm AS build
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 # Dependencies first, in their own layer: a source change does not rebuild them.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

@@ -29,8 +29,10 @@ need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=n
 need nginx nginx
 need haproxy haproxy
 need curl curl
-if [ -z "${BALANCED_BIN:-}" ]; then cargo build --release -q; fi
-BIN=${BALANCED_BIN:-target/release/balanced}
+# PERF=1 needs symbols: the profiling profile is the release build with them.
+PROFILE=release; [ -n "${PERF:-}" ] && PROFILE=profiling
+if [ -z "${BALANCED_BIN:-}" ]; then cargo build --profile "$PROFILE" -q; fi
+BIN=${BALANCED_BIN:-target/$PROFILE/balanced}
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # nginx: 100 ports on every loopback address.

@@ -15,8 +15,9 @@ DUR=${2:-8}
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null; rm -rf "$WORK"' EXIT
 command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
-cargo build --release -q
-BIN=${BALANCED_BIN:-target/release/balanced}
+# The release build keeps no symbols; the profiling profile is the same code with them.
+cargo build --profile profiling -q
+BIN=${BALANCED_BIN:-target/profiling/balanced}
 
 start_backends "$WORK" 1
 if [ "$KIND" = h2 ]; then PORTS="18181 18182 18183"; APP=", appProtocol: kubernetes.io/h2c"; else PORTS="18081 18082 18083"; APP=""; fi

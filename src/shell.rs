@@ -216,3 +216,32 @@ impl Source for StaticSource {
 
     async fn stop(self) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_the_drain_delay_then_stops() {
+        let mut opts = Options::new(Arc::new(Metrics::new()));
+        opts.drain_delay = Duration::from_secs(5);
+        opts.bind = [127, 0, 0, 1].into();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let shutdown = CancellationToken::new();
+        let mut running = tokio::spawn(run(StaticSource::new(Vec::new()), opts, admin, shutdown.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!running.is_finished(), "serves until shutdown");
+
+        shutdown.cancel();
+        let asked = tokio::time::Instant::now();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(4990), &mut running)
+                .await
+                .is_err(),
+            "stopped before the drain delay was over"
+        );
+        running.await.unwrap().unwrap();
+        assert!(asked.elapsed() >= Duration::from_secs(5));
+        assert!(asked.elapsed() < Duration::from_secs(6), "{:?}", asked.elapsed());
+    }
+}

@@ -94,7 +94,7 @@ pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: Cancellat
 /// endpoints' health from the probes.
 pub struct FileSource {
     prober: Prober,
-    updates: tokio::sync::mpsc::Receiver<Vec<Config>>,
+    updates: tokio::sync::mpsc::Receiver<Result<Vec<Config>, LoadErrors>>,
     health_changes: tokio::sync::watch::Receiver<u64>,
     view: Arc<FileView>,
     pending: VecDeque<Change>,
@@ -104,6 +104,8 @@ pub struct FileSource {
 struct FileView {
     configs: ArcSwap<Vec<Arc<Config>>>,
     prober: Prober,
+    // Why the file's newest content is not what serves (cleared by a good one).
+    rejected: std::sync::Mutex<Option<String>>,
 }
 
 impl FileSource {
@@ -122,6 +124,7 @@ impl FileSource {
             view: Arc::new(FileView {
                 configs: ArcSwap::from_pointee(Vec::new()),
                 prober: prober.clone(),
+                rejected: std::sync::Mutex::new(None),
             }),
             prober,
             updates,
@@ -206,7 +209,13 @@ impl Source for FileSource {
                 return Some(change);
             }
             tokio::select! {
-                Some(configs) = self.updates.recv() => self.apply(configs),
+                Some(update) = self.updates.recv() => {
+                    let rejected = update.as_ref().err().map(ToString::to_string);
+                    *self.view.rejected.lock().expect("rejected lock") = rejected;
+                    if let Ok(configs) = update {
+                        self.apply(configs);
+                    }
+                }
                 changed = self.health_changes.changed() => {
                     if changed.is_err() {
                         return None;
@@ -241,7 +250,11 @@ impl SourceView for FileView {
                 }
             }
         }
-        serde_json::to_value(&status).unwrap_or_default()
+        let mut value = serde_json::to_value(&status).unwrap_or_default();
+        if let Some(why) = self.rejected.lock().expect("rejected lock").clone() {
+            value["lastRejected"] = why.into();
+        }
+        value
     }
 }
 

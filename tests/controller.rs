@@ -234,8 +234,14 @@ async fn controller_follows_backends_slices_and_deletion() {
         async move { gone.then_some(()) }
     })
     .await;
-    // Probes stop within a status period or two.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Probes (every 200 ms) stop: wait for the first quiet second, then
+    // check the next one stays quiet. Each sleep is a measuring window.
+    eventually(Duration::from_secs(5), "probes to stop after deletion", || async {
+        let before = a.accepted();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        (a.accepted() == before).then_some(())
+    })
+    .await;
     let accepted = a.accepted();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(a.accepted(), accepted, "probes continue after deletion");
@@ -292,11 +298,11 @@ async fn the_controller_survives_an_api_server_outage_and_410_gone() {
     // growing, shared by the owned-object watches): ~5 s here.
     wait_status(&server, Duration::from_secs(30), "b after 410", |s| s["ready"] == "2/2").await;
 
-    // Three seconds without an API server (several of kube's watch retries
-    // and our status writes fail), then it comes back. The outage is the
-    // scenario, so this sleep is its length, not a wait for a signal.
+    // Two seconds without an API server (several watch retries and status
+    // writes fail), then it comes back. The outage is the scenario, so this
+    // sleep is its length, not a wait for a signal.
     server.stop();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!c.task.is_finished(), "the controller died with the API server");
     server.restart().await;
     b.kill();
@@ -321,6 +327,8 @@ async fn a_restarted_controller_inherits_endpoint_state() {
     stopped(first.task).await;
 
     let second = controller(&server, None).await;
+    // A second of samples: the status never flaps while the new controller
+    // starts (a measuring window, not a wait).
     for _ in 0..20 {
         let s = status(&server, "web");
         assert_eq!(
@@ -353,6 +361,7 @@ async fn a_standby_takes_over_within_the_lease_duration() {
     })
     .await;
     let two = controller(&server, Some(lease("two"))).await;
+    // Two renew periods with both running: a window in which two must not lead.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let holder = server.get("leases", "balanced", "balanced-controller").unwrap()["spec"]["holderIdentity"].clone();
     assert_eq!(holder, "one", "two replicas must not both lead");

@@ -254,6 +254,7 @@ async fn an_idle_tcp_connection_is_closed_at_its_idle_timeout() {
     // Traffic keeps it open past the idle timeout...
     let mut last = Instant::now();
     for _ in 0..4 {
+        // On purpose: the client pauses half the idle timeout between pings.
         tokio::time::sleep(Duration::from_millis(250)).await;
         s.write_all(b"ping").await.unwrap();
         s.read_exact(&mut buf[..4]).await.unwrap();

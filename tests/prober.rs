@@ -176,6 +176,7 @@ async fn removed_endpoints_stop_being_probed_at_once_and_others_keep_state() {
     // A probe whose handshake the kernel finished before the removal is still
     // accepted by the backend afterwards: allow that one, not a new interval's.
     let b_count = b.accepted();
+    // A measuring window of six probe intervals.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(b.accepted() <= b_count + 1, "a removed endpoint got probed again");
     assert!(a.accepted() > 2, "the remaining endpoint keeps being probed");
@@ -188,6 +189,7 @@ async fn removed_endpoints_stop_being_probed_at_once_and_others_keep_state() {
 
     prober.remove_service(&key);
     let a_count = a.accepted();
+    // A measuring window of four probe intervals.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(a.accepted() <= a_count + 1, "a removed service got probed again");
 }

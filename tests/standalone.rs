@@ -156,7 +156,16 @@ async fn reload_applies_a_good_file_and_keeps_the_last_good_one_on_a_bad_file() 
         &[a.addr],
         &FAST.replace("rise: 2", "rise: 0"),
     ));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rejected = eventually(Duration::from_secs(3), "the bad file to be rejected", || async {
+        let (_, body) = http_get(run.admin, "/status").await.ok()?;
+        let status: serde_json::Value = serde_json::from_str(&body).ok()?;
+        status["lastRejected"].as_str().map(str::to_string)
+    })
+    .await;
+    assert!(
+        rejected.contains("spec.healthCheck.rise: must be >= 1, got 0"),
+        "{rejected}"
+    );
     assert_eq!(state_of(run.admin, b.addr.port()).await.as_deref(), Some("Healthy"));
     assert!(!run.task.is_finished());
 

@@ -7,9 +7,12 @@
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Milliseconds since the first call: the monotonic clock ejection windows use.
+use tokio::time::Instant;
+
+/// Milliseconds since the first call: the monotonic clock ejection windows use
+/// (tokio's, so tests can run it paused).
 pub fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
     // Start at 1 so that 0 can mean "never".

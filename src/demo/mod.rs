@@ -43,13 +43,13 @@ impl Default for Timeline {
 }
 
 impl Timeline {
-    /// The same story in a third of the time (the test suite runs this one):
-    /// still several probe intervals between each step.
+    /// The same story in a quarter of the time (the test suite runs this
+    /// one): still four probe intervals between each step.
     pub fn quick() -> Self {
         Self {
-            kill_at: Duration::from_secs(2),
-            revive_at: Duration::from_millis(4500),
-            end_at: Duration::from_secs(7),
+            kill_at: Duration::from_millis(1500),
+            revive_at: Duration::from_millis(3500),
+            end_at: Duration::from_millis(5500),
         }
     }
 }

@@ -32,7 +32,7 @@ impl fmt::Display for ProbeError {
 }
 
 impl ProbeError {
-    fn failed(message: impl Into<String>) -> Self {
+    pub(crate) fn failed(message: impl Into<String>) -> Self {
         Self {
             timed_out: false,
             local: false,

@@ -579,6 +579,93 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn rise_and_fall_count_consecutive_probes_on_their_intervals() {
+        use crate::health::state::Health;
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        // The endpoint answers while `up` is set; rise 3, fall 2, probes every
+        // second, and every 5 s while down (`downInterval`).
+        let addr: SocketAddr = "10.0.0.9:80".parse().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let probes = Arc::new(AtomicUsize::new(0));
+        let (u, n) = (up.clone(), probes.clone());
+        let fake: FakeProbe = Arc::new(move |_| {
+            n.fetch_add(1, Relaxed);
+            let ok = u.load(Relaxed);
+            Box::pin(async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(ProbeError::failed("connect: connection refused"))
+                }
+            })
+        });
+        let prober = Prober::with_fake(Metrics::new().probe, fake);
+        let key = ServiceKey::new("d", "web");
+        let hc = HealthCheck {
+            rise: 3,
+            fall: 2,
+            down_interval: Duration::from_secs(5),
+            ..check(Duration::from_secs(1))
+        };
+        prober.update_service(&key, &hc, &[Target::new(addr)]);
+        let health = || prober.states(&key)[0].1.health;
+        // Waits (on the paused clock) until the `n`th probe has been counted;
+        // returns when it started.
+        let probe_number = |n: usize| {
+            let probes = probes.clone();
+            async move {
+                while probes.load(Relaxed) < n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                let at = tokio::time::Instant::now();
+                // Let the probe task record the result.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                at
+            }
+        };
+
+        probe_number(2).await;
+        assert_eq!(health(), Health::Unknown, "two passes are fewer than rise 3");
+        let third = probe_number(3).await;
+        assert_eq!(health(), Health::Healthy, "three passes in a row");
+
+        up.store(false, Relaxed);
+        let fourth = probe_number(4).await;
+        let gap = fourth - third;
+        assert!(
+            gap >= Duration::from_millis(950) && gap <= Duration::from_millis(1050),
+            "healthy: every 1 s, got {gap:?}"
+        );
+        assert_eq!(health(), Health::Healthy, "one failure is fewer than fall 2");
+        let fifth = probe_number(5).await;
+        assert_eq!(health(), Health::Unhealthy, "two failures in a row");
+
+        let sixth = probe_number(6).await;
+        let gap = sixth - fifth;
+        assert!(
+            gap >= Duration::from_millis(4750) && gap <= Duration::from_millis(5250),
+            "down: every 5 s (downInterval), got {gap:?}"
+        );
+
+        up.store(true, Relaxed);
+        let seventh = probe_number(7).await;
+        assert!(
+            seventh - sixth >= Duration::from_millis(4750),
+            "still down until a probe passes"
+        );
+        assert_eq!(health(), Health::Unhealthy, "one pass is fewer than rise 3");
+        let eighth = probe_number(8).await;
+        let gap = eighth - seventh;
+        assert!(
+            gap <= Duration::from_millis(1050),
+            "after a pass, probes return to the 1 s interval, got {gap:?}"
+        );
+        assert_eq!(health(), Health::Unhealthy, "two passes are fewer than rise 3");
+        probe_number(9).await;
+        assert_eq!(health(), Health::Healthy, "back after three passes");
+    }
+
     #[test]
     fn spread_and_jitter_stay_in_bounds() {
         let interval = Duration::from_secs(1);

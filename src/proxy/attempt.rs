@@ -209,6 +209,7 @@ impl<'a> Attempts<'a> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use super::*;
     use crate::api::config::RetryCondition;
@@ -332,6 +333,37 @@ mod tests {
         assert!(!spend(), "still inside the window");
         tokio::time::advance(std::time::Duration::from_secs(6)).await;
         assert!(spend(), "the first retry left the window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_returns_when_its_fail_timeout_ends() {
+        let (rt, cfg) = runtime(
+            "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 2, failTimeout: 10s}\n  retry: {tries: 0}\n",
+            &[true, true],
+        );
+        let snap = rt.current().snap.clone();
+        let fail_first = || {
+            let member = &snap.members[0];
+            rt.record_failure(&cfg, member, &Failure::Connect("refused".into()));
+        };
+        let picks = |n: usize| {
+            (0..n)
+                .map(|_| Attempts::new(&rt, &cfg, &snap, None).next_endpoint().unwrap())
+                .collect::<Vec<_>>()
+        };
+        fail_first();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        fail_first();
+        assert!(
+            picks(4).contains(&0),
+            "two failures 11 s apart are not two within failTimeout 10 s"
+        );
+        fail_first();
+        assert_eq!(picks(4), vec![1; 4], "two failures within 10 s eject for 10 s");
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(picks(4), vec![1; 4], "still ejected after 9 s");
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        assert!(picks(4).contains(&0), "back after failTimeout");
     }
 
     #[tokio::test]

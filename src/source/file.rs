@@ -67,12 +67,13 @@ pub fn configs_from_text(text: &str) -> Result<Vec<Config>, LoadErrors> {
 }
 
 /// Sends the file's configs each time its content changes or SIGHUP arrives;
-/// a bad file is logged and nothing is sent, so the previous configs stay.
+/// a bad file is logged and sent as its errors, so the receiver can say why
+/// the previous configs stay.
 pub fn watch(
     path: PathBuf,
     poll: Duration,
     shutdown: CancellationToken,
-) -> std::io::Result<mpsc::Receiver<Vec<Config>>> {
+) -> std::io::Result<mpsc::Receiver<Result<Vec<Config>, LoadErrors>>> {
     let mut hangup = signal(SignalKind::hangup())?;
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
@@ -108,13 +109,16 @@ pub fn watch(
             match configs_from_text(&text) {
                 Ok(configs) => {
                     tracing::info!(file = %path.display(), trigger, services = configs.len(), "reloading configuration");
-                    if tx.send(configs).await.is_err() {
+                    if tx.send(Ok(configs)).await.is_err() {
                         return;
                     }
                 }
                 Err(errors) => {
                     for e in &errors.0 {
                         tracing::error!(file = %path.display(), trigger, error = %e, "configuration rejected; keeping the last good one");
+                    }
+                    if tx.send(Err(errors)).await.is_err() {
+                        return;
                     }
                 }
             }

@@ -103,6 +103,7 @@ impl ApiServer {
         let listener = loop {
             match TcpListener::bind(self.addr).await {
                 Ok(l) => break l,
+                // The old listener's port may take a moment to be free again.
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
             }
         };
