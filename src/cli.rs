@@ -206,7 +206,7 @@ fn open_access_log(path: Option<&str>) -> Result<Option<crate::proxy::access::Ac
     .transpose()
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+fn duration(s: &str) -> Result<Duration, crate::api::duration::DurationError> {
     crate::api::duration::parse_duration(s)
 }
 

@@ -5,9 +5,14 @@
 
 use std::time::Duration;
 
+/// A string that is not a duration; carries the text as written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("must be a duration like 500ms, 3s or 2m, got {0:?}")]
+pub struct DurationError(pub String);
+
 /// Parses `500ms`, `3s`, `2m`, `1h` or `0`; the error says what was expected.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let bad = || format!("must be a duration like 500ms, 3s or 2m, got {text:?}");
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
+    let bad = || DurationError(text.to_string());
     if text == "0" {
         return Ok(Duration::ZERO);
     }
@@ -71,7 +76,8 @@ mod tests {
             "99999999999999999999s",
         ] {
             let err = parse_duration(bad).unwrap_err();
-            assert!(err.contains(&format!("{bad:?}")), "{err}");
+            assert_eq!(err.0, bad);
+            assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
     }
 

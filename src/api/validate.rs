@@ -75,7 +75,7 @@ impl Errors {
 
     fn duration(&mut self, path: &str, text: &str) -> Duration {
         parse_duration(text).unwrap_or_else(|e| {
-            self.add(path, e);
+            self.add(path, e.to_string());
             Duration::ZERO
         })
     }
@@ -88,7 +88,7 @@ impl Errors {
             }
             Ok(d) => d,
             Err(e) => {
-                self.add(path, e);
+                self.add(path, e.to_string());
                 Duration::ZERO
             }
         }
