@@ -360,6 +360,8 @@ pub struct ProxyMetrics {
     pub retries: Family<RetryLabels, Counter>,
     /// Retries that `retry.on` allowed but the retry budget refused.
     pub retries_refused: Family<ServiceLabels, Counter>,
+    /// Requests refused by overload protection (`spec.limits.maxRequests`).
+    pub overflow: Family<ServiceLabels, Counter>,
     /// Passive ejections per endpoint.
     pub ejections: Family<EndpointLabels, Counter>,
     /// Passive ejections lifted by a passing probe, per endpoint.
@@ -384,6 +386,7 @@ impl ProxyMetrics {
             active: Family::default(),
             retries: Family::default(),
             retries_refused: Family::default(),
+            overflow: Family::default(),
             ejections: Family::default(),
             lifted: Family::default(),
             downstream: Family::default(),
@@ -412,6 +415,11 @@ impl ProxyMetrics {
             "balanced_upstream_retry_budget_exhausted",
             "Retries refused because the retry budget (spec.retry.budget) was spent",
             m.retries_refused.clone(),
+        );
+        registry.register(
+            "balanced_overflow",
+            "Requests answered 503 by overload protection (spec.limits.maxRequests and maxPendingRequests)",
+            m.overflow.clone(),
         );
         registry.register(
             "balanced_endpoint_ejections",

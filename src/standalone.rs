@@ -251,10 +251,29 @@ impl SourceView for FileView {
             }
         }
         let mut value = serde_json::to_value(&status).unwrap_or_default();
+        add_requests(&mut value, &keys, dataplane);
         if let Some(why) = self.rejected.lock().expect("rejected lock").clone() {
             value["lastRejected"] = why.into();
         }
         value
+    }
+}
+
+/// Adds each service's `requestsInFlight` and `requestsWaiting` (overload
+/// protection) to a `/status` document whose `services` follow `keys`.
+pub(crate) fn add_requests(
+    value: &mut serde_json::Value,
+    keys: &[crate::api::config::ServiceKey],
+    dataplane: &Dataplane,
+) {
+    let Some(services) = value.get_mut("services").and_then(|s| s.as_array_mut()) else {
+        return;
+    };
+    for (svc, key) in services.iter_mut().zip(keys) {
+        if let Some(runtime) = dataplane.service(key) {
+            svc["requestsInFlight"] = runtime.gate.in_flight().into();
+            svc["requestsWaiting"] = runtime.gate.waiting().into();
+        }
     }
 }
 

@@ -358,3 +358,51 @@ async fn the_access_log_says_what_happened() {
     assert_eq!(line["flags"], "UT", "{line}");
     assert_eq!(line["status"], 504);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_max_requests_and_its_queue_requests_get_503_at_once() {
+    let slow = Backend::http("slow", Behavior::Slow(Duration::from_millis(1500))).await;
+    let p = proxy(
+        &[slow.addr],
+        "HTTP",
+        "  limits: {maxRequests: 2, maxPendingRequests: 1}\n  timeouts: {connect: 3s, response: 10s}",
+        1,
+    )
+    .await;
+    let get = move || tokio::spawn(async move { balanced::demo::backend::http_get(p.listen, "/").await });
+    // Two in flight, one waiting for a slot.
+    let in_flight = [get(), get()];
+    eventually(Duration::from_secs(2), "two requests in flight", || async {
+        let (_, status) = balanced::demo::backend::http_get(p.admin, "/status").await.ok()?;
+        status.contains("\"activeConnections\": 2").then_some(())
+    })
+    .await;
+    let queued = get();
+    eventually(Duration::from_secs(2), "one request waiting for a slot", || async {
+        let (_, status) = balanced::demo::backend::http_get(p.admin, "/status").await.ok()?;
+        status.contains("\"requestsWaiting\": 1").then_some(())
+    })
+    .await;
+    // One more: the queue is full, 503 at once, while the others still run.
+    let (code, body) = balanced::demo::backend::http_get(p.listen, "/").await.unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("spec.limits.maxRequests"), "{body}");
+    assert!(
+        in_flight.iter().all(|t| !t.is_finished()),
+        "the 503 came only after the in-flight requests ended"
+    );
+    for t in in_flight {
+        assert_eq!(t.await.unwrap().unwrap().0, 200, "in-flight requests finish");
+    }
+    assert_eq!(
+        queued.await.unwrap().unwrap().0,
+        200,
+        "the queued request got the freed slot"
+    );
+    let (_, metrics) = balanced::demo::backend::http_get(p.admin, "/metrics").await.unwrap();
+    let overflow = metrics
+        .lines()
+        .find(|l| l.starts_with("balanced_overflow_total{"))
+        .unwrap_or_else(|| panic!("no balanced_overflow_total in\n{metrics}"));
+    assert!(!overflow.ends_with(" 0"), "{overflow}");
+}

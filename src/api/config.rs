@@ -415,6 +415,10 @@ pub struct Limits {
     pub max_request_headers_bytes: usize,
     /// Request target length.
     pub max_uri_bytes: usize,
+    /// HTTP requests in flight per service; 0 is no limit.
+    pub max_requests: usize,
+    /// Requests waiting for one of `max_requests`.
+    pub max_pending_requests: usize,
 }
 
 impl Default for Limits {
@@ -424,6 +428,8 @@ impl Default for Limits {
             max_connections_per_client: 0,
             max_request_headers_bytes: 16 * 1024,
             max_uri_bytes: 8 * 1024,
+            max_requests: 0,
+            max_pending_requests: 0,
         }
     }
 }

@@ -509,6 +509,18 @@ pub struct LimitsSpec {
     #[serde(default = "default_max_uri_bytes")]
     #[schemars(range(min = 256, max = 1048576))]
     pub max_uri_bytes: i32,
+    /// HTTP requests of this service in flight at once, per proxy; 0 is no
+    /// limit (Envoy's `max_requests` circuit breaker, HAProxy `maxconn` on
+    /// a backend's servers).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_requests: i32,
+    /// Requests that wait for a slot when `maxRequests` are in flight, each
+    /// for at most `timeouts.connect` (HAProxy's `timeout queue` default);
+    /// beyond it, or past the wait, `503` at once (Envoy `max_pending_requests`).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub max_pending_requests: i32,
 }
 
 /// The per-service proxy Deployment.
@@ -802,6 +814,8 @@ impl Default for LimitsSpec {
             max_connections_per_client: 0,
             max_request_headers_bytes: default_max_request_headers_bytes(),
             max_uri_bytes: default_max_uri_bytes(),
+            max_requests: 0,
+            max_pending_requests: 0,
         }
     }
 }

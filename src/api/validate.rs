@@ -184,7 +184,24 @@ fn limits(errs: &mut Errors, spec: &spec::LimitsSpec) -> Limits {
             1 << 20,
         ),
         max_uri_bytes: within(errs, "spec.limits.maxUriBytes", spec.max_uri_bytes, 256, 1 << 20),
+        max_requests: within(errs, "spec.limits.maxRequests", spec.max_requests, 0, 1_000_000),
+        max_pending_requests: within(
+            errs,
+            "spec.limits.maxPendingRequests",
+            spec.max_pending_requests,
+            0,
+            1_000_000,
+        ),
     };
+    if spec.max_pending_requests > 0 && spec.max_requests == 0 {
+        errs.add(
+            "spec.limits.maxPendingRequests",
+            format!(
+                "needs spec.limits.maxRequests (requests wait for one of those), got {} with maxRequests 0",
+                spec.max_pending_requests
+            ),
+        );
+    }
     if spec.max_uri_bytes > spec.max_request_headers_bytes {
         errs.add(
             "spec.limits.maxUriBytes",
@@ -734,6 +751,14 @@ mod tests {
         assert_error(
             |s| s.limits.max_connections_per_client = -1,
             "spec.limits.maxConnectionsPerClient: must be 0..=1000000, got -1",
+        );
+        assert_error(
+            |s| s.limits.max_requests = -5,
+            "spec.limits.maxRequests: must be 0..=1000000, got -5",
+        );
+        assert_error(
+            |s| s.limits.max_pending_requests = 10,
+            "spec.limits.maxPendingRequests: needs spec.limits.maxRequests (requests wait for one of those), got 10 with maxRequests 0",
         );
         assert_error(
             |s| s.limits.max_request_headers_bytes = 100,

@@ -32,7 +32,8 @@ impl Flags {
     pub const UPSTREAM_TIMEOUT: Flags = Flags(4);
     /// `URX`: retries (or connect attempts) exhausted.
     pub const RETRIES_EXHAUSTED: Flags = Flags(8);
-    /// `UO`: every endpoint at its `maxConnections` (overflow).
+    /// `UO`: overflow: every endpoint at its `maxConnections`, or the
+    /// service at `spec.limits.maxRequests` with its queue full.
     pub const UPSTREAM_OVERFLOW: Flags = Flags(16);
     /// `DC`: the client went away before the answer was complete.
     pub const DOWNSTREAM_CLOSED: Flags = Flags(32);

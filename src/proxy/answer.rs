@@ -40,6 +40,19 @@ pub fn request_timeout(after: std::time::Duration) -> Response<ProxyBody> {
     resp
 }
 
+/// 503 for a request refused by overload protection (`spec.limits`).
+pub fn overflow(why: super::gate::Overflow, max: usize, max_pending: usize) -> Response<ProxyBody> {
+    let text = match why {
+        super::gate::Overflow::QueueFull => format!(
+            "503 Service Unavailable: overloaded: {max} requests in flight (spec.limits.maxRequests) and {max_pending} waiting (spec.limits.maxPendingRequests)\n"
+        ),
+        super::gate::Overflow::Waited(d) => format!(
+            "503 Service Unavailable: overloaded: no request slot freed within {d:?} (spec.limits.maxRequests {max}; waits up to timeouts.connect)\n"
+        ),
+    };
+    plain(StatusCode::SERVICE_UNAVAILABLE, text)
+}
+
 /// The answer when attempts ran out: 503 when no endpoint could be picked, 504
 /// when the last failure was a timeout, else 502. `detail` lists every failure.
 pub fn exhausted(end: &Exhausted, detail: bool) -> Response<ProxyBody> {

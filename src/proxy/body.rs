@@ -285,16 +285,24 @@ impl RequestBody {
 pub struct ClientBody {
     inner: ProxyBody,
     _flight: InFlight,
+    // The request's slot under spec.limits.maxRequests, held to the last byte.
+    _pass: Option<super::gate::Pass>,
     log: Option<Box<(AccessLog, Instant, Entry)>>,
     ended: bool,
 }
 
 impl ClientBody {
-    /// Wraps `inner` for the client.
-    pub fn new(inner: ProxyBody, flight: InFlight, log: Option<Box<(AccessLog, Instant, Entry)>>) -> Self {
+    /// Wraps `inner` for the client; `pass` is held until it ends.
+    pub fn new(
+        inner: ProxyBody,
+        flight: InFlight,
+        pass: Option<super::gate::Pass>,
+        log: Option<Box<(AccessLog, Instant, Entry)>>,
+    ) -> Self {
         Self {
             inner,
             _flight: flight,
+            _pass: pass,
             log,
             ended: false,
         }

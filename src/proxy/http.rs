@@ -112,9 +112,30 @@ impl HttpProxy {
         });
         let mut up = access::Upstream::default();
         let current = self.service.current();
-        let response = match current.listener(&self.listener) {
-            Some(listener) => self.forward(req, client, &current, listener, &mut up).await,
-            None => plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"),
+        // Overload protection counts requests, not upgraded tunnels (those
+        // are connections, under spec.limits.maxConnections).
+        let limits = &current.config.limits;
+        let admitted = if is_upgrade(&req) {
+            Ok(None)
+        } else {
+            self.service
+                .gate
+                .admit(
+                    limits.max_requests,
+                    limits.max_pending_requests,
+                    current.config.timeouts.connect,
+                )
+                .await
+        };
+        let (response, pass) = match (admitted, current.listener(&self.listener)) {
+            (Err(why), _) => {
+                self.service.count_overflow();
+                up.flags.set(access::Flags::UPSTREAM_OVERFLOW);
+                let answer = answer::overflow(why, limits.max_requests, limits.max_pending_requests);
+                (answer, None)
+            }
+            (Ok(pass), Some(listener)) => (self.forward(req, client, &current, listener, &mut up).await, pass),
+            (Ok(pass), None) => (plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"), pass),
         };
         let status = response.status().as_u16();
         self.downstream[usize::from(status / 100).clamp(1, 5) - 1].inc();
@@ -140,7 +161,7 @@ impl HttpProxy {
             ))),
             _ => None,
         };
-        response.map(|body| ClientBody::new(body, flight, log))
+        response.map(|body| ClientBody::new(body, flight, pass, log))
     }
 
     async fn forward(

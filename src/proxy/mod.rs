@@ -8,6 +8,7 @@ pub mod attempt;
 pub mod body;
 pub mod conn;
 pub mod dataplane;
+pub mod gate;
 pub mod headers;
 pub mod http;
 pub mod listener;

@@ -76,6 +76,9 @@ pub struct ServiceRuntime {
     pools: Mutex<HashMap<SocketAddr, Arc<Pool>>>,
     metrics: ProxyMetrics,
     budget_refused: Counter,
+    overflow: Counter,
+    /// In-flight requests under `spec.limits.maxRequests`.
+    pub gate: Arc<super::gate::RequestGate>,
     ejections_until: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
@@ -86,6 +89,10 @@ impl ServiceRuntime {
         let label = config.key.to_string();
         let budget_refused = metrics
             .retries_refused
+            .get_or_create(&ServiceLabels { service: label.clone() })
+            .clone();
+        let overflow = metrics
+            .overflow
             .get_or_create(&ServiceLabels { service: label.clone() })
             .clone();
         let runtime = Arc::new(Self {
@@ -102,6 +109,8 @@ impl ServiceRuntime {
             pools: Mutex::new(HashMap::new()),
             metrics,
             budget_refused,
+            overflow,
+            gate: Arc::default(),
             ejections_until: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&runtime);
@@ -243,6 +252,11 @@ impl ServiceRuntime {
                 None => member.spec.addr,
             },
         }
+    }
+
+    /// Counts a request refused by overload protection.
+    pub fn count_overflow(&self) {
+        self.overflow.inc();
     }
 
     /// Counts a failed attempt for passive health; ejects at `maxFails`.

@@ -186,8 +186,14 @@ impl SourceView for ClusterView {
                 })
             })
             .collect();
+        let (in_flight, waiting) = dataplane
+            .service(&self.key)
+            .map_or((0, 0), |r| (r.gate.in_flight(), r.gate.waiting()));
         serde_json::json!({
-            "services": [{ "namespace": self.key.namespace, "name": self.key.name, "endpoints": endpoints }],
+            "services": [{
+                "namespace": self.key.namespace, "name": self.key.name, "endpoints": endpoints,
+                "requestsInFlight": in_flight, "requestsWaiting": waiting,
+            }],
             "lastApplied": self.last.lock().expect("last lock").clone(),
             "lastRejected": self.rejected.lock().expect("rejected lock").clone(),
             "watchError": self.watch_error.lock().expect("watch error lock").clone(),
