@@ -40,6 +40,15 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// `service` and `route` (empty for the service's own `rateLimit`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// The route's name.
+    pub route: String,
+}
+
 /// Labels of `balanced_endpoint_transitions_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransitionLabels {
@@ -362,6 +371,8 @@ pub struct ProxyMetrics {
     pub retries_refused: Family<ServiceLabels, Counter>,
     /// Requests refused by overload protection (`spec.limits.maxRequests`).
     pub overflow: Family<ServiceLabels, Counter>,
+    /// Requests answered 429 by a rate limit.
+    pub rate_limited: Family<RouteLabels, Counter>,
     /// Passive ejections per endpoint.
     pub ejections: Family<EndpointLabels, Counter>,
     /// Passive ejections lifted by a passing probe, per endpoint.
@@ -387,6 +398,7 @@ impl ProxyMetrics {
             retries: Family::default(),
             retries_refused: Family::default(),
             overflow: Family::default(),
+            rate_limited: Family::default(),
             ejections: Family::default(),
             lifted: Family::default(),
             downstream: Family::default(),
@@ -415,6 +427,11 @@ impl ProxyMetrics {
             "balanced_upstream_retry_budget_exhausted",
             "Retries refused because the retry budget (spec.retry.budget) was spent",
             m.retries_refused.clone(),
+        );
+        registry.register(
+            "balanced_ratelimited",
+            "Requests answered 429 by a rate limit (route is empty for spec.rateLimit)",
+            m.rate_limited.clone(),
         );
         registry.register(
             "balanced_overflow",

@@ -57,6 +57,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Client connection and request-size limits.
     pub limits: Limits,
+    /// The service's request rate limit.
+    pub rate_limit: Option<RateLimit>,
     /// Proxy replicas.
     pub replicas: u32,
     /// Publish a `<name>-healthy` EndpointSlice.
@@ -78,6 +80,47 @@ pub struct EndpointConfig {
     pub backup: bool,
     /// 0 is unlimited.
     pub max_connections: u32,
+}
+
+/// A validated `spec.rateLimit`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Requests per `per` (at least 1).
+    pub requests: u32,
+    /// The period.
+    pub per: Duration,
+    /// Requests beyond the rate held or let through.
+    pub burst: u32,
+    /// Hold the burst (leaky bucket) rather than pass it at once (token bucket).
+    pub delay: bool,
+    /// What requests are counted by.
+    pub key: RateLimitKey,
+}
+
+impl RateLimit {
+    /// The share one of `replicas` proxies enforces: the rate and burst divided
+    /// among them (at least one request, at least one replica).
+    pub fn per_replica(&self, replicas: u32) -> RateLimit {
+        let n = replicas.max(1);
+        RateLimit {
+            requests: (self.requests / n).max(1),
+            burst: self.burst / n,
+            ..self.clone()
+        }
+    }
+}
+
+/// What a rate limit counts requests by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RateLimitKey {
+    /// One bucket.
+    None,
+    /// The client IP.
+    SourceIp,
+    /// A header's value.
+    Header(http::HeaderName),
+    /// A cookie's value.
+    Cookie(String),
 }
 
 /// One listener.

@@ -88,6 +88,10 @@ pub struct BalancedServiceSpec {
     #[serde(default)]
     pub limits: LimitsSpec,
 
+    /// A request rate limit for the service's HTTP listeners (nginx `limit_req`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+
     /// The proxy Deployment made for this BalancedService.
     #[serde(default)]
     pub proxy: ProxySpec,
@@ -521,6 +525,68 @@ pub struct LimitsSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 1000000))]
     pub max_pending_requests: i32,
+}
+
+/// nginx `limit_req`: a leaky bucket of `requests` per `per`. Up to `burst`
+/// requests beyond the rate wait and are released at the rate (`delay: true`)
+/// or pass at once (`delay: false`, nginx `nodelay`); beyond that, `429`.
+/// In a cluster each proxy replica enforces `requests / proxy.replicas`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Requests allowed per `per`.
+    #[schemars(range(min = 1))]
+    pub requests: i32,
+    /// The period `requests` are counted over (`1s`, `1m`).
+    #[serde(default = "default_rate_per")]
+    #[schemars(regex(pattern = r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub per: String,
+    /// Requests beyond the rate that are delayed (or, with `delay: false`, let through).
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub burst: i32,
+    /// Release the burst at the rate (true, nginx's default) or at once (false, `nodelay`).
+    #[serde(default = "default_true")]
+    pub delay: bool,
+    /// Whose requests share a bucket; the default is one bucket for the service.
+    #[serde(default)]
+    pub key: RateLimitKeySpec,
+}
+
+/// What a rate limit counts requests by.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitKeySpec {
+    /// `None` (one bucket), `SourceIP`, `Header` or `Cookie`.
+    #[serde(default)]
+    pub source: RateLimitKeySource,
+    /// The header or cookie name (for `Header` and `Cookie`). Requests without
+    /// it are not limited, as nginx does with an empty key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Where a rate-limit key comes from.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RateLimitKeySource {
+    /// One bucket for every request.
+    #[default]
+    None,
+    /// The client's IP address.
+    #[serde(rename = "SourceIP")]
+    SourceIp,
+    /// A request header's value.
+    Header,
+    /// A cookie's value.
+    Cookie,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_rate_per() -> String {
+    "1s".into()
 }
 
 /// The per-service proxy Deployment.

@@ -117,6 +117,16 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
     let retry = retry(&mut errs, &spec.retry);
     let timeouts = timeouts(&mut errs, &spec.timeouts);
     let limits = limits(&mut errs, &spec.limits);
+    let rate_limit = spec
+        .rate_limit
+        .as_ref()
+        .map(|r| rate_limit(&mut errs, "spec.rateLimit", r));
+    if rate_limit.is_some() && !listeners.iter().any(|l| l.protocol == ListenerProtocol::Http) {
+        errs.add(
+            "spec.rateLimit",
+            "limits HTTP requests, but every listener is TCP (use spec.limits.maxConnectionsPerClient)",
+        );
+    }
     let replicas = errs.at_least("spec.proxy.replicas", spec.proxy.replicas, 0);
 
     if service.is_none() && spec.endpoints.is_empty() {
@@ -140,11 +150,62 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         retry,
         timeouts,
         limits,
+        rate_limit,
         replicas,
         publish_endpoint_slice: spec.publish_endpoint_slice,
         endpoint_header: spec.debug.endpoint_header,
         error_detail: spec.debug.error_detail,
     })
+}
+
+fn rate_limit(errs: &mut Errors, path: &str, spec: &spec::RateLimitSpec) -> RateLimit {
+    if spec.requests < 1 {
+        errs.add(
+            format!("{path}.requests"),
+            format!("must be >= 1, got {}", spec.requests),
+        );
+    }
+    if !(0..=1_000_000).contains(&spec.burst) {
+        errs.add(
+            format!("{path}.burst"),
+            format!("must be 0..=1000000, got {}", spec.burst),
+        );
+    }
+    let per = errs.positive_duration(&format!("{path}.per"), &spec.per);
+    let name = spec.key.name.as_deref();
+    let name_path = format!("{path}.key.name");
+    let key = match (spec.key.source, name) {
+        (spec::RateLimitKeySource::None, None) => RateLimitKey::None,
+        (spec::RateLimitKeySource::SourceIp, None) => RateLimitKey::SourceIp,
+        (source @ (spec::RateLimitKeySource::None | spec::RateLimitKeySource::SourceIp), Some(n)) => {
+            errs.add(
+                &name_path,
+                format!("is only for Header and Cookie keys, got {n:?} with source {source:?}"),
+            );
+            RateLimitKey::None
+        }
+        (spec::RateLimitKeySource::Header, n) => match http::HeaderName::from_bytes(n.unwrap_or("").as_bytes()) {
+            Ok(h) => RateLimitKey::Header(h),
+            Err(_) => {
+                errs.add(&name_path, format!("must be a header name, got {:?}", n.unwrap_or("")));
+                RateLimitKey::None
+            }
+        },
+        (spec::RateLimitKeySource::Cookie, n) => {
+            let n = n.unwrap_or("");
+            if n.is_empty() || !n.bytes().all(is_cookie_name_byte) {
+                errs.add(&name_path, format!("must be a cookie name, got {n:?}"));
+            }
+            RateLimitKey::Cookie(n.to_string())
+        }
+    };
+    RateLimit {
+        requests: spec.requests.max(1) as u32,
+        per,
+        burst: spec.burst.clamp(0, 1_000_000) as u32,
+        delay: spec.delay,
+        key,
+    }
 }
 
 fn timeouts(errs: &mut Errors, spec: &spec::TimeoutsSpec) -> Timeouts {
@@ -576,6 +637,65 @@ mod tests {
             errors.iter().any(|e| e == expected),
             "expected {expected:?} in {errors:#?}"
         );
+    }
+
+    #[test]
+    fn rate_limits_are_checked_and_named() {
+        use crate::api::spec::{RateLimitKeySource, RateLimitSpec};
+        let rl = |edit: fn(&mut RateLimitSpec)| {
+            move |s: &mut BalancedServiceSpec| {
+                let mut r: RateLimitSpec = serde_saphyr::from_str("requests: 10").unwrap();
+                edit(&mut r);
+                s.rate_limit = Some(r);
+            }
+        };
+        assert_error(rl(|r| r.requests = 0), "spec.rateLimit.requests: must be >= 1, got 0");
+        assert_error(
+            rl(|r| r.burst = -1),
+            "spec.rateLimit.burst: must be 0..=1000000, got -1",
+        );
+        assert_error(
+            rl(|r| r.per = "0".into()),
+            "spec.rateLimit.per: must be more than 0, got \"0\"",
+        );
+        assert_error(
+            rl(|r| r.per = "soon".into()),
+            "spec.rateLimit.per: must be a duration like 500ms, 3s or 2m, got \"soon\"",
+        );
+        assert_error(
+            rl(|r| r.key.source = RateLimitKeySource::Header),
+            "spec.rateLimit.key.name: must be a header name, got \"\"",
+        );
+        assert_error(
+            rl(|r| {
+                r.key.source = RateLimitKeySource::Cookie;
+                r.key.name = Some("a b".into());
+            }),
+            "spec.rateLimit.key.name: must be a cookie name, got \"a b\"",
+        );
+        assert_error(
+            rl(|r| r.key.name = Some("x-user".into())),
+            "spec.rateLimit.key.name: is only for Header and Cookie keys, got \"x-user\" with source None",
+        );
+        assert_error(
+            |s| {
+                s.listeners[0].protocol = crate::api::spec::ListenerProtocol::Tcp;
+                s.rate_limit = Some(serde_saphyr::from_str("requests: 10").unwrap());
+            },
+            "spec.rateLimit: limits HTTP requests, but every listener is TCP (use spec.limits.maxConnectionsPerClient)",
+        );
+        let mut spec = base();
+        spec.rate_limit = Some(serde_saphyr::from_str("{requests: 100, per: 1m, burst: 10}").unwrap());
+        let cfg = validate(ServiceKey::new("default", "web"), &spec).unwrap();
+        let r = cfg.rate_limit.unwrap();
+        assert_eq!(
+            (r.requests, r.per, r.burst, r.delay),
+            (100, Duration::from_secs(60), 10, true)
+        );
+        assert_eq!(r.key, crate::api::config::RateLimitKey::None);
+        let share = r.per_replica(3);
+        assert_eq!((share.requests, share.burst), (33, 3), "each of three replicas");
+        assert_eq!(r.per_replica(1000).requests, 1, "never below one request");
     }
 
     #[test]

@@ -37,14 +37,17 @@ impl Flags {
     pub const UPSTREAM_OVERFLOW: Flags = Flags(16);
     /// `DC`: the client went away before the answer was complete.
     pub const DOWNSTREAM_CLOSED: Flags = Flags(32);
+    /// `RL`: refused by a rate limit (429).
+    pub const RATE_LIMITED: Flags = Flags(64);
 
-    const NAMES: [(Flags, &'static str); 6] = [
+    const NAMES: [(Flags, &'static str); 7] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECT_FAILURE, "UF"),
         (Self::UPSTREAM_TIMEOUT, "UT"),
         (Self::RETRIES_EXHAUSTED, "URX"),
         (Self::UPSTREAM_OVERFLOW, "UO"),
         (Self::DOWNSTREAM_CLOSED, "DC"),
+        (Self::RATE_LIMITED, "RL"),
     ];
 
     /// Adds `other`.

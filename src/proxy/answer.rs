@@ -40,6 +40,31 @@ pub fn request_timeout(after: std::time::Duration) -> Response<ProxyBody> {
     resp
 }
 
+/// 429 for a request over a rate limit, with `Retry-After` and the IETF
+/// `RateLimit-Policy` / `RateLimit` headers.
+pub fn rate_limited(limited: super::ratelimit::Limited, policy: &crate::api::config::RateLimit) -> Response<ProxyBody> {
+    use super::ratelimit::{policy_header, remaining_header, retry_secs};
+    let mut resp = plain(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "429 Too Many Requests: over spec.rateLimit ({} per {:?} on this proxy, burst {})\n",
+            policy.requests, policy.per, policy.burst
+        ),
+    );
+    let headers = resp.headers_mut();
+    let retry = retry_secs(limited.retry_after);
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    for (name, value) in [
+        ("ratelimit-policy", policy_header(policy)),
+        ("ratelimit", remaining_header(limited.retry_after)),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    }
+    resp
+}
+
 /// 503 for a request refused by overload protection (`spec.limits`).
 pub fn overflow(why: super::gate::Overflow, max: usize, max_pending: usize) -> Response<ProxyBody> {
     let text = match why {

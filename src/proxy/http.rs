@@ -111,6 +111,15 @@ impl HttpProxy {
             )
         });
         let mut up = access::Upstream::default();
+        if let Some(limiter) = self.service.limiter()
+            && let Some(key) = limiter.key_of(req.headers(), client.peer.ip())
+            && let Err(limited) = limiter.acquire(&key).await
+        {
+            self.service.count_rate_limited();
+            up.flags.set(access::Flags::RATE_LIMITED);
+            let answer = answer::rate_limited(limited, limiter.policy());
+            return self.finish(answer, client, flight, None, logged, up);
+        }
         let current = self.service.current();
         // Overload protection counts requests, not upgraded tunnels (those
         // are connections, under spec.limits.maxConnections).
@@ -137,6 +146,20 @@ impl HttpProxy {
             (Ok(pass), Some(listener)) => (self.forward(req, client, &current, listener, &mut up).await, pass),
             (Ok(pass), None) => (plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"), pass),
         };
+        self.finish(response, client, flight, pass, logged, up)
+    }
+
+    /// Counts the answer and wraps its body so the access-log line, the
+    /// connection's in-flight mark and the overload slot end with its last byte.
+    fn finish(
+        &self,
+        response: Response<ProxyBody>,
+        client: &Downstream,
+        flight: InFlight,
+        pass: Option<super::gate::Pass>,
+        logged: Option<Logged>,
+        up: access::Upstream,
+    ) -> Response<ClientBody> {
         let status = response.status().as_u16();
         self.downstream[usize::from(status / 100).clamp(1, 5) - 1].inc();
         let log = match (logged, &self.access_log) {
@@ -413,6 +436,16 @@ impl HttpProxy {
     }
 }
 
+/// What the access log needs of a request, taken before it is forwarded.
+type Logged = (
+    SystemTime,
+    Instant,
+    http::Method,
+    http::Uri,
+    Option<HeaderValue>,
+    http::Version,
+);
+
 /// Runs `send` with `timeouts.response` counted from the end of the upload
 /// (nginx `proxy_read_timeout`): a slow upload is bounded by
 /// `timeouts.requestBody` between reads, not by the response timeout.
@@ -608,7 +641,8 @@ fn hash_key(config: &Config, headers: &http::HeaderMap, peer: SocketAddr) -> Opt
     })
 }
 
-fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+/// A cookie's value from the request's `Cookie` headers.
+pub(crate) fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get_all(http::header::COOKIE)
         .iter()

@@ -12,6 +12,7 @@ pub mod gate;
 pub mod headers;
 pub mod http;
 pub mod listener;
+pub mod ratelimit;
 pub mod retry;
 pub mod service;
 #[cfg(target_os = "linux")]

@@ -79,6 +79,10 @@ pub struct ServiceRuntime {
     overflow: Counter,
     /// In-flight requests under `spec.limits.maxRequests`.
     pub gate: Arc<super::gate::RequestGate>,
+    // The service's rateLimit; rebuilt only when the policy changes, so a
+    // reload keeps every client's bucket.
+    limiter: ArcSwap<Option<Arc<super::ratelimit::Limiter>>>,
+    rate_limited: Counter,
     ejections_until: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
@@ -94,6 +98,13 @@ impl ServiceRuntime {
         let overflow = metrics
             .overflow
             .get_or_create(&ServiceLabels { service: label.clone() })
+            .clone();
+        let rate_limited = metrics
+            .rate_limited
+            .get_or_create(&crate::metrics::RouteLabels {
+                service: label.clone(),
+                route: String::new(),
+            })
             .clone();
         let runtime = Arc::new(Self {
             key: config.key.clone(),
@@ -111,6 +122,13 @@ impl ServiceRuntime {
             budget_refused,
             overflow,
             gate: Arc::default(),
+            limiter: ArcSwap::from_pointee(
+                config
+                    .rate_limit
+                    .as_ref()
+                    .map(|r| Arc::new(super::ratelimit::Limiter::new(r))),
+            ),
+            rate_limited,
             ejections_until: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&runtime);
@@ -172,6 +190,15 @@ impl ServiceRuntime {
     /// probes have seen it answer since the proxy's failures.
     pub fn update(&self, config: Arc<Config>, members: Vec<MemberSpec>) {
         let previous = self.current.load_full();
+        let limiter = self.limiter.load();
+        if limiter.as_ref().as_ref().map(|l| l.policy()) != config.rate_limit.as_ref() {
+            self.limiter.store(Arc::new(
+                config
+                    .rate_limit
+                    .as_ref()
+                    .map(|r| Arc::new(super::ratelimit::Limiter::new(r))),
+            ));
+        }
         let now = now_ms();
         for m in members.iter().filter(|m| m.healthy) {
             let was_healthy = previous
@@ -252,6 +279,16 @@ impl ServiceRuntime {
                 None => member.spec.addr,
             },
         }
+    }
+
+    /// The service's rate limiter, if it has a `rateLimit`.
+    pub fn limiter(&self) -> Option<Arc<super::ratelimit::Limiter>> {
+        self.limiter.load().as_ref().clone()
+    }
+
+    /// Counts a request refused by a rate limit.
+    pub fn count_rate_limited(&self) {
+        self.rate_limited.inc();
     }
 
     /// Counts a request refused by overload protection.

@@ -121,7 +121,11 @@ impl ClusterSource {
     /// The changes an object implies, or `None` (logged) when its spec is invalid.
     fn changes(&self, bsvc: &BalancedService) -> Option<(Change, Change)> {
         let cfg = match validate(self.key.clone(), &bsvc.spec) {
-            Ok(cfg) => Arc::new(with_status_protocols(cfg, bsvc)),
+            Ok(mut cfg) => {
+                // The limit is the service's: each replica enforces its share.
+                cfg.rate_limit = cfg.rate_limit.map(|r| r.per_replica(cfg.replicas));
+                Arc::new(with_status_protocols(cfg, bsvc))
+            }
             Err(errors) => {
                 tracing::warn!(service = %self.key, errors = %errors, "invalid spec; serving the last good snapshot");
                 *self.view.rejected.lock().expect("rejected lock") = Some(format!(
