@@ -40,6 +40,17 @@ pub struct ServiceLabels {
     pub service: String,
 }
 
+/// Labels of `balanced_route_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteCodeLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// The route's name.
+    pub route: String,
+    /// Status class answered to the client.
+    pub code: &'static str,
+}
+
 /// `service` and `route` (empty for the service's own `rateLimit`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
@@ -373,6 +384,8 @@ pub struct ProxyMetrics {
     pub overflow: Family<ServiceLabels, Counter>,
     /// Requests answered 429 by a rate limit.
     pub rate_limited: Family<RouteLabels, Counter>,
+    /// Requests a route took, by status class.
+    pub routes: Family<RouteCodeLabels, Counter>,
     /// Passive ejections per endpoint.
     pub ejections: Family<EndpointLabels, Counter>,
     /// Passive ejections lifted by a passing probe, per endpoint.
@@ -399,6 +412,7 @@ impl ProxyMetrics {
             retries_refused: Family::default(),
             overflow: Family::default(),
             rate_limited: Family::default(),
+            routes: Family::default(),
             ejections: Family::default(),
             lifted: Family::default(),
             downstream: Family::default(),
@@ -427,6 +441,11 @@ impl ProxyMetrics {
             "balanced_upstream_retry_budget_exhausted",
             "Retries refused because the retry budget (spec.retry.budget) was spent",
             m.retries_refused.clone(),
+        );
+        registry.register(
+            "balanced_route_requests",
+            "Requests each route took, by the status class answered",
+            m.routes.clone(),
         );
         registry.register(
             "balanced_ratelimited",

@@ -145,7 +145,8 @@ impl FileSource {
             self.prober.remove_service(&gone.key);
         }
         for cfg in &configs {
-            let targets: Vec<Target> = cfg.endpoints.iter().map(|e| Target::new(e.addr)).collect();
+            // Each endpoint once, whichever groups it is in.
+            let targets: Vec<Target> = cfg.static_members().iter().map(|(e, _)| Target::new(e.addr)).collect();
             self.prober.update_service(&cfg.key, &cfg.health, &targets);
         }
         self.view.configs.store(Arc::new(configs.clone()));
@@ -178,15 +179,16 @@ impl FileSource {
             .filter(|(_, s)| s.health == Health::Healthy)
             .map(|(a, _)| a)
             .collect();
-        cfg.endpoints
-            .iter()
-            .map(|e| MemberSpec {
+        cfg.static_members()
+            .into_iter()
+            .map(|(e, groups)| MemberSpec {
                 addr: e.addr,
                 weight: e.weight,
                 backup: e.backup,
                 max_connections: e.max_connections,
                 healthy: healthy.contains(&e.addr),
                 ports: Vec::new(),
+                groups,
             })
             .collect()
     }
@@ -301,7 +303,7 @@ pub async fn once(path: &std::path::Path) -> Result<Vec<OnceResult>, Error> {
     let tls = TlsClients::default();
     let probes = configs.iter().flat_map(|cfg| {
         let tls = tls.clone();
-        cfg.endpoints.iter().map(move |ep| {
+        cfg.static_members().into_iter().map(move |(ep, _)| {
             let tls = tls.clone();
             async move {
                 let hc = &cfg.health;

@@ -44,6 +44,7 @@ async fn shutdown_waits_for_an_open_websocket_up_to_the_grace_then_closes_it() {
         max_connections: 0,
         healthy: true,
         ports: Vec::new(),
+        groups: 1,
     }];
     let grace = Duration::from_millis(1500);
     let mut opts = shell::Options::new(Arc::new(Metrics::new()));

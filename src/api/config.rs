@@ -59,6 +59,11 @@ pub struct Config {
     pub limits: Limits,
     /// The service's request rate limit.
     pub rate_limit: Option<RateLimit>,
+    /// Named endpoint groups; group 0 is `default` (`service` and
+    /// `endpoints` above), group `i` is `backends[i - 1]`.
+    pub backends: Vec<Backend>,
+    /// HTTP routing rules, first match wins.
+    pub routes: Vec<super::route::Route>,
     /// Proxy replicas.
     pub replicas: u32,
     /// Publish a `<name>-healthy` EndpointSlice.
@@ -80,6 +85,55 @@ pub struct EndpointConfig {
     pub backup: bool,
     /// 0 is unlimited.
     pub max_connections: u32,
+}
+
+/// A named endpoint group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    /// Its name.
+    pub name: String,
+    /// A Service whose EndpointSlices supply endpoints.
+    pub service: Option<String>,
+    /// Static endpoints.
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// The most groups a service has (`default` and 63 backends): group sets
+/// are bit masks.
+pub const MAX_GROUPS: usize = 64;
+
+impl Config {
+    /// The name of group `i`.
+    pub fn group_name(&self, i: usize) -> &str {
+        match i {
+            0 => "default",
+            i => self.backends.get(i - 1).map_or("default", |b| b.name.as_str()),
+        }
+    }
+
+    /// The index of the group named `name`.
+    pub fn group_index(&self, name: &str) -> Option<usize> {
+        if name == "default" {
+            return Some(0);
+        }
+        self.backends.iter().position(|b| b.name == name).map(|i| i + 1)
+    }
+
+    /// Every static endpoint of every group, with the groups it is in (a bit
+    /// per group), each address once.
+    pub fn static_members(&self) -> Vec<(EndpointConfig, u64)> {
+        let mut out: Vec<(EndpointConfig, u64)> = Vec::new();
+        let groups = std::iter::once(&self.endpoints).chain(self.backends.iter().map(|b| &b.endpoints));
+        for (g, endpoints) in groups.enumerate() {
+            for e in endpoints {
+                match out.iter_mut().find(|(o, _)| o.addr == e.addr) {
+                    Some((_, mask)) => *mask |= 1 << g,
+                    None => out.push((e.clone(), 1 << g)),
+                }
+            }
+        }
+        out
+    }
 }
 
 /// A validated `spec.rateLimit`.

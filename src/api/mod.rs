@@ -4,6 +4,7 @@
 pub mod config;
 pub mod duration;
 pub mod load;
+pub mod route;
 pub mod spec;
 pub mod validate;
 

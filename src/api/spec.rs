@@ -48,6 +48,18 @@ pub struct BalancedServiceSpec {
     #[schemars(length(max = 1000))]
     pub endpoints: Vec<StaticEndpoint>,
 
+    /// Named endpoint groups besides the default one (the top-level
+    /// `service` and `endpoints`, named `default`), for `routes` to send to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 63))]
+    pub backends: Vec<BackendSpec>,
+
+    /// Routing rules for HTTP requests, first match wins; a request no route
+    /// matches goes to `default` (Gateway API `HTTPRoute` rules).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub routes: Vec<RouteSpec>,
+
     /// Ports the proxy listens on.
     #[schemars(length(min = 1, max = 32))]
     #[schemars(extend(
@@ -138,6 +150,124 @@ pub struct StaticEndpoint {
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub max_connections: i32,
+}
+
+/// A named group of endpoints: a Service's, static ones, or both.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendSpec {
+    /// Unique name that routes refer to (`default` is the top-level group).
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// A Service in the same namespace whose EndpointSlices supply endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// Static endpoints of this group.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<StaticEndpoint>,
+}
+
+/// One routing rule.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteSpec {
+    /// Unique name, shown in `x-balanced-route` and metrics.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The route applies when any match holds (all of a match's conditions);
+    /// none means every request.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatchSpec>,
+    /// Where its requests go, split by weight (Gateway API `backendRefs`).
+    #[schemars(length(min = 1))]
+    pub backend_refs: Vec<BackendRefSpec>,
+}
+
+/// A backend a route sends to, and its share.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendRefSpec {
+    /// A `backends[].name`, or `default`.
+    pub name: String,
+    /// Relative share; 0 drains the group (Gateway API `weight`, default 1).
+    #[serde(default = "default_weight")]
+    #[schemars(range(min = 0, max = 1000000))]
+    pub weight: i32,
+}
+
+/// Conditions that must all hold.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteMatchSpec {
+    /// The request path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathMatchSpec>,
+    /// The method (`GET`, `POST`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// Request headers, by name (case-insensitive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatchSpec>,
+    /// Query parameters, by name (percent-decoded values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query_params: Vec<ValueMatchSpec>,
+    /// Cookies, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cookies: Vec<ValueMatchSpec>,
+    /// The request's host: `shop.example.com`, or `*.example.com` for any one
+    /// or more labels in front of `example.com`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+}
+
+/// A path condition.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct PathMatchSpec {
+    /// `Exact`, `PathPrefix` (on segment boundaries: `/api` matches `/api/x`,
+    /// not `/apix`) or `RegularExpression` (the whole path).
+    #[serde(rename = "type", default)]
+    pub type_: PathMatchType,
+    /// The path, prefix or expression.
+    #[serde(default = "default_path_value")]
+    pub value: String,
+}
+
+/// How a path is compared.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum PathMatchType {
+    /// The whole path.
+    Exact,
+    /// Whole leading segments.
+    #[default]
+    PathPrefix,
+    /// A regular expression over the whole path.
+    RegularExpression,
+}
+
+/// A named value's condition (header, query parameter, cookie).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct ValueMatchSpec {
+    /// The header, parameter or cookie name.
+    pub name: String,
+    /// `Exact` (the default) or `RegularExpression` (the whole value).
+    #[serde(rename = "type", default)]
+    pub type_: ValueMatchType,
+    /// The value or expression.
+    pub value: String,
+}
+
+/// How a value is compared.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ValueMatchType {
+    /// Equal.
+    #[default]
+    Exact,
+    /// A regular expression over the whole value.
+    RegularExpression,
+}
+
+fn default_path_value() -> String {
+    "/".into()
 }
 
 /// One port the proxy serves.
@@ -684,6 +814,10 @@ pub struct EndpointStatus {
     /// (a named `targetPort` may differ per listener).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<EndpointPort>,
+    /// With `spec.backends`, the groups this endpoint is in (`default` and
+    /// backend names); absent means `default` only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<String>,
     /// `pod/NAME` when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_ref: Option<String>,

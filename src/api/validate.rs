@@ -121,6 +121,14 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         .rate_limit
         .as_ref()
         .map(|r| rate_limit(&mut errs, "spec.rateLimit", r));
+    let backends = backends(&mut errs, &spec.backends);
+    let routes = routes(&mut errs, &spec.routes, &backends);
+    if !routes.is_empty() && !listeners.iter().any(|l| l.protocol == ListenerProtocol::Http) {
+        errs.add(
+            "spec.routes",
+            "route HTTP requests, but every listener is TCP (TCP connections go to default)",
+        );
+    }
     if rate_limit.is_some() && !listeners.iter().any(|l| l.protocol == ListenerProtocol::Http) {
         errs.add(
             "spec.rateLimit",
@@ -151,6 +159,8 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         timeouts,
         limits,
         rate_limit,
+        backends,
+        routes,
         replicas,
         publish_endpoint_slice: spec.publish_endpoint_slice,
         endpoint_header: spec.debug.endpoint_header,
@@ -276,10 +286,14 @@ fn limits(errs: &mut Errors, spec: &spec::LimitsSpec) -> Limits {
 }
 
 fn endpoints(errs: &mut Errors, specs: &[spec::StaticEndpoint]) -> Vec<EndpointConfig> {
+    endpoints_at(errs, "spec.endpoints", specs)
+}
+
+fn endpoints_at(errs: &mut Errors, at: &str, specs: &[spec::StaticEndpoint]) -> Vec<EndpointConfig> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(specs.len());
     for (i, ep) in specs.iter().enumerate() {
-        let path = format!("spec.endpoints[{i}]");
+        let path = format!("{at}[{i}]");
         let ip: Option<IpAddr> = ep.address.parse().ok();
         if ip.is_none() {
             errs.add(
@@ -307,9 +321,230 @@ fn endpoints(errs: &mut Errors, specs: &[spec::StaticEndpoint]) -> Vec<EndpointC
     }
     if !out.is_empty() && out.iter().all(|e| e.backup) {
         errs.add(
-            "spec.endpoints",
+            at,
             "every endpoint is a backup; at least one must be a primary (backup: false)",
         );
+    }
+    out
+}
+
+fn backends(errs: &mut Errors, specs: &[spec::BackendSpec]) -> Vec<Backend> {
+    if specs.len() >= MAX_GROUPS {
+        errs.add(
+            "spec.backends",
+            format!("at most {} backends, got {}", MAX_GROUPS - 1, specs.len()),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(specs.len());
+    for (i, b) in specs.iter().enumerate() {
+        let path = format!("spec.backends[{i}]");
+        if !is_dns_label(&b.name) {
+            errs.add(
+                format!("{path}.name"),
+                format!(
+                    "must be a DNS label (lower-case letters, digits, '-'), got {:?}",
+                    b.name
+                ),
+            );
+        } else if b.name == "default" {
+            errs.add(
+                format!("{path}.name"),
+                "\"default\" is the top-level service and endpoints; choose another name",
+            );
+        } else if !names.insert(b.name.as_str()) {
+            errs.add(format!("{path}.name"), format!("{:?} is used twice", b.name));
+        }
+        if let Some(svc) = &b.service
+            && !is_dns_label(svc)
+        {
+            errs.add(
+                format!("{path}.service"),
+                format!("must be a Service name (lower-case letters, digits, '-'), got {svc:?}"),
+            );
+        }
+        if b.service.is_none() && b.endpoints.is_empty() {
+            errs.add(path.clone(), "needs service or endpoints");
+        }
+        out.push(Backend {
+            name: b.name.clone(),
+            service: b.service.clone(),
+            endpoints: endpoints_at(errs, &format!("{path}.endpoints"), &b.endpoints),
+        });
+    }
+    out
+}
+
+fn routes(errs: &mut Errors, specs: &[spec::RouteSpec], backends: &[Backend]) -> Vec<super::route::Route> {
+    use super::route::{BackendRef, HostMatch, PathMatch, Pattern, Route, RouteMatch, ValueMatch};
+    let mut names = HashSet::new();
+    let mut out = Vec::with_capacity(specs.len());
+    let regex = |errs: &mut Errors, path: String, pattern: &str| match Pattern::whole(pattern) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            // The regex crate's message spans lines; one line names the field.
+            let first = e
+                .to_string()
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or("")
+                .to_string();
+            errs.add(
+                path,
+                format!("invalid regex {pattern:?}: {}", first.trim_start_matches("error: ")),
+            );
+            None
+        }
+    };
+    let value = |errs: &mut Errors, path: String, v: &spec::ValueMatchSpec| match v.type_ {
+        spec::ValueMatchType::Exact => Some(ValueMatch::Exact(v.value.clone())),
+        spec::ValueMatchType::RegularExpression => regex(errs, path, &v.value).map(ValueMatch::Regex),
+    };
+    for (i, r) in specs.iter().enumerate() {
+        let path = format!("spec.routes[{i}]");
+        if !is_dns_label(&r.name) {
+            errs.add(
+                format!("{path}.name"),
+                format!(
+                    "must be a DNS label (lower-case letters, digits, '-'), got {:?}",
+                    r.name
+                ),
+            );
+        } else if !names.insert(r.name.as_str()) {
+            errs.add(format!("{path}.name"), format!("{:?} is used twice", r.name));
+        }
+        let mut matches = Vec::with_capacity(r.matches.len());
+        for (j, m) in r.matches.iter().enumerate() {
+            let at = format!("{path}.matches[{j}]");
+            let mut out_m = RouteMatch::default();
+            if let Some(p) = &m.path {
+                let vpath = format!("{at}.path.value");
+                out_m.path = match p.type_ {
+                    spec::PathMatchType::Exact | spec::PathMatchType::PathPrefix if !p.value.starts_with('/') => {
+                        errs.add(vpath, format!("must start with '/', got {:?}", p.value));
+                        None
+                    }
+                    spec::PathMatchType::Exact => Some(PathMatch::Exact(p.value.clone())),
+                    spec::PathMatchType::PathPrefix => {
+                        let trimmed = p.value.trim_end_matches('/');
+                        Some(PathMatch::Prefix(if trimmed.is_empty() {
+                            "/".into()
+                        } else {
+                            trimmed.into()
+                        }))
+                    }
+                    spec::PathMatchType::RegularExpression => regex(errs, vpath, &p.value).map(PathMatch::Regex),
+                };
+            }
+            if let Some(method) = &m.method {
+                match http::Method::from_bytes(method.as_bytes()) {
+                    Ok(parsed) if method.bytes().all(|b| b.is_ascii_uppercase()) => out_m.method = Some(parsed),
+                    _ => errs.add(
+                        format!("{at}.method"),
+                        format!("must be an upper-case HTTP method such as GET or POST, got {method:?}"),
+                    ),
+                }
+            }
+            for (k, h) in m.headers.iter().enumerate() {
+                let hpath = format!("{at}.headers[{k}]");
+                match http::HeaderName::from_bytes(h.name.as_bytes()) {
+                    Ok(name) => {
+                        if let Some(v) = value(errs, format!("{hpath}.value"), h) {
+                            out_m.headers.push((name, v));
+                        }
+                    }
+                    Err(_) => errs.add(
+                        format!("{hpath}.name"),
+                        format!("must be a header name, got {:?}", h.name),
+                    ),
+                }
+            }
+            for (k, q) in m.query_params.iter().enumerate() {
+                let qpath = format!("{at}.queryParams[{k}]");
+                if q.name.is_empty() {
+                    errs.add(format!("{qpath}.name"), "must not be empty");
+                }
+                if let Some(v) = value(errs, format!("{qpath}.value"), q) {
+                    out_m.query.push((q.name.clone(), v));
+                }
+            }
+            for (k, c) in m.cookies.iter().enumerate() {
+                let cpath = format!("{at}.cookies[{k}]");
+                if c.name.is_empty() || !c.name.bytes().all(is_cookie_name_byte) {
+                    errs.add(
+                        format!("{cpath}.name"),
+                        format!("must be a cookie name, got {:?}", c.name),
+                    );
+                }
+                if let Some(v) = value(errs, format!("{cpath}.value"), c) {
+                    out_m.cookies.push((c.name.clone(), v));
+                }
+            }
+            for (k, h) in m.hostnames.iter().enumerate() {
+                let lower = h.to_ascii_lowercase();
+                let (host, wildcard) = match lower.strip_prefix("*.") {
+                    Some(rest) => (rest.to_string(), true),
+                    None => (lower.clone(), false),
+                };
+                if host.is_empty() || !host.split('.').all(is_dns_label) {
+                    errs.add(
+                        format!("{at}.hostnames[{k}]"),
+                        format!("must be a host name, optionally starting with \"*.\", got {h:?}"),
+                    );
+                    continue;
+                }
+                out_m.hosts.push(if wildcard {
+                    HostMatch::Wildcard(format!(".{host}"))
+                } else {
+                    HostMatch::Exact(host)
+                });
+            }
+            matches.push(out_m);
+        }
+        if r.backend_refs.is_empty() {
+            errs.add(format!("{path}.backendRefs"), "must name at least one backend");
+        }
+        let mut refs = Vec::with_capacity(r.backend_refs.len());
+        for (k, b) in r.backend_refs.iter().enumerate() {
+            let bpath = format!("{path}.backendRefs[{k}]");
+            let group = if b.name == "default" {
+                Some(0)
+            } else {
+                backends.iter().position(|g| g.name == b.name).map(|g| g + 1)
+            };
+            if group.is_none() {
+                let known: Vec<&str> = std::iter::once("default")
+                    .chain(backends.iter().map(|g| g.name.as_str()))
+                    .collect();
+                errs.add(
+                    format!("{bpath}.name"),
+                    format!("no backend named {:?} (known: {})", b.name, known.join(", ")),
+                );
+            }
+            if !(0..=1_000_000).contains(&b.weight) {
+                errs.add(
+                    format!("{bpath}.weight"),
+                    format!("must be 0..=1000000, got {}", b.weight),
+                );
+            }
+            if let Some(group) = group {
+                refs.push(BackendRef {
+                    group,
+                    weight: b.weight.clamp(0, 1_000_000) as u32,
+                });
+            }
+        }
+        if !r.backend_refs.is_empty() && r.backend_refs.iter().all(|b| b.weight == 0) {
+            errs.add(
+                format!("{path}.backendRefs"),
+                "every weight is 0; at least one backend must take traffic",
+            );
+        }
+        out.push(Route {
+            name: r.name.clone(),
+            matches,
+            refs,
+        });
     }
     out
 }
@@ -636,6 +871,90 @@ mod tests {
         assert!(
             errors.iter().any(|e| e == expected),
             "expected {expected:?} in {errors:#?}"
+        );
+    }
+
+    #[test]
+    fn routes_and_backends_are_checked_and_named() {
+        let with = |yaml: &'static str| {
+            move |s: &mut BalancedServiceSpec| {
+                let extra: BalancedServiceSpec = serde_saphyr::from_str(&format!(
+                    "endpoints: [{{address: 127.0.0.1, port: 8081}}]\nlisteners: [{{name: http, port: 8080}}]\n{yaml}"
+                ))
+                .unwrap();
+                s.backends = extra.backends;
+                s.routes = extra.routes;
+            }
+        };
+        assert_error(
+            with(
+                "routes: [{name: a, matches: [{path: {type: RegularExpression, value: '/x(['}}], backendRefs: [{name: default}]}]",
+            ),
+            "spec.routes[0].matches[0].path.value: invalid regex \"/x([\": unclosed character class",
+        );
+        assert_error(
+            with("routes: [{name: a, backendRefs: [{name: canary}]}]"),
+            "spec.routes[0].backendRefs[0].name: no backend named \"canary\" (known: default)",
+        );
+        assert_error(
+            with(
+                "backends: [{name: b, endpoints: [{address: 10.0.0.1, port: 80}]}]\nroutes: [{name: a, backendRefs: [{name: default, weight: 0}, {name: b, weight: 0}]}]",
+            ),
+            "spec.routes[0].backendRefs: every weight is 0; at least one backend must take traffic",
+        );
+        assert_error(
+            with(
+                "routes: [{name: a, matches: [{path: {type: PathPrefix, value: api}}], backendRefs: [{name: default}]}]",
+            ),
+            "spec.routes[0].matches[0].path.value: must start with '/', got \"api\"",
+        );
+        assert_error(
+            with("routes: [{name: a, matches: [{method: get}], backendRefs: [{name: default}]}]"),
+            "spec.routes[0].matches[0].method: must be an upper-case HTTP method such as GET or POST, got \"get\"",
+        );
+        assert_error(
+            with(
+                "routes: [{name: a, matches: [{headers: [{name: 'bad header', value: x}]}], backendRefs: [{name: default}]}]",
+            ),
+            "spec.routes[0].matches[0].headers[0].name: must be a header name, got \"bad header\"",
+        );
+        assert_error(
+            with("routes: [{name: a, matches: [{hostnames: ['*.']}], backendRefs: [{name: default}]}]"),
+            "spec.routes[0].matches[0].hostnames[0]: must be a host name, optionally starting with \"*.\", got \"*.\"",
+        );
+        assert_error(
+            with("routes: [{name: a, backendRefs: [{name: default}]}, {name: a, backendRefs: [{name: default}]}]"),
+            "spec.routes[1].name: \"a\" is used twice",
+        );
+        assert_error(
+            with("backends: [{name: default, endpoints: [{address: 10.0.0.1, port: 80}]}]"),
+            "spec.backends[0].name: \"default\" is the top-level service and endpoints; choose another name",
+        );
+        assert_error(
+            with("backends: [{name: b}]"),
+            "spec.backends[0]: needs service or endpoints",
+        );
+        assert_error(
+            with("backends: [{name: b, endpoints: [{address: nowhere, port: 80}]}]"),
+            "spec.backends[0].endpoints[0].address: must be an IPv4 or IPv6 address, got \"nowhere\"",
+        );
+        let mut spec = base();
+        with(
+            "backends: [{name: canary, endpoints: [{address: 127.0.0.1, port: 9000}, {address: 127.0.0.1, port: 8081}]}]\nroutes: [{name: api, matches: [{path: {value: /api/}}], backendRefs: [{name: default, weight: 90}, {name: canary, weight: 10}]}]",
+        )(&mut spec);
+        let cfg = validate(ServiceKey::new("default", "web"), &spec).unwrap();
+        assert_eq!(cfg.group_index("canary"), Some(1));
+        assert_eq!(
+            cfg.routes[0].matches[0].path,
+            Some(crate::api::route::PathMatch::Prefix("/api".into())),
+            "a trailing slash is ignored"
+        );
+        let members = cfg.static_members();
+        let masks: Vec<(u16, u64)> = members.iter().map(|(e, m)| (e.addr.port(), *m)).collect();
+        assert_eq!(
+            masks,
+            vec![(8081, 0b11), (9000, 0b10)],
+            "an endpoint in two groups is one member"
         );
     }
 

@@ -67,6 +67,9 @@ pub struct MemberSpec {
     /// Listeners that reach this endpoint on a port other than `addr`'s
     /// (named target ports resolved per listener), by listener name.
     pub ports: Vec<(String, u16)>,
+    /// The groups (`default` and `spec.backends`) it belongs to, a bit each
+    /// (bit 0 is `default`).
+    pub groups: u64,
 }
 
 /// One endpoint in a snapshot.
@@ -194,8 +197,14 @@ impl Balancer {
     /// Picks a member of `snap` not in `tried`; `key` is the request's hash key
     /// (ConsistentHash), `now` the ejection clock ([`now_ms`]).
     pub fn pick(&self, snap: &Snapshot, tried: &Tried, key: Option<u64>, now: u64) -> Option<usize> {
+        self.pick_in(snap, tried, key, now, u64::MAX)
+    }
+
+    /// [`Balancer::pick`] among the members of the groups in `groups` (a bit
+    /// per group): a route's backend.
+    pub fn pick_in(&self, snap: &Snapshot, tried: &Tried, key: Option<u64>, now: u64, groups: u64) -> Option<usize> {
         let members = &snap.members;
-        let live = |m: &Member| m.spec.healthy && !m.endpoint.passive.is_ejected(now);
+        let live = |m: &Member| m.spec.groups & groups != 0 && m.spec.healthy && !m.endpoint.passive.is_ejected(now);
         let primaries = |i: usize| {
             let m = &members[i];
             !m.spec.backup && live(m) && !tried.contains(i) && !m.full()
@@ -217,7 +226,7 @@ impl Balancer {
         if (0..members.len()).any(|i| live(&members[i]) && !tried.contains(i)) {
             return None;
         }
-        let any = |i: usize| !tried.contains(i) && !members[i].full();
+        let any = |i: usize| members[i].spec.groups & groups != 0 && !tried.contains(i) && !members[i].full();
         let primary_any = |i: usize| !members[i].spec.backup && any(i);
         self.pick_among(snap, key, &primary_any)
             .or_else(|| self.pick_among(snap, key, &any))

@@ -17,6 +17,7 @@ fn spec(i: usize, weight: u32) -> MemberSpec {
         max_connections: 0,
         healthy: true,
         ports: Vec::new(),
+        groups: 1,
     }
 }
 
@@ -166,6 +167,7 @@ fn when_every_endpoint_is_down_they_are_tried_anyway() {
         .map(|i| MemberSpec {
             healthy: false,
             ports: Vec::new(),
+            groups: 1,
             ..spec(i, 1)
         })
         .collect();

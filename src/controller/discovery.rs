@@ -25,6 +25,8 @@ pub struct Discovered {
     pub terminating: bool,
     /// With several listeners, the port each listener reaches (by name).
     pub ports: Vec<(String, u16)>,
+    /// With `spec.backends`, the groups it is in (`default`, backend names).
+    pub backends: Vec<String>,
 }
 
 /// Every endpoint of `slices`, with the port the first listener targets:
@@ -75,6 +77,7 @@ pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConf
                     ready: conditions.ready.unwrap_or(true),
                     terminating: conditions.terminating.unwrap_or(false),
                     ports: per_listener.clone(),
+                    backends: Vec::new(),
                 });
             }
         }

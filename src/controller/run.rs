@@ -249,6 +249,7 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
                 ready: true,
                 terminating: false,
                 ports: Vec::new(),
+                backends: Vec::new(),
             });
         }
     }
@@ -460,6 +461,7 @@ async fn flush(ctx: &Ctx, key: &ServiceKey) -> bool {
             ready: d.ready,
             terminating: d.terminating,
             ports: d.ports.clone(),
+            backends: d.backends.clone(),
             health: states.get(&d.addr).cloned().unwrap_or_default(),
         })
         .collect();

@@ -19,6 +19,8 @@ pub struct EndpointView {
     pub terminating: bool,
     /// With several listeners, each one's port (by listener name).
     pub ports: Vec<(String, u16)>,
+    /// With `spec.backends`, the groups it is in.
+    pub backends: Vec<String>,
     /// What the probes found.
     pub health: HealthState,
 }
@@ -118,6 +120,7 @@ fn endpoint_status(e: &EndpointView) -> EndpointStatus {
                 port: i32::from(*port),
             })
             .collect(),
+        backends: e.backends.clone(),
         target_ref: e.target_ref.clone(),
         zone: e.zone.clone(),
         healthy: e.serves(),
@@ -166,6 +169,7 @@ mod tests {
             ready,
             terminating,
             ports: Vec::new(),
+            backends: Vec::new(),
             health: HealthState::inherited(health, None),
         }
     }

@@ -50,6 +50,7 @@ pub struct Attempts<'a> {
     config: &'a Config,
     snap: &'a Snapshot,
     key: Option<u64>,
+    groups: u64,
     started: Instant,
     tried: Tried,
     last: Option<(SocketAddr, Failure)>,
@@ -79,6 +80,8 @@ impl<'a> Attempts<'a> {
             config,
             snap,
             key,
+            // `default`: TCP connections and requests no route took.
+            groups: 1,
             started: Instant::now(),
             tried: Tried::default(),
             last: None,
@@ -87,10 +90,19 @@ impl<'a> Attempts<'a> {
         }
     }
 
+    /// Keeps every attempt inside the groups in `groups` (a route's backend).
+    pub fn within(mut self, groups: u64) -> Self {
+        self.groups = groups;
+        self
+    }
+
     /// The next endpoint to try (an index into the snapshot's members), or
     /// `None` when every candidate was tried.
     pub fn next_endpoint(&mut self) -> Option<usize> {
-        let i = self.service.balancer.pick(self.snap, &self.tried, self.key, now_ms())?;
+        let i = self
+            .service
+            .balancer
+            .pick_in(self.snap, &self.tried, self.key, now_ms(), self.groups)?;
         self.tried.add(i);
         Some(i)
     }
@@ -238,6 +250,7 @@ mod tests {
                 max_connections: 0,
                 healthy: *h,
                 ports: Vec::new(),
+                groups: 1,
             })
             .collect();
         rt.update(cfg.clone(), members);

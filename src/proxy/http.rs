@@ -34,6 +34,9 @@ use crate::metrics::{AtomicHistogram, ConnectionLabels, DownstreamLabels, Servic
 /// Response header naming the endpoint that answered (behind `spec.debug.endpointHeader`).
 pub const ENDPOINT_HEADER: &str = "x-balanced-endpoint";
 
+/// With `debug.endpointHeader`, names the route that took the request.
+pub const ROUTE_HEADER: &str = "x-balanced-route";
+
 /// Serves one HTTP listener of one service.
 pub struct HttpProxy {
     service: Arc<ServiceRuntime>,
@@ -187,6 +190,8 @@ impl HttpProxy {
         response.map(|body| ClientBody::new(body, flight, pass, log))
     }
 
+    /// [`Self::route_and_forward`], then what the route adds: its counter and,
+    /// with `debug.endpointHeader`, `x-balanced-route`.
     async fn forward(
         &self,
         req: Request<Incoming>,
@@ -194,6 +199,30 @@ impl HttpProxy {
         current: &Current,
         listener: usize,
         up: &mut access::Upstream,
+    ) -> Response<ProxyBody> {
+        let mut route = None;
+        let mut resp = self
+            .route_and_forward(req, client, current, listener, up, &mut route)
+            .await;
+        if let Some(r) = route {
+            current.count_route(r, resp.status().as_u16());
+            if current.config.endpoint_header
+                && let Ok(v) = HeaderValue::from_str(&current.config.routes[r].name)
+            {
+                resp.headers_mut().insert(HeaderName::from_static(ROUTE_HEADER), v);
+            }
+        }
+        resp
+    }
+
+    async fn route_and_forward(
+        &self,
+        req: Request<Incoming>,
+        client: &Downstream,
+        current: &Current,
+        listener: usize,
+        up: &mut access::Upstream,
+        route: &mut Option<usize>,
     ) -> Response<ProxyBody> {
         if let Err(why) = check_framing(req.headers()) {
             return answer::bad_request(why);
@@ -211,7 +240,7 @@ impl HttpProxy {
             );
         }
         if is_upgrade(&req) {
-            return self.tunnel(req, client, current, listener, up).await;
+            return self.tunnel(req, client, current, listener, up, route).await;
         }
         let trust = config.listeners[listener].trust_forwarded_headers;
         let (mut parts, body) = req.into_parts();
@@ -233,6 +262,12 @@ impl HttpProxy {
 
         let snap = &current.snap;
         let mut attempts = Attempts::new(&self.service, config, snap, key);
+        if !config.routes.is_empty() {
+            // After the body is read: a route may look at it.
+            let (r, groups) = pick_route(config, &parts.method, &parts.uri, &parts.headers);
+            *route = r;
+            attempts = attempts.within(groups);
+        }
         // A 5xx that was retried: passed on if no later attempt does better.
         let mut fallback: Option<Response<ProxyBody>> = None;
         while let Some(i) = attempts.next_endpoint() {
@@ -356,6 +391,7 @@ impl HttpProxy {
         current: &Current,
         listener: usize,
         up: &mut access::Upstream,
+        route: &mut Option<usize>,
     ) -> Response<ProxyBody> {
         let config = &current.config;
         let trust = config.listeners[listener].trust_forwarded_headers;
@@ -363,6 +399,11 @@ impl HttpProxy {
         let key = hash_key(config, req.headers(), client.peer);
         let snap = &current.snap;
         let mut attempts = Attempts::new(&self.service, config, snap, key);
+        if !config.routes.is_empty() {
+            let (r, groups) = pick_route(config, req.method(), req.uri(), req.headers());
+            *route = r;
+            attempts = attempts.within(groups);
+        }
         let mut connected = None;
         while let Some(i) = attempts.next_endpoint() {
             let guard = ActiveGuard::new(snap.members[i].endpoint.clone());
@@ -433,6 +474,43 @@ impl HttpProxy {
         });
         let (parts, _) = resp.into_parts();
         Response::from_parts(parts, super::body::empty())
+    }
+}
+
+/// The route that takes a request (first match) and the group it goes to
+/// (weighted), as a group mask; `default` when no route matches.
+fn pick_route(
+    config: &Config,
+    method: &http::Method,
+    uri: &http::Uri,
+    headers: &http::HeaderMap,
+) -> (Option<usize>, u64) {
+    let host = uri
+        .host()
+        .or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
+        .map(strip_port);
+    let view = crate::api::route::RequestView {
+        method,
+        path: uri.path(),
+        query: uri.query(),
+        host,
+        headers,
+    };
+    match crate::api::route::first_match(&config.routes, &view) {
+        Some(i) => {
+            let route = &config.routes[i];
+            let draw = rand::random_range(0..route.total_weight().max(1));
+            (Some(i), 1 << route.pick_group(draw))
+        }
+        None => (None, 1),
+    }
+}
+
+/// `host` without a `:port` (and IPv6 brackets kept).
+fn strip_port(host: &str) -> &str {
+    match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') && (host.starts_with('[') || host[..i].find(':').is_none()) => &host[..i],
+        _ => host,
     }
 }
 
@@ -641,17 +719,7 @@ fn hash_key(config: &Config, headers: &http::HeaderMap, peer: SocketAddr) -> Opt
     })
 }
 
-/// A cookie's value from the request's `Cookie` headers.
-pub(crate) fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)
-}
+pub(crate) use crate::api::route::cookie;
 
 #[cfg(test)]
 mod tests {

@@ -47,12 +47,21 @@ pub struct Current {
     pub snap: Arc<Snapshot>,
     /// `pools[listener][member]`: where that listener reaches that member.
     pools: Vec<Vec<Arc<Pool>>>,
+    /// `route_counters[route][status class]`, resolved once per config.
+    route_counters: Vec<[Counter; 5]>,
 }
 
 impl Current {
     /// Index of the listener named `name`.
     pub fn listener(&self, name: &str) -> Option<usize> {
         self.config.listeners.iter().position(|l| l.name == name)
+    }
+
+    /// Counts an answer of `status` on route `route`.
+    pub fn count_route(&self, route: usize, status: u16) {
+        if let Some(counters) = self.route_counters.get(route) {
+            counters[usize::from(status / 100).clamp(1, 5) - 1].inc();
+        }
     }
 
     /// The pool through which `listener` reaches member `member`.
@@ -112,6 +121,7 @@ impl ServiceRuntime {
             current: ArcSwap::from_pointee(Current {
                 pools: vec![Vec::new(); config.listeners.len()],
                 snap: Arc::new(Snapshot::empty()),
+                route_counters: Vec::new(),
                 config: config.clone(),
             }),
             balancer: Balancer::new(),
@@ -246,10 +256,27 @@ impl ServiceRuntime {
         *pools = wanted;
         drop(pools);
         self.budget.set_window(&config.retry.budget);
+        let route_counters = config
+            .routes
+            .iter()
+            .map(|r| {
+                ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
+                    self.metrics
+                        .routes
+                        .get_or_create(&crate::metrics::RouteCodeLabels {
+                            service: self.label.clone(),
+                            route: r.name.clone(),
+                            code,
+                        })
+                        .clone()
+                })
+            })
+            .collect();
         self.current.store(Arc::new(Current {
             config,
             snap,
             pools: tables,
+            route_counters,
         }));
     }
 

@@ -44,6 +44,14 @@ pub fn configs_from_text(text: &str) -> Result<Vec<Config>, LoadErrors> {
                 "standalone has no cluster to read a Service's endpoints from; list them in spec.endpoints".into(),
             ));
         }
+        for (i, b) in doc.spec.backends.iter().enumerate() {
+            if b.service.is_some() {
+                errors.push(invalid(
+                    format!("spec.backends[{i}].service"),
+                    "standalone has no cluster to read a Service's endpoints from; list them in endpoints".into(),
+                ));
+            }
+        }
         match validate(doc.key.clone(), &doc.spec) {
             Ok(cfg) => {
                 for (i, l) in cfg.listeners.iter().enumerate() {

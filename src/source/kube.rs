@@ -59,6 +59,7 @@ pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
                 .iter()
                 .filter_map(|p| Some((p.listener.clone(), u16::try_from(p.port).ok().filter(|p| *p > 0)?)))
                 .collect(),
+            groups: group_mask(cfg, &e.backends),
         });
     }
     // Before the controller's first status, static endpoints are all there is.
@@ -71,6 +72,7 @@ pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
                 max_connections: e.max_connections,
                 healthy: false,
                 ports: Vec::new(),
+                groups: 1,
             });
         }
     }
@@ -224,6 +226,18 @@ pub async fn run_proxy(
         metrics: Arc::new(Metrics::new()),
     };
     shell::run(source, shell_opts, admin_listener, shutdown).await
+}
+
+/// The groups an endpoint of status belongs to: the ones it names, or
+/// `default` when it names none.
+fn group_mask(cfg: &Config, names: &[String]) -> u64 {
+    if names.is_empty() {
+        return 1;
+    }
+    names
+        .iter()
+        .filter_map(|n| cfg.group_index(n))
+        .fold(0, |mask, g| mask | 1 << g)
 }
 
 /// Listeners whose spec names no `appProtocol` take the one the controller

@@ -17,6 +17,13 @@ pub struct Proxy {
     _file: TempFile,
 }
 
+impl Proxy {
+    /// The file it serves (rewrite it to reload).
+    pub fn file(&self) -> &std::path::Path {
+        &self._file.0
+    }
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.shutdown.cancel();
