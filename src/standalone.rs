@@ -254,6 +254,7 @@ impl SourceView for FileView {
         }
         let mut value = serde_json::to_value(&status).unwrap_or_default();
         add_requests(&mut value, &keys, dataplane);
+        add_routes(&mut value, &self.configs.load(), &self.prober);
         if let Some(why) = self.rejected.lock().expect("rejected lock").clone() {
             value["lastRejected"] = why.into();
         }
@@ -276,6 +277,49 @@ pub(crate) fn add_requests(
             svc["requestsInFlight"] = runtime.gate.in_flight().into();
             svc["requestsWaiting"] = runtime.gate.waiting().into();
         }
+    }
+}
+
+/// Adds each service's groups (`backends`, ready x/y) and `routes` to a
+/// `/status` document whose `services` follow `configs`.
+fn add_routes(value: &mut serde_json::Value, configs: &[Arc<Config>], prober: &Prober) {
+    let Some(services) = value.get_mut("services").and_then(|s| s.as_array_mut()) else {
+        return;
+    };
+    for (svc, cfg) in services.iter_mut().zip(configs) {
+        if cfg.backends.is_empty() && cfg.routes.is_empty() {
+            continue;
+        }
+        let states: std::collections::HashMap<SocketAddr, Health> = prober
+            .states(&cfg.key)
+            .into_iter()
+            .map(|(a, s)| (a, s.health))
+            .collect();
+        let members = cfg.static_members();
+        let groups: Vec<serde_json::Value> = (0..=cfg.backends.len())
+            .map(|g| {
+                let in_group: Vec<_> = members.iter().filter(|(_, mask)| mask & (1 << g) != 0).collect();
+                let ready = in_group
+                    .iter()
+                    .filter(|(e, _)| states.get(&e.addr) == Some(&Health::Healthy))
+                    .count();
+                serde_json::json!({"name": cfg.group_name(g), "ready": format!("{ready}/{}", in_group.len())})
+            })
+            .collect();
+        let routes: Vec<serde_json::Value> = cfg
+            .routes
+            .iter()
+            .map(|r| {
+                let refs: Vec<_> = r
+                    .refs
+                    .iter()
+                    .map(|b| serde_json::json!({"name": cfg.group_name(b.group), "weight": b.weight}))
+                    .collect();
+                serde_json::json!({"name": r.name, "matches": r.matches.len(), "backendRefs": refs})
+            })
+            .collect();
+        svc["backends"] = groups.into();
+        svc["routes"] = routes.into();
     }
 }
 

@@ -508,3 +508,90 @@ async fn each_listener_reaches_the_port_its_named_target_port_names() {
     c.stop.cancel();
     stopped(c.task).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_services_slices_feed_a_backend_that_a_route_reaches() {
+    let server = ApiServer::start().await;
+    let main = Backend::http("main", Behavior::Status(200)).await;
+    let beta = Backend::http("beta", Behavior::Status(200)).await;
+    let slice = |name: &str, service: &str, addr: SocketAddr| {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+               "metadata": {"name": name, "namespace": NS, "labels": {"kubernetes.io/service-name": service}},
+               "addressType": "IPv4",
+               "ports": [{"name": "http", "port": addr.port(), "protocol": "TCP"}],
+               "endpoints": [{"addresses": [addr.ip().to_string()], "conditions": {"ready": true}}]})
+    };
+    server.put("endpointslices", NS, slice("web-main", "web", main.addr));
+    let listen = free_port();
+    let mut spec = web_spec(1);
+    spec["listeners"] = json!([{"name": "http", "port": listen, "targetPort": "http"}]);
+    spec["backends"] = json!([{"name": "beta", "service": "web-beta"}]);
+    spec["routes"] = json!([{"name": "beta", "matches": [{"headers": [{"name": "x-beta", "value": "yes"}]}],
+                              "backendRefs": [{"name": "beta"}]}]);
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let c = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(5), "the default group", |s| {
+        s["ready"] == "1/1"
+    })
+    .await;
+    // The second Service's slice appears after the controller started: its
+    // watch must map it to this BalancedService.
+    server.put("endpointslices", NS, slice("web-beta-1", "web-beta", beta.addr));
+    wait_status(&server, Duration::from_secs(5), "both groups healthy", |s| {
+        s["backends"]
+            == json!([
+                {"name": "default", "ready": "1/1", "readyEndpoints": 1, "totalEndpoints": 1},
+                {"name": "beta", "ready": "1/1", "readyEndpoints": 1, "totalEndpoints": 1},
+            ])
+    })
+    .await;
+    let s = status(&server, "web");
+    assert_eq!(s["ready"], "2/2", "status.ready stays the total: {s}");
+
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let opts = balanced::source::kube::ProxyOptions {
+        key: balanced::api::config::ServiceKey::new(NS, "web"),
+        bind: [127, 0, 0, 1].into(),
+        serving: balanced::proxy::Serving::default(),
+        drain_delay: Duration::ZERO,
+    };
+    let proxy = tokio::spawn(balanced::source::kube::run_proxy(
+        server.client(),
+        opts,
+        admin_listener,
+        shutdown.clone(),
+    ));
+    eventually(Duration::from_secs(10), "the proxy's /readyz", || async move {
+        (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    let target = SocketAddr::from(([127, 0, 0, 1], listen));
+    for _ in 0..3 {
+        assert_eq!(
+            http_get(target, "/").await.unwrap(),
+            (200, "main".to_string()),
+            "no route: default"
+        );
+        let mut s = tokio::net::TcpStream::connect(target).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Beta: yes\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("beta"),
+            "{answer}"
+        );
+    }
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), proxy)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    c.stop.cancel();
+    stopped(c.task).await;
+}

@@ -89,6 +89,14 @@ async fn each_kind_of_match_sends_to_its_group() {
         metrics.contains("balanced_route_requests_total{service=\"default/web\",route=\"api\",code=\"2xx\"} 2"),
         "{metrics}"
     );
+    let (_, status) = balanced::demo::backend::http_get(p.admin, "/status").await.unwrap();
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let svc = &status["services"][0];
+    assert_eq!(
+        svc["backends"],
+        serde_json::json!([{"name": "default", "ready": "1/1"}, {"name": "api", "ready": "1/1"}, {"name": "beta", "ready": "1/1"}])
+    );
+    assert_eq!(svc["routes"].as_array().map(Vec::len), Some(5), "{svc}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

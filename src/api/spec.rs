@@ -758,6 +758,23 @@ pub struct BalancedServiceStatus {
     /// Service port's `appProtocol`), for the proxies to follow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub listeners: Vec<ListenerStatus>,
+    /// With `spec.backends`, each group's endpoints (`default` first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendStatus>,
+}
+
+/// One endpoint group's health.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackendStatus {
+    /// `default` or a `spec.backends[].name`.
+    pub name: String,
+    /// Serving endpoints over all, e.g. `2/3`.
+    pub ready: String,
+    /// Endpoints that serve.
+    pub ready_endpoints: i32,
+    /// Endpoints in the group.
+    pub total_endpoints: i32,
 }
 
 /// The port one listener reaches on an endpoint.

@@ -140,7 +140,11 @@ pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, s
             store
                 .state()
                 .into_iter()
-                .filter(|b| b.namespace() == ns && b.spec.service.is_some() && b.spec.service == svc)
+                .filter(|b| {
+                    b.namespace() == ns
+                        && svc.is_some()
+                        && (b.spec.service == svc || b.spec.backends.iter().any(|g| g.service == svc))
+                })
                 .map(|b| ObjectRef::from_obj(&*b))
                 .collect::<Vec<_>>()
         })
@@ -222,35 +226,66 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
         }
     };
 
-    let mut listeners = Vec::new();
-    let mut discovered = match &cfg.service {
-        Some(svc) => {
-            let slices: Vec<EndpointSlice> = ctx
-                .slices
-                .state()
-                .iter()
-                .filter(|s| {
-                    s.namespace().as_deref() == Some(key.namespace.as_str())
-                        && s.labels().get(SERVICE_NAME_LABEL) == Some(svc)
-                })
-                .map(|s| (**s).clone())
-                .collect();
-            listeners = app_protocols(&slices, &cfg.listeners);
-            endpoints_from_slices(&slices, &cfg.listeners)
-        }
-        None => Vec::new(),
+    let slices_of = |svc: &String| -> Vec<EndpointSlice> {
+        ctx.slices
+            .state()
+            .iter()
+            .filter(|s| {
+                s.namespace().as_deref() == Some(key.namespace.as_str())
+                    && s.labels().get(SERVICE_NAME_LABEL) == Some(svc)
+            })
+            .map(|s| (**s).clone())
+            .collect()
     };
-    for ep in &cfg.endpoints {
-        if !discovered.iter().any(|d| d.addr == ep.addr) {
-            discovered.push(Discovered {
-                addr: ep.addr,
-                target_ref: None,
-                zone: None,
-                ready: true,
-                terminating: false,
-                ports: Vec::new(),
-                backends: Vec::new(),
-            });
+    let mut listeners = Vec::new();
+    // Every group's endpoints (the default Service and static endpoints,
+    // then each backend's), each address once with the groups it is in.
+    let groups = std::iter::once((0, cfg.service.as_ref(), &cfg.endpoints)).chain(
+        cfg.backends
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (i + 1, b.service.as_ref(), &b.endpoints)),
+    );
+    let mut discovered: Vec<Discovered> = Vec::new();
+    for (group, service, statics) in groups {
+        let mut found = match service {
+            Some(svc) => {
+                let slices = slices_of(svc);
+                if group == 0 {
+                    listeners = app_protocols(&slices, &cfg.listeners);
+                }
+                endpoints_from_slices(&slices, &cfg.listeners)
+            }
+            None => Vec::new(),
+        };
+        for ep in statics {
+            if !found.iter().any(|d| d.addr == ep.addr) {
+                found.push(Discovered {
+                    addr: ep.addr,
+                    target_ref: None,
+                    zone: None,
+                    ready: true,
+                    terminating: false,
+                    ports: Vec::new(),
+                    backends: Vec::new(),
+                });
+            }
+        }
+        let name = cfg.group_name(group).to_string();
+        for mut d in found {
+            match discovered.iter_mut().find(|o| o.addr == d.addr) {
+                Some(o) => o.backends.push(name.clone()),
+                None => {
+                    d.backends.push(name.clone());
+                    discovered.push(d);
+                }
+            }
+        }
+    }
+    // Without backends every endpoint is `default`'s: status says nothing.
+    if cfg.backends.is_empty() {
+        for d in &mut discovered {
+            d.backends.clear();
         }
     }
     discovered.sort_by_key(|d| d.addr);
@@ -472,6 +507,12 @@ async fn flush(ctx: &Ctx, key: &ServiceKey) -> bool {
         listeners: &view.listeners,
         invalid: view.invalid.as_deref(),
         proxy: view.proxy.clone(),
+        groups: view
+            .config
+            .as_ref()
+            .filter(|c| !c.backends.is_empty())
+            .map(|c| (0..=c.backends.len()).map(|i| c.group_name(i).to_string()).collect())
+            .unwrap_or_default(),
     };
     let status = assemble(&seen, view.written.as_ref(), &now);
     let mut ok = true;

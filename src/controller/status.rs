@@ -45,6 +45,9 @@ pub struct Observed<'a> {
     pub invalid: Option<&'a [String]>,
     /// Proxy Deployment availability and why, when known.
     pub proxy: Option<(bool, String)>,
+    /// With `spec.backends`, every group name (`default` first), for
+    /// `status.backends`; empty otherwise.
+    pub groups: Vec<String>,
 }
 
 /// Builds the status; conditions keep their `lastTransitionTime` from
@@ -97,6 +100,20 @@ pub fn assemble(seen: &Observed<'_>, previous: Option<&BalancedServiceStatus>, n
             }
         })
         .collect();
+    let backends = seen
+        .groups
+        .iter()
+        .map(|name| {
+            let members = seen.endpoints.iter().filter(|e| e.backends.iter().any(|b| b == name));
+            let (ready, total) = members.fold((0usize, 0usize), |(r, t), e| (r + usize::from(e.serves()), t + 1));
+            crate::api::spec::BackendStatus {
+                name: name.to_string(),
+                ready: format!("{ready}/{total}"),
+                ready_endpoints: ready as i32,
+                total_endpoints: total as i32,
+            }
+        })
+        .collect();
     BalancedServiceStatus {
         observed_generation: seen.generation,
         ready: Some(format!("{serving}/{total}")),
@@ -105,6 +122,7 @@ pub fn assemble(seen: &Observed<'_>, previous: Option<&BalancedServiceStatus>, n
         conditions,
         endpoints: seen.endpoints.iter().map(endpoint_status).collect(),
         listeners: seen.listeners.to_vec(),
+        backends,
     }
 }
 
