@@ -43,6 +43,15 @@ async fn get(proxy: SocketAddr, target: &str, headers: &str) -> (u16, String, St
     (status, body.to_string(), head.to_lowercase())
 }
 
+/// Waits until a killed backend refuses connections (its tasks end a moment
+/// after the kill).
+async fn gone(addr: SocketAddr) {
+    eventually(Duration::from_secs(2), "the killed backend to refuse", || async move {
+        TcpStream::connect(addr).await.is_err().then_some(())
+    })
+    .await;
+}
+
 fn endpoint(b: &Backend) -> String {
     format!("{{address: {}, port: {}}}", b.addr.ip(), b.addr.port())
 }
@@ -132,6 +141,7 @@ async fn retries_stay_inside_the_routes_group() {
     // Killed before probes notice: every request that meets it is retried,
     // and the retry goes to the other api endpoint, never to default.
     dead.kill();
+    gone(dead.addr).await;
     for _ in 0..10 {
         let (status, body, _) = get(p.listen, "/api/x", "").await;
         assert_eq!((status, body.as_str()), (200, "api-live"));
@@ -139,6 +149,7 @@ async fn retries_stay_inside_the_routes_group() {
     // The whole group down: the route's answer is the group's failure, not
     // the default group's 200.
     live.kill();
+    gone(live.addr).await;
     let (status, body, _) = get(p.listen, "/api/x", "").await;
     assert!(status == 502 || status == 503, "{status} {body}");
     assert_eq!(get(p.listen, "/", "").await.1, "main", "the default group still serves");
@@ -173,5 +184,37 @@ async fn a_reload_that_changes_routes_keeps_in_flight_requests() {
         (status, body.as_str()),
         (200, "main"),
         "the in-flight request finished where it started"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_has_its_own_rate_limit_retries_and_response_timeout() {
+    let slow = Backend::http("slow", Behavior::Slow(Duration::from_millis(600))).await;
+    let extra = "  retry: {on: [Error, Timeout], tries: 1}\n  routes:\n\
+                 \x20   - {name: limited, matches: [{path: {value: /limited}}], backendRefs: [{name: default}],\n\
+                 \x20      rateLimit: {requests: 1, per: 1m, burst: 0, delay: false}}\n\
+                 \x20   - {name: hasty, matches: [{path: {value: /hasty}}], backendRefs: [{name: default}],\n\
+                 \x20      timeouts: {response: 200ms}, retry: {tries: 1}}";
+    let p = proxy(&[slow.addr], "HTTP", extra, 1).await;
+    assert_eq!(get(p.listen, "/limited", "").await.0, 200);
+    let (status, _, head) = get(p.listen, "/limited", "").await;
+    assert_eq!(status, 429, "{head}");
+    assert!(head.contains("retry-after:"), "{head}");
+    assert_eq!(
+        get(p.listen, "/other", "").await.0,
+        200,
+        "the route's limit is the route's only"
+    );
+    let (status, _, head) = get(p.listen, "/hasty", "").await;
+    assert_eq!(status, 504, "the route's 200 ms response timeout: {head}");
+    assert_eq!(
+        get(p.listen, "/patient", "").await.0,
+        200,
+        "the service's 60 s still applies elsewhere"
+    );
+    let (_, metrics) = balanced::demo::backend::http_get(p.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("balanced_ratelimited_total{service=\"default/web\",route=\"limited\"} 1"),
+        "{metrics}"
     );
 }

@@ -245,6 +245,12 @@ pub struct Route {
     pub matches: Vec<RouteMatch>,
     /// Where its requests go.
     pub refs: Vec<BackendRef>,
+    /// Retry policy (the service's, with the route's fields over it).
+    pub retry: super::config::RetryPolicy,
+    /// `timeouts.response` for its requests.
+    pub response_timeout: std::time::Duration,
+    /// The route's own rate limit.
+    pub rate_limit: Option<super::config::RateLimit>,
 }
 
 impl Route {
@@ -280,6 +286,11 @@ pub fn first_match(routes: &[Route], req: &RequestView<'_>) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn base_retry() -> crate::api::config::RetryPolicy {
+        let yaml = "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {name: t}\nspec:\n  endpoints: [{address: 127.0.0.1, port: 80}]\n  listeners: [{name: http, port: 8080}]\n";
+        crate::api::load_configs(yaml).unwrap().remove(0).retry
+    }
 
     fn view<'a>(method: &'a Method, target: &'a str, headers: &'a HeaderMap) -> RequestView<'a> {
         let (path, query) = match target.split_once('?') {
@@ -389,6 +400,9 @@ mod tests {
                 })
                 .unwrap_or_default(),
             refs: vec![BackendRef { group: 0, weight: 1 }],
+            retry: base_retry(),
+            response_timeout: std::time::Duration::from_secs(60),
+            rate_limit: None,
         };
         let routes = vec![
             route("api", Some("/api")),
@@ -412,6 +426,9 @@ mod tests {
                 BackendRef { group: 2, weight: 10 },
                 BackendRef { group: 3, weight: 0 },
             ],
+            retry: base_retry(),
+            response_timeout: std::time::Duration::from_secs(60),
+            rate_limit: None,
         };
         let mut rng = rand::rng();
         let mut counts = [0u32; 4];

@@ -181,6 +181,40 @@ pub struct RouteSpec {
     /// Where its requests go, split by weight (Gateway API `backendRefs`).
     #[schemars(length(min = 1))]
     pub backend_refs: Vec<BackendRefSpec>,
+    /// Retry settings for this route; fields left out keep `spec.retry`'s
+    /// (the budget and `maxBodyBytes` are always the service's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RouteRetrySpec>,
+    /// Timeouts for this route's requests; fields left out keep `spec.timeouts`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<RouteTimeoutsSpec>,
+    /// A rate limit for this route's requests, besides the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// A route's retry settings.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteRetrySpec {
+    /// Conditions that send a request to the next endpoint of the route's group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<Vec<RetryCondition>>,
+    /// Endpoints tried at most, the first included; 0 is every endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tries: Option<i32>,
+    /// Time for all attempts together; `0` is no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// A route's timeouts: the ones that belong to a request, not a connection.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteTimeoutsSpec {
+    /// From the end of the request upload to the response head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<String>,
 }
 
 /// A backend a route sends to, and its share.

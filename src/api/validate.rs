@@ -122,7 +122,7 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         .as_ref()
         .map(|r| rate_limit(&mut errs, "spec.rateLimit", r));
     let backends = backends(&mut errs, &spec.backends);
-    let routes = routes(&mut errs, &spec.routes, &backends);
+    let routes = routes(&mut errs, &spec.routes, &backends, &retry, &timeouts);
     if !routes.is_empty() && !listeners.iter().any(|l| l.protocol == ListenerProtocol::Http) {
         errs.add(
             "spec.routes",
@@ -375,7 +375,13 @@ fn backends(errs: &mut Errors, specs: &[spec::BackendSpec]) -> Vec<Backend> {
     out
 }
 
-fn routes(errs: &mut Errors, specs: &[spec::RouteSpec], backends: &[Backend]) -> Vec<super::route::Route> {
+fn routes(
+    errs: &mut Errors,
+    specs: &[spec::RouteSpec],
+    backends: &[Backend],
+    base_retry: &RetryPolicy,
+    base_timeouts: &Timeouts,
+) -> Vec<super::route::Route> {
     use super::route::{BackendRef, HostMatch, PathMatch, Pattern, Route, RouteMatch, ValueMatch};
     let mut names = HashSet::new();
     let mut out = Vec::with_capacity(specs.len());
@@ -540,10 +546,38 @@ fn routes(errs: &mut Errors, specs: &[spec::RouteSpec], backends: &[Backend]) ->
                 "every weight is 0; at least one backend must take traffic",
             );
         }
+        let mut retry = base_retry.clone();
+        if let Some(rr) = &r.retry {
+            if let Some(on) = &rr.on {
+                retry.on = on.clone();
+                retry.on.dedup();
+            }
+            if let Some(tries) = rr.tries {
+                retry.tries = errs.at_least(&format!("{path}.retry.tries"), tries, 0);
+            }
+            if let Some(timeout) = &rr.timeout {
+                let t = errs.duration(&format!("{path}.retry.timeout"), timeout);
+                retry.timeout = (!t.is_zero()).then_some(t);
+            }
+        }
+        let response_timeout = r
+            .timeouts
+            .as_ref()
+            .and_then(|t| t.response.as_ref())
+            .map_or(base_timeouts.response, |t| {
+                errs.positive_duration(&format!("{path}.timeouts.response"), t)
+            });
+        let rate_limit = r
+            .rate_limit
+            .as_ref()
+            .map(|rl| rate_limit(errs, &format!("{path}.rateLimit"), rl));
         out.push(Route {
             name: r.name.clone(),
             matches,
             refs,
+            retry,
+            response_timeout,
+            rate_limit,
         });
     }
     out

@@ -47,7 +47,7 @@ pub fn rate_limited(limited: super::ratelimit::Limited, policy: &crate::api::con
     let mut resp = plain(
         StatusCode::TOO_MANY_REQUESTS,
         format!(
-            "429 Too Many Requests: over spec.rateLimit ({} per {:?} on this proxy, burst {})\n",
+            "429 Too Many Requests: over the rate limit ({} per {:?} on this proxy, burst {})\n",
             policy.requests, policy.per, policy.burst
         ),
     );

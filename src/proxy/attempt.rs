@@ -48,6 +48,7 @@ impl RequestFacts<'_> {
 pub struct Attempts<'a> {
     service: &'a ServiceRuntime,
     config: &'a Config,
+    retry: &'a crate::api::config::RetryPolicy,
     snap: &'a Snapshot,
     key: Option<u64>,
     groups: u64,
@@ -78,6 +79,7 @@ impl<'a> Attempts<'a> {
         Self {
             service,
             config,
+            retry: &config.retry,
             snap,
             key,
             // `default`: TCP connections and requests no route took.
@@ -88,6 +90,13 @@ impl<'a> Attempts<'a> {
             errors: Vec::new(),
             refused: None,
         }
+    }
+
+    /// Retries by a route's policy instead of the service's (the budget stays
+    /// the service's).
+    pub fn with_retry(mut self, retry: &'a crate::api::config::RetryPolicy) -> Self {
+        self.retry = retry;
+        self
     }
 
     /// Keeps every attempt inside the groups in `groups` (a route's backend).
@@ -115,7 +124,7 @@ impl<'a> Attempts<'a> {
     /// Whether a request that fails after being sent could still be retried
     /// (so the caller keeps a copy of what it sends).
     pub fn may_retry_after_send(&self, request: RequestFacts<'_>) -> bool {
-        let policy = &self.config.retry;
+        let policy = self.retry;
         let limit = match policy.tries {
             0 => self.snap.members.len(),
             n => n as usize,
@@ -142,7 +151,7 @@ impl<'a> Attempts<'a> {
     /// it goes to the client.
     pub fn answered(&mut self, i: usize, status: u16, request: RequestFacts<'_>) -> bool {
         let failure = Failure::Status(status);
-        let retryable = failure.condition().is_some_and(|c| self.config.retry.retries_on(c));
+        let retryable = failure.condition().is_some_and(|c| self.retry.retries_on(c));
         if retryable {
             return self.failed(i, failure, request);
         }
@@ -167,7 +176,7 @@ impl<'a> Attempts<'a> {
         }
         self.service.record_failure(self.config, member, &failure);
         let decision = decide(
-            &self.config.retry,
+            self.retry,
             &Attempted {
                 failure: &failure,
                 method: request.method.unwrap_or(&Method::GET),

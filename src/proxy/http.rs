@@ -215,6 +215,21 @@ impl HttpProxy {
         resp
     }
 
+    /// A route's own rate limit: the 429 when the request is over it.
+    async fn route_limit(
+        &self,
+        current: &Current,
+        route: usize,
+        headers: &http::HeaderMap,
+        client: &Downstream,
+    ) -> Option<Response<ProxyBody>> {
+        let limiter = current.route_limiter(route)?;
+        let key = limiter.key_of(headers, client.peer.ip())?;
+        let limited = limiter.acquire(&key).await.err()?;
+        current.count_route_limited(route);
+        Some(answer::rate_limited(limited, limiter.policy()))
+    }
+
     async fn route_and_forward(
         &self,
         req: Request<Incoming>,
@@ -262,10 +277,20 @@ impl HttpProxy {
 
         let snap = &current.snap;
         let mut attempts = Attempts::new(&self.service, config, snap, key);
+        let mut response_timeout = config.timeouts.response;
         if !config.routes.is_empty() {
             // After the body is read: a route may look at it.
             let (r, groups) = pick_route(config, &parts.method, &parts.uri, &parts.headers);
             *route = r;
+            if let Some(r) = r {
+                let rt = &config.routes[r];
+                if let Some(limited) = self.route_limit(current, r, &parts.headers, client).await {
+                    up.flags.set(Flags::RATE_LIMITED);
+                    return limited;
+                }
+                attempts = attempts.with_retry(&rt.retry);
+                response_timeout = rt.response_timeout;
+            }
             attempts = attempts.within(groups);
         }
         // A 5xx that was retried: passed on if no later attempt does better.
@@ -307,8 +332,7 @@ impl HttpProxy {
             let reused = matches!(conn, Conn::H1 { reused: true, .. });
             let started = Instant::now();
             up.endpoint = Some(member.spec.addr);
-            let mut outcome =
-                after_upload(upload.as_deref(), config.timeouts.response, send(pool, conn, request)).await;
+            let mut outcome = after_upload(upload.as_deref(), response_timeout, send(pool, conn, request)).await;
             // An idle keep-alive connection the endpoint closed just as we used
             // it is not the endpoint failing: once, on a fresh connection, with
             // the request hyper handed back unsent, or a copy when one was kept.
@@ -322,7 +346,7 @@ impl HttpProxy {
                     outcome = match pool.fresh_h1().await {
                         Ok(sender) => {
                             let conn = Conn::H1 { sender, reused: false };
-                            after_upload(upload.as_deref(), config.timeouts.response, send(pool, conn, resend)).await
+                            after_upload(upload.as_deref(), response_timeout, send(pool, conn, resend)).await
                         }
                         Err(f) => Err((f, None)),
                     };

@@ -49,12 +49,26 @@ pub struct Current {
     pools: Vec<Vec<Arc<Pool>>>,
     /// `route_counters[route][status class]`, resolved once per config.
     route_counters: Vec<[Counter; 5]>,
+    /// Each route's rate limiter and its refusal counter.
+    route_limits: Vec<Option<(Arc<super::ratelimit::Limiter>, Counter)>>,
 }
 
 impl Current {
     /// Index of the listener named `name`.
     pub fn listener(&self, name: &str) -> Option<usize> {
         self.config.listeners.iter().position(|l| l.name == name)
+    }
+
+    /// Route `route`'s rate limiter, if it has one.
+    pub fn route_limiter(&self, route: usize) -> Option<&Arc<super::ratelimit::Limiter>> {
+        self.route_limits.get(route)?.as_ref().map(|(l, _)| l)
+    }
+
+    /// Counts a request refused by route `route`'s rate limit.
+    pub fn count_route_limited(&self, route: usize) {
+        if let Some(Some((_, counter))) = self.route_limits.get(route) {
+            counter.inc();
+        }
     }
 
     /// Counts an answer of `status` on route `route`.
@@ -92,6 +106,9 @@ pub struct ServiceRuntime {
     // reload keeps every client's bucket.
     limiter: ArcSwap<Option<Arc<super::ratelimit::Limiter>>>,
     rate_limited: Counter,
+    // Routes' limiters by route name, kept across updates while the policy
+    // stays, so a reload or an endpoint change keeps every bucket.
+    route_limiters: Mutex<HashMap<String, Arc<super::ratelimit::Limiter>>>,
     ejections_until: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
@@ -122,6 +139,7 @@ impl ServiceRuntime {
                 pools: vec![Vec::new(); config.listeners.len()],
                 snap: Arc::new(Snapshot::empty()),
                 route_counters: Vec::new(),
+                route_limits: Vec::new(),
                 config: config.clone(),
             }),
             balancer: Balancer::new(),
@@ -139,6 +157,7 @@ impl ServiceRuntime {
                     .map(|r| Arc::new(super::ratelimit::Limiter::new(r))),
             ),
             rate_limited,
+            route_limiters: Mutex::new(HashMap::new()),
             ejections_until: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&runtime);
@@ -272,11 +291,42 @@ impl ServiceRuntime {
                 })
             })
             .collect();
+        let route_limits = {
+            let mut kept = self.route_limiters.lock().expect("route limiters lock poisoned");
+            let limits: Vec<_> = config
+                .routes
+                .iter()
+                .map(|r| {
+                    let policy = r.rate_limit.as_ref()?;
+                    let limiter = match kept.get(&r.name) {
+                        Some(l) if l.policy() == policy => l.clone(),
+                        _ => Arc::new(super::ratelimit::Limiter::new(policy)),
+                    };
+                    let counter = self
+                        .metrics
+                        .rate_limited
+                        .get_or_create(&crate::metrics::RouteLabels {
+                            service: self.label.clone(),
+                            route: r.name.clone(),
+                        })
+                        .clone();
+                    Some((limiter, counter))
+                })
+                .collect();
+            *kept = config
+                .routes
+                .iter()
+                .zip(&limits)
+                .filter_map(|(r, l)| Some((r.name.clone(), l.as_ref()?.0.clone())))
+                .collect();
+            limits
+        };
         self.current.store(Arc::new(Current {
             config,
             snap,
             pools: tables,
             route_counters,
+            route_limits,
         }));
     }
 

@@ -126,6 +126,9 @@ impl ClusterSource {
             Ok(mut cfg) => {
                 // The limit is the service's: each replica enforces its share.
                 cfg.rate_limit = cfg.rate_limit.map(|r| r.per_replica(cfg.replicas));
+                for route in &mut cfg.routes {
+                    route.rate_limit = route.rate_limit.take().map(|r| r.per_replica(cfg.replicas));
+                }
                 Arc::new(with_status_protocols(cfg, bsvc))
             }
             Err(errors) => {
