@@ -218,3 +218,57 @@ async fn a_route_has_its_own_rate_limit_retries_and_response_timeout() {
         "{metrics}"
     );
 }
+
+/// POST `body` as `content_type`; the status and the first body line.
+async fn post(proxy: SocketAddr, content_type: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let line = body
+        .lines()
+        .find(|l| !l.is_empty() && !l.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or("");
+    (status, line.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn form_and_json_body_params_route_requests_that_fit_the_buffer() {
+    let main = Backend::http("main", Behavior::Status(200)).await;
+    let beta = Backend::http("beta", Behavior::Status(200)).await;
+    let extra = format!(
+        "  retry: {{maxBodyBytes: 1024}}\n  backends: [{{name: beta, endpoints: [{}]}}]\n  routes:\n\
+         \x20   - {{name: beta, matches: [{{method: POST, bodyParams: [{{name: tier, value: beta}}]}}], backendRefs: [{{name: beta}}]}}",
+        endpoint(&beta)
+    );
+    let p = proxy(&[main.addr], "HTTP", &extra, 2).await;
+    let json = "application/json";
+    let form = "application/x-www-form-urlencoded";
+    assert_eq!(
+        post(p.listen, json, r#"{"tier": "beta", "qty": 2}"#).await,
+        (200, "beta".into())
+    );
+    assert_eq!(post(p.listen, form, "qty=2&tier=beta").await, (200, "beta".into()));
+    assert_eq!(
+        post(p.listen, json, r#"{"tier": "stable"}"#).await,
+        (200, "main".into())
+    );
+    assert_eq!(post(p.listen, "text/plain", "tier=beta").await, (200, "main".into()));
+    let large = format!("tier=beta&pad={}", "x".repeat(2000));
+    assert_eq!(
+        post(p.listen, form, &large).await,
+        (200, "main".into()),
+        "a body over retry.maxBodyBytes is not read for matching"
+    );
+}

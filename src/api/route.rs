@@ -119,6 +119,8 @@ pub struct RouteMatch {
     pub query: Vec<(String, ValueMatch)>,
     /// Cookies.
     pub cookies: Vec<(String, ValueMatch)>,
+    /// Top-level body parameters (form or JSON).
+    pub body: Vec<(String, ValueMatch)>,
     /// Hosts; any may match.
     pub hosts: Vec<HostMatch>,
 }
@@ -136,6 +138,60 @@ pub struct RequestView<'a> {
     pub host: Option<&'a str>,
     /// The headers.
     pub headers: &'a HeaderMap,
+    /// The body, when it was read whole (parsed at most once, on demand).
+    pub body: Option<&'a BodyView<'a>>,
+}
+
+/// A buffered request body as body-parameter conditions see it.
+pub struct BodyView<'a> {
+    bytes: &'a [u8],
+    form: bool,
+    json: std::cell::OnceCell<Option<serde_json::Map<String, serde_json::Value>>>,
+}
+
+impl<'a> BodyView<'a> {
+    /// The body of a request with `headers`; `None` for a type that has no
+    /// parameters (only forms and JSON do).
+    pub fn new(bytes: &'a [u8], headers: &HeaderMap) -> Option<Self> {
+        let kind = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+        let essence = kind.split(';').next().unwrap_or("").trim();
+        let form = essence.eq_ignore_ascii_case("application/x-www-form-urlencoded");
+        let json = essence.eq_ignore_ascii_case("application/json");
+        (form || json).then(|| BodyView {
+            bytes,
+            form,
+            json: std::cell::OnceCell::new(),
+        })
+    }
+
+    fn holds(&self, name: &str, m: &ValueMatch) -> bool {
+        if self.form {
+            let text = std::str::from_utf8(self.bytes).ok();
+            return query_values(text, name).any(|v| m.matches(&v));
+        }
+        let object = self.json.get_or_init(|| {
+            serde_json::from_slice::<serde_json::Value>(self.bytes)
+                .ok()
+                .and_then(|v| match v {
+                    serde_json::Value::Object(o) => Some(o),
+                    _ => None,
+                })
+        });
+        match object.as_ref().and_then(|o| o.get(name)) {
+            Some(serde_json::Value::String(s)) => m.matches(s),
+            Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => m.matches(&v.to_string()),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for BodyView<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BodyView")
+            .field("len", &self.bytes.len())
+            .field("form", &self.form)
+            .finish()
+    }
 }
 
 impl RouteMatch {
@@ -169,6 +225,10 @@ impl RouteMatch {
                 .cookies
                 .iter()
                 .all(|(name, m)| cookie(req.headers, name).is_some_and(|v| m.matches(v)))
+            && (self.body.is_empty()
+                || req
+                    .body
+                    .is_some_and(|b| self.body.iter().all(|(name, m)| b.holds(name, m))))
     }
 }
 
@@ -303,6 +363,7 @@ mod tests {
             query,
             host: Some("shop.example.com"),
             headers,
+            body: None,
         }
     }
 
@@ -374,6 +435,45 @@ mod tests {
         let mut no_header = h.clone();
         no_header.remove("x-canary");
         assert!(!req(&Method::POST, "/x?q=a+b", &no_header), "header");
+    }
+
+    #[test]
+    fn body_params_of_forms_and_json() {
+        let m = RouteMatch {
+            body: vec![
+                ("action".into(), ValueMatch::Exact("buy now".into())),
+                ("qty".into(), ValueMatch::Regex(Pattern::whole(r"\d+").unwrap())),
+            ],
+            ..Default::default()
+        };
+        let holds = |content_type: &str, body: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("content-type", content_type.parse().unwrap());
+            let view = BodyView::new(body.as_bytes(), &h);
+            let mut req = super::tests::view(&Method::POST, "/", &h);
+            req.body = view.as_ref();
+            m.matches(&req)
+        };
+        assert!(holds("application/x-www-form-urlencoded", "qty=3&action=buy+now"));
+        assert!(holds(
+            "application/json; charset=utf-8",
+            r#"{"action": "buy now", "qty": 3}"#
+        ));
+        assert!(
+            !holds("application/json", r#"{"action": "buy now", "qty": "three"}"#),
+            "regex on the value"
+        );
+        assert!(
+            !holds("application/json", r#"{"order": {"action": "buy now", "qty": 3}}"#),
+            "top-level keys only"
+        );
+        assert!(!holds("application/json", "not json"));
+        assert!(
+            !holds("text/plain", "qty=3&action=buy+now"),
+            "only forms and JSON have parameters"
+        );
+        let h = HeaderMap::new();
+        assert!(!m.matches(&view(&Method::POST, "/", &h)), "no buffered body: no match");
     }
 
     #[test]

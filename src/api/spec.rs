@@ -248,6 +248,12 @@ pub struct RouteMatchSpec {
     /// Cookies, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cookies: Vec<ValueMatchSpec>,
+    /// Top-level keys of a form (`application/x-www-form-urlencoded`) or JSON
+    /// (`application/json`) body that fits in `retry.maxBodyBytes`; a larger
+    /// or other body does not match. JSON numbers and booleans compare as
+    /// their text (`42`, `true`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub body_params: Vec<ValueMatchSpec>,
     /// The request's host: `shop.example.com`, or `*.example.com` for any one
     /// or more labels in front of `example.com`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

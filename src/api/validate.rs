@@ -486,6 +486,15 @@ fn routes(
                     out_m.cookies.push((c.name.clone(), v));
                 }
             }
+            for (k, b) in m.body_params.iter().enumerate() {
+                let bpath = format!("{at}.bodyParams[{k}]");
+                if b.name.is_empty() {
+                    errs.add(format!("{bpath}.name"), "must not be empty");
+                }
+                if let Some(v) = value(errs, format!("{bpath}.value"), b) {
+                    out_m.body.push((b.name.clone(), v));
+                }
+            }
             for (k, h) in m.hostnames.iter().enumerate() {
                 let lower = h.to_ascii_lowercase();
                 let (host, wildcard) = match lower.strip_prefix("*.") {

@@ -270,6 +270,14 @@ impl RequestBody {
         }
     }
 
+    /// The whole body, when it fit in the buffer.
+    pub fn buffered(&self) -> Option<&Bytes> {
+        match self {
+            RequestBody::Replayable(b) => Some(b),
+            RequestBody::Streaming(_) => None,
+        }
+    }
+
     /// Bytes read into the buffer.
     pub fn buffered_len(&self) -> u64 {
         match self {

@@ -280,7 +280,10 @@ impl HttpProxy {
         let mut response_timeout = config.timeouts.response;
         if !config.routes.is_empty() {
             // After the body is read: a route may look at it.
-            let (r, groups) = pick_route(config, &parts.method, &parts.uri, &parts.headers);
+            let form = body
+                .buffered()
+                .and_then(|b| crate::api::route::BodyView::new(b, &parts.headers));
+            let (r, groups) = pick_route(config, &parts.method, &parts.uri, &parts.headers, form.as_ref());
             *route = r;
             if let Some(r) = r {
                 let rt = &config.routes[r];
@@ -424,7 +427,7 @@ impl HttpProxy {
         let snap = &current.snap;
         let mut attempts = Attempts::new(&self.service, config, snap, key);
         if !config.routes.is_empty() {
-            let (r, groups) = pick_route(config, req.method(), req.uri(), req.headers());
+            let (r, groups) = pick_route(config, req.method(), req.uri(), req.headers(), None);
             *route = r;
             attempts = attempts.within(groups);
         }
@@ -508,6 +511,7 @@ fn pick_route(
     method: &http::Method,
     uri: &http::Uri,
     headers: &http::HeaderMap,
+    body: Option<&crate::api::route::BodyView<'_>>,
 ) -> (Option<usize>, u64) {
     let host = uri
         .host()
@@ -519,6 +523,7 @@ fn pick_route(
         query: uri.query(),
         host,
         headers,
+        body,
     };
     match crate::api::route::first_match(&config.routes, &view) {
         Some(i) => {
