@@ -12,6 +12,7 @@ RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
  && echo 'fn main() {}' > benches/prober.rs \
+ && echo 'fn main() {}' > benches/routes.rs \
  && cargo build --release --locked \
  && rm -rf src benches
 COPY src ./src
