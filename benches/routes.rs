@@ -11,10 +11,7 @@ use balanced::api::route::{RequestView, first_match};
 use http::{HeaderMap, Method};
 
 fn main() {
-    let iterations: u32 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(200_000);
+    let iterations: u32 = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(200_000);
     // 100 routes; route i matches /svc-i (prefix), a header, a query value or
     // a regex, by i % 4. The request below matches only the last one.
     let mut routes = String::new();
@@ -25,7 +22,9 @@ fn main() {
             2 => format!("{{queryParams: [{{name: v, value: '{i}'}}], path: {{value: /q}}}}"),
             _ => format!("{{path: {{type: RegularExpression, value: '/r{i}/[0-9]+'}}}}"),
         };
-        routes.push_str(&format!("    - {{name: r{i}, matches: [{m}], backendRefs: [{{name: default}}]}}\n"));
+        routes.push_str(&format!(
+            "    - {{name: r{i}, matches: [{m}], backendRefs: [{{name: default}}]}}\n"
+        ));
     }
     let yaml = format!(
         "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: b}}\nspec:\n  endpoints: [{{address: 127.0.0.1, port: 80}}]\n  listeners: [{{name: http, port: 8080}}]\n  routes:\n{routes}"

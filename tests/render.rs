@@ -71,3 +71,22 @@ fn a_uid_in_the_file_gives_every_object_an_owner_reference() {
         assert_eq!(owner["controller"], true, "{o}");
     }
 }
+
+#[test]
+fn render_names_the_groups_and_routes() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/web.yaml")).unwrap();
+    let with_routes = text.replacen(
+        "spec:\n",
+        "spec:\n  backends: [{name: canary, service: web-canary}]\n  routes:\n    - {name: beta, matches: [{headers: [{name: x-beta, value: 'yes'}]}], backendRefs: [{name: default, weight: 90}, {name: canary, weight: 10}]}\n",
+        1,
+    );
+    let out = render(&with_routes, &RenderOptions::default()).unwrap();
+    for needle in [
+        "# shop/web: backends\n#   default: Service web\n#   canary: Service web-canary\n",
+        "#   beta: 1 match -> default (90), canary (10)\n",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in\n{out}");
+    }
+    let objects: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
+    assert!(objects.len() >= 4, "the comments leave the objects as they were");
+}

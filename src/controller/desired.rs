@@ -360,6 +360,63 @@ fn with_type<K: k8s_openapi::Resource + Serialize>(o: &K) -> serde_json::Value {
     serde_json::to_value(o).expect("objects are plain data")
 }
 
+/// The groups and routes the proxies will use, as YAML comments ahead of the
+/// objects (they live in the BalancedService, not in any object applied).
+fn routing_comment(cfg: &crate::api::config::Config) -> String {
+    if cfg.backends.is_empty() && cfg.routes.is_empty() {
+        return String::new();
+    }
+    let source = |service: &Option<String>, endpoints: usize| match (service, endpoints) {
+        (Some(s), 0) => format!("Service {s}"),
+        (Some(s), n) => format!("Service {s} + {n} static"),
+        (None, n) => format!("{n} static"),
+    };
+    let mut out = format!(
+        "# {}: backends
+",
+        cfg.key
+    );
+    out.push_str(&format!(
+        "#   default: {}
+",
+        source(&cfg.service, cfg.endpoints.len())
+    ));
+    for b in &cfg.backends {
+        out.push_str(&format!(
+            "#   {}: {}
+",
+            b.name,
+            source(&b.service, b.endpoints.len())
+        ));
+    }
+    if !cfg.routes.is_empty() {
+        out.push_str(&format!(
+            "# {}: routes, first match wins, else default
+",
+            cfg.key
+        ));
+        for r in &cfg.routes {
+            let refs: Vec<String> = r
+                .refs
+                .iter()
+                .map(|b| format!("{} ({})", cfg.group_name(b.group), b.weight))
+                .collect();
+            let matches = match r.matches.len() {
+                0 => "every request".to_string(),
+                1 => "1 match".to_string(),
+                n => format!("{n} matches"),
+            };
+            out.push_str(&format!(
+                "#   {}: {matches} -> {}
+",
+                r.name,
+                refs.join(", ")
+            ));
+        }
+    }
+    out
+}
+
 /// `balanced render`: the objects for every BalancedService in a YAML text.
 pub fn render(text: &str, opts: &RenderOptions) -> Result<String, crate::api::LoadErrors> {
     let docs = crate::api::parse_documents(text)?;
@@ -373,6 +430,7 @@ pub fn render(text: &str, opts: &RenderOptions) -> Result<String, crate::api::Lo
                 // With the uid, the objects carry the ownerReferences the
                 // controller would set; without it there is nothing to own them.
                 bsvc.metadata.uid = doc.uid.clone();
+                out.push_str(&routing_comment(&cfg));
                 out.push_str(&to_yaml(&desired(&bsvc, &cfg, opts)));
             }
             Err(errs) => errors.extend(errs.0.into_iter().map(|error| crate::api::LoadError::Invalid {
