@@ -83,6 +83,46 @@ async fn controller(server: &ApiServer, lease: Option<LeaseConfig>) -> Running {
     Running { stop, task }
 }
 
+/// `balanced proxy` for shop/web against the test API server, ready.
+struct KubeProxy {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), balanced::shell::Error>>,
+}
+
+impl KubeProxy {
+    async fn start(server: &ApiServer) -> Self {
+        let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = admin_listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let opts = balanced::source::kube::ProxyOptions {
+            key: balanced::api::config::ServiceKey::new(NS, "web"),
+            bind: [127, 0, 0, 1].into(),
+            serving: balanced::proxy::Serving::default(),
+            drain_delay: Duration::ZERO,
+        };
+        let task = tokio::spawn(balanced::source::kube::run_proxy(
+            server.client(),
+            opts,
+            admin_listener,
+            shutdown.clone(),
+        ));
+        eventually(Duration::from_secs(10), "the proxy's /readyz", || async move {
+            (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
+        })
+        .await;
+        Self { shutdown, task }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
 fn status(server: &ApiServer, name: &str) -> Value {
     server
         .get("balancedservices", NS, name)
@@ -474,37 +514,14 @@ async fn each_listener_reaches_the_port_its_named_target_port_names() {
         "{s}"
     );
 
-    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = admin_listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let opts = balanced::source::kube::ProxyOptions {
-        key: balanced::api::config::ServiceKey::new(NS, "web"),
-        bind: [127, 0, 0, 1].into(),
-        serving: balanced::proxy::Serving::default(),
-        drain_delay: Duration::ZERO,
-    };
-    let proxy = tokio::spawn(balanced::source::kube::run_proxy(
-        server.client(),
-        opts,
-        admin_listener,
-        shutdown.clone(),
-    ));
-    eventually(Duration::from_secs(10), "the proxy's /readyz", || async move {
-        (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
+    let proxy = KubeProxy::start(&server).await;
     for (listener, backend) in [(http_port, "web-port"), (metrics_port, "metrics-port")] {
         for _ in 0..3 {
             let (code, body) = http_get(([127, 0, 0, 1], listener).into(), "/").await.unwrap();
             assert_eq!((code, body.as_str()), (200, backend), "listener on {listener}");
         }
     }
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), proxy)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    proxy.stop().await;
     c.stop.cancel();
     stopped(c.task).await;
 }
@@ -548,25 +565,7 @@ async fn a_second_services_slices_feed_a_backend_that_a_route_reaches() {
     let s = status(&server, "web");
     assert_eq!(s["ready"], "2/2", "status.ready stays the total: {s}");
 
-    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = admin_listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let opts = balanced::source::kube::ProxyOptions {
-        key: balanced::api::config::ServiceKey::new(NS, "web"),
-        bind: [127, 0, 0, 1].into(),
-        serving: balanced::proxy::Serving::default(),
-        drain_delay: Duration::ZERO,
-    };
-    let proxy = tokio::spawn(balanced::source::kube::run_proxy(
-        server.client(),
-        opts,
-        admin_listener,
-        shutdown.clone(),
-    ));
-    eventually(Duration::from_secs(10), "the proxy's /readyz", || async move {
-        (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
+    let proxy = KubeProxy::start(&server).await;
     let target = SocketAddr::from(([127, 0, 0, 1], listen));
     for _ in 0..3 {
         assert_eq!(
@@ -586,12 +585,7 @@ async fn a_second_services_slices_feed_a_backend_that_a_route_reaches() {
             "{answer}"
         );
     }
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), proxy)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    proxy.stop().await;
     c.stop.cancel();
     stopped(c.task).await;
 }
