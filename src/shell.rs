@@ -175,6 +175,35 @@ impl AdminView for AdminState {
     fn metrics(&self) -> String {
         self.metrics.encode()
     }
+
+    fn pick(
+        &self,
+        key: &crate::api::config::ServiceKey,
+        hash: Option<&str>,
+    ) -> Result<std::net::SocketAddr, (http::StatusCode, String)> {
+        use crate::balance::{Tried, now_ms, picker};
+        let runtime = self
+            .dataplane
+            .service(key)
+            .ok_or_else(|| (http::StatusCode::NOT_FOUND, format!("no BalancedService {key}\n")))?;
+        let current = runtime.current();
+        let snap = &current.snap;
+        let hash = match (&current.config.algorithm, hash) {
+            (crate::api::config::Algorithm::ConsistentHash(_), Some(k)) => Some(picker::hash_key(k.as_bytes())),
+            _ => None,
+        };
+        let now = now_ms();
+        let serving = |i: usize| snap.members[i].spec.healthy && !snap.members[i].endpoint.passive.is_ejected(now);
+        // The picker falls back to unhealthy endpoints when none is healthy
+        // (better than nothing for a request); an assignment says so instead.
+        match runtime.balancer.pick_in(snap, &Tried::default(), hash, now, 1) {
+            Some(i) if serving(i) => Ok(snap.members[i].spec.addr),
+            _ => Err((
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("no healthy endpoint in {key} (0/{} serving)\n", snap.members.len()),
+            )),
+        }
+    }
 }
 
 /// A source that hands out a fixed list of changes, then waits: for tests and

@@ -24,6 +24,16 @@ pub trait AdminView: Send + Sync + 'static {
     fn ready(&self) -> bool;
     /// The `/metrics` text.
     fn metrics(&self) -> String;
+    /// The assign API: the endpoint `key`'s algorithm picks among its healthy
+    /// ones (`hash` is the ConsistentHash key), or the status and reason why none.
+    fn pick(
+        &self,
+        key: &crate::api::config::ServiceKey,
+        hash: Option<&str>,
+    ) -> Result<std::net::SocketAddr, (StatusCode, String)> {
+        let _ = (key, hash);
+        Err((StatusCode::NOT_FOUND, "this server has no assign API\n".into()))
+    }
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` is cancelled.
@@ -94,8 +104,40 @@ fn route(view: &dyn AdminView, req: Request<Incoming>) -> Response<Full<Bytes>> 
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if view.ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => text(StatusCode::NOT_FOUND, "try /status, /metrics, /healthz or /readyz\n"),
+        path => match pick_path(path) {
+            Some(key) => {
+                let hash = req
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("key=")));
+                match view.pick(&key, hash) {
+                    Ok(addr) => Response::builder()
+                        .header(header::CONTENT_TYPE, "application/json")
+                        .body(Full::new(Bytes::from(
+                            serde_json::json!({"address": addr.ip().to_string(), "port": addr.port()}).to_string(),
+                        )))
+                        .expect("static response parts are valid"),
+                    Err((status, why)) => Response::builder()
+                        .status(status)
+                        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+                        .body(Full::new(Bytes::from(why)))
+                        .expect("static response parts are valid"),
+                }
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "try /status, /metrics, /healthz, /readyz or /v1/namespaces/NS/balancedservices/NAME/pick\n",
+            ),
+        },
     }
+}
+
+/// `NS/NAME` from `/v1/namespaces/NS/balancedservices/NAME/pick`.
+fn pick_path(path: &str) -> Option<crate::api::config::ServiceKey> {
+    let rest = path.strip_prefix("/v1/namespaces/")?;
+    let (ns, rest) = rest.split_once('/')?;
+    let name = rest.strip_prefix("balancedservices/")?.strip_suffix("/pick")?;
+    (!ns.is_empty() && !name.is_empty() && !name.contains('/')).then(|| crate::api::config::ServiceKey::new(ns, name))
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
