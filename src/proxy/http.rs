@@ -127,7 +127,7 @@ impl HttpProxy {
         // Overload protection counts requests, not upgraded tunnels (those
         // are connections, under spec.limits.maxConnections).
         let limits = &current.config.limits;
-        let admitted = if is_upgrade(&req) {
+        let admitted = if limits.max_requests == 0 || is_upgrade(&req) {
             Ok(None)
         } else {
             self.service
