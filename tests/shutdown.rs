@@ -1,6 +1,8 @@
 //! Shutdown through the shared runtime (`shell::run`): an open WebSocket
 //! tunnel keeps working through the grace period, and is closed when it ends.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,13 +69,8 @@ async fn shutdown_waits_for_an_open_websocket_up_to_the_grace_then_closes_it() {
     s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let head = support::read_head(&mut s).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
     echo(&mut s, b"before shutdown").await.unwrap();
 
     let asked = Instant::now();

@@ -339,21 +339,13 @@ fn backends(errs: &mut Errors, specs: &[spec::BackendSpec]) -> Vec<Backend> {
     let mut out = Vec::with_capacity(specs.len());
     for (i, b) in specs.iter().enumerate() {
         let path = format!("spec.backends[{i}]");
-        if !is_dns_label(&b.name) {
-            errs.add(
-                format!("{path}.name"),
-                format!(
-                    "must be a DNS label (lower-case letters, digits, '-'), got {:?}",
-                    b.name
-                ),
-            );
-        } else if b.name == "default" {
+        if b.name == "default" {
             errs.add(
                 format!("{path}.name"),
                 "\"default\" is the top-level service and endpoints; choose another name",
             );
-        } else if !names.insert(b.name.as_str()) {
-            errs.add(format!("{path}.name"), format!("{:?} is used twice", b.name));
+        } else {
+            unique_label(errs, &path, &b.name, &mut names);
         }
         if let Some(svc) = &b.service
             && !is_dns_label(svc)
@@ -408,17 +400,7 @@ fn routes(
     };
     for (i, r) in specs.iter().enumerate() {
         let path = format!("spec.routes[{i}]");
-        if !is_dns_label(&r.name) {
-            errs.add(
-                format!("{path}.name"),
-                format!(
-                    "must be a DNS label (lower-case letters, digits, '-'), got {:?}",
-                    r.name
-                ),
-            );
-        } else if !names.insert(r.name.as_str()) {
-            errs.add(format!("{path}.name"), format!("{:?} is used twice", r.name));
-        }
+        unique_label(errs, &path, &r.name, &mut names);
         let mut matches = Vec::with_capacity(r.matches.len());
         for (j, m) in r.matches.iter().enumerate() {
             let at = format!("{path}.matches[{j}]");
@@ -868,6 +850,18 @@ fn retry(errs: &mut Errors, r: &spec::RetrySpec) -> RetryPolicy {
         timeout: (!timeout.is_zero()).then_some(timeout),
         max_body_bytes: r.max_body_bytes.max(0) as u64,
         budget,
+    }
+}
+
+/// Checks `{path}.name`: a DNS label, not already in `names`.
+fn unique_label<'a>(errs: &mut Errors, path: &str, name: &'a str, names: &mut HashSet<&'a str>) {
+    if !is_dns_label(name) {
+        errs.add(
+            format!("{path}.name"),
+            format!("must be a DNS label (lower-case letters, digits, '-'), got {name:?}"),
+        );
+    } else if !names.insert(name) {
+        errs.add(format!("{path}.name"), format!("{name:?} is used twice"));
     }
 }
 

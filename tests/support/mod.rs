@@ -10,6 +10,19 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Reads an HTTP/1.1 response head byte by byte (what follows it, such as
+/// an upgraded tunnel's bytes, stays unread); lower-cased.
+pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
 /// A TLS server with a self-signed certificate for `localhost`; completes
 /// handshakes and closes. Dropping the token stops it.
 pub async fn tls_backend() -> (SocketAddr, CancellationToken) {
