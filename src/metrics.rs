@@ -167,6 +167,12 @@ pub struct ProbeMetrics {
     pub lag: Histogram,
     /// Probes that started more than a tenth of their interval late.
     pub late: Counter,
+    /// The weight an endpoint's agent reports, in percent (series appear at the first report).
+    pub weight_percent: Family<EndpointLabels, Gauge>,
+    /// 1 while an endpoint's agent says drain or maint (or 0%).
+    pub draining: Family<EndpointLabels, Gauge>,
+    /// Agent answers that were not agent words, or agents that did not answer.
+    pub agent_errors: Family<ServiceLabels, Counter>,
 }
 
 impl ProbeMetrics {
@@ -179,7 +185,25 @@ impl ProbeMetrics {
             // 0.5 ms .. ~8 s, like probe durations.
             lag: latency_histogram(),
             late: Counter::default(),
+            weight_percent: Family::default(),
+            draining: Family::default(),
+            agent_errors: Family::default(),
         };
+        registry.register(
+            "balanced_endpoint_weight_percent",
+            "The weight an endpoint's agent reports, in percent of its configured weight",
+            m.weight_percent.clone(),
+        );
+        registry.register(
+            "balanced_endpoint_draining",
+            "1 while an endpoint's agent says drain or maint: no new requests or connections",
+            m.draining.clone(),
+        );
+        registry.register(
+            "balanced_agent_errors",
+            "Agent checks that got no answer or an answer that is not agent words",
+            m.agent_errors.clone(),
+        );
         registry.register("balanced_probes", "Active health probes by result", m.probes.clone());
         registry.register(
             "balanced_probe_schedule_lag_seconds",
@@ -218,10 +242,13 @@ impl ProbeMetrics {
                 result,
             });
         }
-        self.healthy.remove(&EndpointLabels {
+        let labels = EndpointLabels {
             service: service.to_string(),
             endpoint: endpoint.to_string(),
-        });
+        };
+        self.healthy.remove(&labels);
+        self.weight_percent.remove(&labels);
+        self.draining.remove(&labels);
     }
 }
 

@@ -193,10 +193,17 @@ impl AdminView for AdminState {
             _ => None,
         };
         let now = now_ms();
-        let serving = |i: usize| snap.members[i].spec.healthy && !snap.members[i].endpoint.passive.is_ejected(now);
-        // The picker falls back to unhealthy endpoints when none is healthy
-        // (better than nothing for a request); an assignment says so instead.
-        match runtime.balancer.pick_in(snap, &Tried::default(), hash, now, 1) {
+        let serving = |i: usize| snap.members[i].spec.serves() && !snap.members[i].endpoint.passive.is_ejected(now);
+        // Endpoints that report their load are assigned by it; the others by
+        // the service's algorithm. The picker falls back to unhealthy
+        // endpoints when none is healthy (better than nothing for a request);
+        // an assignment says so instead.
+        let picked = if current.config.health.reports_load() && hash.is_none() {
+            runtime.balancer.pick_least_loaded(snap, now, 1)
+        } else {
+            runtime.balancer.pick_in(snap, &Tried::default(), hash, now, 1)
+        };
+        match picked {
             Some(i) if serving(i) => Ok(snap.members[i].spec.addr),
             _ => Err((
                 http::StatusCode::SERVICE_UNAVAILABLE,

@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use crate::api::config::Config;
 use crate::api::load::LoadErrors;
 use crate::balance::MemberSpec;
-use crate::health::Health;
 use crate::health::report::report;
+use crate::health::{Health, HealthState};
 use crate::health::{Prober, Target, TlsClients, probe};
 use crate::metrics::Metrics;
 use crate::proxy::{Dataplane, Serving};
@@ -172,21 +172,22 @@ impl FileSource {
     }
 
     fn members(&self, cfg: &Config) -> Vec<MemberSpec> {
-        let healthy: std::collections::HashSet<SocketAddr> = self
-            .prober
-            .states(&cfg.key)
-            .into_iter()
-            .filter(|(_, s)| s.health == Health::Healthy)
-            .map(|(a, _)| a)
-            .collect();
+        let states: std::collections::HashMap<SocketAddr, HealthState> =
+            self.prober.states(&cfg.key).into_iter().collect();
+        let unreported = HealthState::new();
         cfg.static_members()
             .into_iter()
-            .map(|(e, groups)| MemberSpec {
+            .map(|(e, groups)| {
+                let state = states.get(&e.addr).unwrap_or(&unreported);
+                (e, groups, state)
+            })
+            .map(|(e, groups, state)| MemberSpec {
+                draining: state.agent.draining(),
                 addr: e.addr,
-                weight: e.weight,
+                weight: state.agent.scale(e.weight),
                 backup: e.backup,
                 max_connections: e.max_connections,
-                healthy: healthy.contains(&e.addr),
+                healthy: state.health == Health::Healthy,
                 ports: Vec::new(),
                 groups,
             })

@@ -42,6 +42,7 @@ async fn a_probe_failing_with_emfile_leaves_the_endpoint_alone() {
         fall: 1,
         down_interval: Duration::from_millis(50),
         port: None,
+        agent: None,
     };
     prober.update_service(&key, &check, &[Target::new(backend.addr)]);
     let healthy = || async {

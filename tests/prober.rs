@@ -18,6 +18,7 @@ fn http_kind(expect: &[(bool, u16)]) -> ProbeKind {
         path: "/healthz".into(),
         host: None,
         expect: StatusMatch::from_rules(expect),
+        agent_header: None,
     })
 }
 
@@ -30,6 +31,7 @@ fn check(probe: ProbeKind, interval_ms: u64, rise: u32, fall: u32) -> HealthChec
         fall,
         down_interval: Duration::from_millis(interval_ms),
         port: None,
+        agent: None,
     }
 }
 

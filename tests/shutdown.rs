@@ -40,6 +40,7 @@ async fn shutdown_waits_for_an_open_websocket_up_to_the_grace_then_closes_it() {
     );
     let config = Arc::new(balanced::api::load_configs(&yaml).unwrap().remove(0));
     let members = vec![MemberSpec {
+        draining: false,
         addr: ws.addr,
         weight: 1,
         backup: false,

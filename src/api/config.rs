@@ -288,6 +288,26 @@ pub struct HealthCheck {
     pub down_interval: Duration,
     /// Port override.
     pub port: Option<u16>,
+    /// The agent check, if any.
+    pub agent: Option<AgentCheck>,
+}
+
+impl HealthCheck {
+    /// Whether endpoints report their load (an agent, or an agent header).
+    pub fn reports_load(&self) -> bool {
+        self.agent.is_some() || matches!(&self.probe, ProbeKind::Http(h) if h.agent_header.is_some())
+    }
+}
+
+/// Where and how often to ask an endpoint's agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentCheck {
+    /// The agent's port.
+    pub port: u16,
+    /// Between questions.
+    pub interval: Duration,
+    /// One question's limit.
+    pub timeout: Duration,
 }
 
 /// The kinds of probe.
@@ -323,6 +343,8 @@ pub struct HttpProbe {
     pub host: Option<String>,
     /// Statuses that count as healthy.
     pub expect: StatusMatch,
+    /// A response header carrying agent words.
+    pub agent_header: Option<http::HeaderName>,
 }
 
 /// The TLS probe's settings.

@@ -458,6 +458,28 @@ pub struct HealthCheckSpec {
     /// TLS probe settings (protocol TLS).
     #[serde(default)]
     pub tls: TlsCheckSpec,
+    /// Load and state reported by the endpoint on its own port, in HAProxy
+    /// `agent-check` words (`75%`, `drain`, `ready`, `down`, `up`, `maint`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentCheckSpec>,
+}
+
+/// An agent check (HAProxy `agent-check agent-port agent-inter`): connect to
+/// the endpoint's agent port and read one line of agent words.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentCheckSpec {
+    /// The agent's port on the endpoint's address.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Time between two questions to the agent (HAProxy `agent-inter`, 2s).
+    #[serde(default = "default_agent_interval")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub interval: String,
+    /// Time the agent has to answer.
+    #[serde(default = "default_probe_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub timeout: String,
 }
 
 /// Probe protocols.
@@ -473,6 +495,17 @@ pub enum ProbeProtocol {
     /// A TLS handshake completes.
     #[serde(rename = "TLS")]
     Tls,
+}
+
+impl ProbeProtocol {
+    /// The name as written in a spec.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeProtocol::Tcp => "TCP",
+            ProbeProtocol::Http => "HTTP",
+            ProbeProtocol::Tls => "TLS",
+        }
+    }
 }
 
 /// The request an HTTP probe sends and what it expects back.
@@ -496,6 +529,11 @@ pub struct HttpCheckSpec {
     #[schemars(length(min = 1, max = 16))]
     #[schemars(inner(pattern(r"^([1-5]xx|[1-5][0-9][0-9])$")))]
     pub expect_status: Vec<String>,
+    /// A response header carrying agent words (`X-Load: 75%`, `drain`), read
+    /// on every probe as a TCP agent's line would be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub agent_header: Option<String>,
 }
 
 /// TLS probe settings.
@@ -900,6 +938,14 @@ pub struct EndpointStatus {
     /// Passed probes in a row.
     #[serde(default)]
     pub consecutive_successes: i32,
+    /// The weight its agent reports, in percent of the configured weight;
+    /// absent is 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_percent: Option<i32>,
+    /// Its agent says `drain` or `maint` (or 0%): no new requests or
+    /// connections; those in flight finish.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 fn default_weight() -> i32 {
@@ -907,6 +953,9 @@ fn default_weight() -> i32 {
 }
 fn default_interval() -> String {
     "3s".into()
+}
+fn default_agent_interval() -> String {
+    "2s".into()
 }
 fn default_probe_timeout() -> String {
     "1s".into()
@@ -996,6 +1045,7 @@ impl Default for HealthCheckSpec {
             port: None,
             http: HttpCheckSpec::default(),
             tls: TlsCheckSpec::default(),
+            agent: None,
         }
     }
 }
@@ -1007,6 +1057,7 @@ impl Default for HttpCheckSpec {
             path: default_path(),
             host: String::new(),
             expect_status: default_expect_status(),
+            agent_header: None,
         }
     }
 }

@@ -745,6 +745,35 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
             })
         }
     };
+    let agent = hc.agent.as_ref().map(|a| {
+        let port = errs.port("spec.healthCheck.agent.port", a.port);
+        let interval = errs.positive_duration("spec.healthCheck.agent.interval", &a.interval);
+        let timeout = errs.positive_duration("spec.healthCheck.agent.timeout", &a.timeout);
+        if !interval.is_zero() && !timeout.is_zero() && timeout >= interval {
+            errs.add(
+                "spec.healthCheck.agent.timeout",
+                format!(
+                    "must be less than agent.interval ({}), got {}",
+                    format_duration(interval),
+                    a.timeout
+                ),
+            );
+        }
+        AgentCheck {
+            port,
+            interval,
+            timeout,
+        }
+    });
+    if hc.http.agent_header.is_some() && hc.protocol != spec::ProbeProtocol::Http {
+        errs.add(
+            "spec.healthCheck.http.agentHeader",
+            format!(
+                "is read from the HTTP probe's answer: needs protocol HTTP, got {}",
+                hc.protocol.name()
+            ),
+        );
+    }
     HealthCheck {
         probe,
         interval,
@@ -753,6 +782,7 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
         fall,
         down_interval,
         port,
+        agent,
     }
 }
 
@@ -798,11 +828,22 @@ fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
             ),
         }
     }
+    let agent_header = h.agent_header.as_ref().and_then(|name| {
+        http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| {
+                errs.add(
+                    "spec.healthCheck.http.agentHeader",
+                    format!("must be an HTTP header name, got {name:?}"),
+                )
+            })
+            .ok()
+    });
     HttpProbe {
         method,
         path: h.path.clone(),
         host: (!h.host.is_empty()).then(|| h.host.clone()),
         expect: StatusMatch::from_rules(&rules),
+        agent_header,
     }
 }
 
@@ -908,6 +949,46 @@ mod tests {
         assert!(
             errors.iter().any(|e| e == expected),
             "expected {expected:?} in {errors:#?}"
+        );
+    }
+
+    #[test]
+    fn agent_checks_are_checked_and_named() {
+        let agent = |port: i32, interval: &str, timeout: &str| spec::AgentCheckSpec {
+            port,
+            interval: interval.into(),
+            timeout: timeout.into(),
+        };
+        let mut spec = base();
+        spec.health_check.agent = Some(agent(9999, "2s", "1s"));
+        let cfg = validate(ServiceKey::new("default", "web"), &spec).unwrap();
+        assert_eq!(
+            cfg.health.agent,
+            Some(AgentCheck {
+                port: 9999,
+                interval: Duration::from_secs(2),
+                timeout: Duration::from_secs(1)
+            })
+        );
+        assert!(cfg.health.reports_load());
+        assert_error(
+            |s| s.health_check.agent = Some(agent(0, "2s", "1s")),
+            "spec.healthCheck.agent.port: must be 1..=65535, got 0",
+        );
+        assert_error(
+            |s| s.health_check.agent = Some(agent(9999, "1s", "1s")),
+            "spec.healthCheck.agent.timeout: must be less than agent.interval (1s), got 1s",
+        );
+        assert_error(
+            |s| s.health_check.http.agent_header = Some("x-load".into()),
+            "spec.healthCheck.http.agentHeader: is read from the HTTP probe's answer: needs protocol HTTP, got TCP",
+        );
+        assert_error(
+            |s| {
+                s.health_check.protocol = spec::ProbeProtocol::Http;
+                s.health_check.http.agent_header = Some("x load".into());
+            },
+            "spec.healthCheck.http.agentHeader: must be an HTTP header name, got \"x load\"",
         );
     }
 

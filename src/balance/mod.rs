@@ -64,12 +64,22 @@ pub struct MemberSpec {
     pub max_connections: u32,
     /// Active health checks say it may serve.
     pub healthy: bool,
+    /// Its agent says `drain` or `maint` (or 0%): no new requests or
+    /// connections, even when every other endpoint is down.
+    pub draining: bool,
     /// Listeners that reach this endpoint on a port other than `addr`'s
     /// (named target ports resolved per listener), by listener name.
     pub ports: Vec<(String, u16)>,
     /// The groups (`default` and `spec.backends`) it belongs to, a bit each
     /// (bit 0 is `default`).
     pub groups: u64,
+}
+
+impl MemberSpec {
+    /// Healthy and not draining: may take new requests (ejection aside).
+    pub fn serves(&self) -> bool {
+        self.healthy && !self.draining
+    }
 }
 
 /// One endpoint in a snapshot.
@@ -204,7 +214,7 @@ impl Balancer {
     /// per group): a route's backend.
     pub fn pick_in(&self, snap: &Snapshot, tried: &Tried, key: Option<u64>, now: u64, groups: u64) -> Option<usize> {
         let members = &snap.members;
-        let live = |m: &Member| m.spec.groups & groups != 0 && m.spec.healthy && !m.endpoint.passive.is_ejected(now);
+        let live = |m: &Member| m.spec.serves() && m.spec.groups & groups != 0 && !m.endpoint.passive.is_ejected(now);
         let primaries = |i: usize| {
             let m = &members[i];
             !m.spec.backup && live(m) && !tried.contains(i) && !m.full()
@@ -226,10 +236,28 @@ impl Balancer {
         if (0..members.len()).any(|i| live(&members[i]) && !tried.contains(i)) {
             return None;
         }
-        let any = |i: usize| members[i].spec.groups & groups != 0 && !tried.contains(i) && !members[i].full();
+        let any = |i: usize| {
+            let m = &members[i];
+            m.spec.groups & groups != 0 && !m.spec.draining && !tried.contains(i) && !m.full()
+        };
         let primary_any = |i: usize| !members[i].spec.backup && any(i);
         self.pick_among(snap, key, &primary_any)
             .or_else(|| self.pick_among(snap, key, &any))
+    }
+
+    /// The serving member of `groups` with the most capacity left: the
+    /// highest effective weight, which carries the load its agent reports
+    /// (`75%` idle). Ties rotate. For assignments (TeamTalk's login server
+    /// handing out the least-loaded message server), where the caller does
+    /// not stay connected through us and active counts say nothing.
+    pub fn pick_least_loaded(&self, snap: &Snapshot, now: u64, groups: u64) -> Option<usize> {
+        let members = &snap.members;
+        let ok = |m: &Member| m.spec.serves() && m.spec.groups & groups != 0 && !m.endpoint.passive.is_ejected(now);
+        let best = members.iter().filter(|m| ok(m)).map(|m| m.spec.weight).max()?;
+        let ties: Vec<usize> = (0..members.len())
+            .filter(|&i| ok(&members[i]) && members[i].spec.weight == best)
+            .collect();
+        Some(ties[self.tie_cursor.fetch_add(1, Ordering::Relaxed) % ties.len()])
     }
 
     fn pick_among(&self, snap: &Snapshot, key: Option<u64>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
@@ -287,7 +315,7 @@ impl Snapshot {
     pub fn serving(&self, now: u64) -> usize {
         self.members
             .iter()
-            .filter(|m| m.spec.healthy && !m.endpoint.passive.is_ejected(now))
+            .filter(|m| m.spec.serves() && !m.endpoint.passive.is_ejected(now))
             .count()
     }
 }

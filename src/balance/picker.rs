@@ -123,6 +123,12 @@ const MAX_RING: u64 = 200_000;
 /// the same key maps to the same endpoint on every replica, and adding or
 /// removing one of N endpoints moves about 1/N of the keys.
 pub fn build_ring(addrs: &[SocketAddr], weights: &[u32]) -> Vec<(u64, u32)> {
+    // Weights are in hundredths of a configured weight (reported load scales
+    // them): their common divisor goes first, so equal weights still get
+    // VNODES_PER_WEIGHT nodes each and the same ring as before.
+    let g = weights.iter().fold(0u32, |g, &w| gcd(g, w.max(1))).max(1);
+    let weights: Vec<u32> = weights.iter().map(|&w| w.max(1) / g).collect();
+    let weights = &weights[..];
     let total: u64 = weights.iter().map(|&w| u64::from(w.max(1)) * VNODES_PER_WEIGHT).sum();
     let scale = if total > MAX_RING {
         MAX_RING as f64 / total as f64

@@ -11,6 +11,7 @@ fn addr(i: usize) -> SocketAddr {
 
 fn spec(i: usize, weight: u32) -> MemberSpec {
     MemberSpec {
+        draining: false,
         addr: addr(i),
         weight,
         backup: false,
@@ -165,6 +166,7 @@ fn tried_endpoints_are_skipped() {
 fn when_every_endpoint_is_down_they_are_tried_anyway() {
     let specs: Vec<_> = (0..2)
         .map(|i| MemberSpec {
+            draining: false,
             healthy: false,
             ports: Vec::new(),
             groups: 1,

@@ -409,6 +409,8 @@ async fn status_writer(
     stop: CancellationToken,
 ) {
     let mut transitions = ctx.prober.subscribe();
+    // Agent reports (weight, drain) change status without a transition.
+    let mut generation = ctx.prober.generation();
     let mut tick = tokio::time::interval(STATUS_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty: HashSet<ServiceKey> = HashSet::new();
@@ -427,6 +429,9 @@ async fn status_writer(
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+            Ok(()) = generation.changed() => {
+                dirty.extend(ctx.prober.take_changed());
+            }
             _ = tick.tick() => {
                 sweep(&ctx, &store);
                 for t in events.drain(..) {
@@ -543,7 +548,10 @@ async fn flush(ctx: &Ctx, key: &ServiceKey) -> bool {
         }
     }
     if let Some(cfg) = view.config.as_ref().filter(|c| c.publish_endpoint_slice) {
-        let wanted: Vec<(String, bool)> = endpoints.iter().map(|e| (e.addr.to_string(), e.serves())).collect();
+        let wanted: Vec<(String, bool)> = endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.serves() && !e.health.agent.draining()))
+            .collect();
         if view.slice_written.as_ref() != Some(&wanted) {
             let slice = healthy_slice(key, cfg, view.owner.clone(), &endpoints);
             let api = Api::<EndpointSlice>::namespaced(ctx.client.clone(), &key.namespace);
@@ -595,7 +603,8 @@ pub fn healthy_slice(
                 .map(|e| Endpoint {
                     addresses: vec![e.addr.ip().to_string()],
                     conditions: Some(EndpointConditions {
-                        ready: Some(e.serves()),
+                        // A draining endpoint is serving but not ready, as a terminating pod is.
+                        ready: Some(e.serves() && !e.health.agent.draining()),
                         serving: Some(e.health.health == Health::Healthy),
                         terminating: Some(e.terminating),
                     }),

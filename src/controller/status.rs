@@ -154,6 +154,8 @@ fn endpoint_status(e: &EndpointView) -> EndpointStatus {
         last_error: e.health.last_error.clone(),
         consecutive_failures: e.health.consecutive_failures.min(i32::MAX as u32) as i32,
         consecutive_successes: e.health.consecutive_successes.min(i32::MAX as u32) as i32,
+        weight_percent: (e.health.agent.weight_percent != 100).then_some(e.health.agent.weight_percent as i32),
+        draining: e.health.agent.draining(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Active health checking: probe kinds, the rise/fall state machine, and the
 //! scheduler that runs one probe loop per endpoint.
 
+pub mod agent;
 pub mod probe;
 pub mod prober;
 pub mod report;

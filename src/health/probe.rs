@@ -51,8 +51,12 @@ enum Phase {
 
 /// Runs one probe of `kind` against `addr`, bounded by `timeout`.
 pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &TlsClients) -> Result<(), ProbeError> {
-    probe_with(kind, addr, timeout, tls, None).await
+    probe_with(kind, addr, timeout, tls, None).await.map(drop)
 }
+
+/// What a passing probe brings back: the agent header's value, when the
+/// HTTP check names one and the answer carries it.
+pub type AgentLine = Option<String>;
 
 /// What an HTTP check keeps between probes of one endpoint: its request,
 /// built once, and a buffer for the status line (on the heap, so a task that
@@ -74,15 +78,23 @@ impl HttpScratch {
             "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balanced-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
             http.method, http.path
         );
+        // With an agent header the whole head is read, not just the status line.
+        let size = if http.agent_header.is_some() {
+            HEAD_MAX
+        } else {
+            STATUS_LINE_MAX
+        };
         Self {
             request: request.into_bytes(),
-            buf: vec![0; STATUS_LINE_MAX].into_boxed_slice(),
+            buf: vec![0; size].into_boxed_slice(),
         }
     }
 }
 
 /// The longest status line read.
 const STATUS_LINE_MAX: usize = 1024;
+/// The longest response head read when looking for an agent header.
+const HEAD_MAX: usize = 8192;
 
 /// [`probe`], reusing `scratch` for an endpoint probed again and again.
 pub async fn probe_with(
@@ -91,7 +103,7 @@ pub async fn probe_with(
     timeout: Duration,
     tls: &TlsClients,
     request: Option<&mut HttpScratch>,
-) -> Result<(), ProbeError> {
+) -> Result<AgentLine, ProbeError> {
     let mut phase = Phase::Connect;
     match tokio::time::timeout(timeout, run(kind, addr, tls, request, &mut phase)).await {
         Ok(result) => result,
@@ -117,7 +129,7 @@ async fn run(
     tls: &TlsClients,
     request: Option<&mut HttpScratch>,
     phase: &mut Phase,
-) -> Result<(), ProbeError> {
+) -> Result<AgentLine, ProbeError> {
     let stream = connect(addr, matches!(kind, ProbeKind::Tcp))
         .await
         .map_err(|e| ProbeError {
@@ -125,7 +137,7 @@ async fn run(
             ..ProbeError::failed(format!("connect: {}", io_text(&e)))
         })?;
     match kind {
-        ProbeKind::Tcp => Ok(()),
+        ProbeKind::Tcp => Ok(None),
         ProbeKind::Http(http) => {
             *phase = Phase::Response;
             http_probe(stream, addr, http, request).await
@@ -134,7 +146,7 @@ async fn run(
             *phase = Phase::Handshake;
             // Boxed: a TLS handshake's state is kilobytes, and every
             // endpoint's task would carry that much even for TCP checks.
-            Box::pin(tls_probe(stream, addr, settings, tls)).await
+            Box::pin(tls_probe(stream, addr, settings, tls)).await.map(|()| None)
         }
     }
 }
@@ -167,7 +179,7 @@ async fn http_probe(
     addr: SocketAddr,
     http: &HttpProbe,
     scratch: Option<&mut HttpScratch>,
-) -> Result<(), ProbeError> {
+) -> Result<AgentLine, ProbeError> {
     let mut built = None;
     let scratch = match scratch {
         Some(s) => s,
@@ -177,9 +189,12 @@ async fn http_probe(
         .write_all(&scratch.request)
         .await
         .map_err(|e| ProbeError::failed(format!("http: send: {}", io_text(&e))))?;
-    let status = read_status(&mut stream, &mut scratch.buf).await?;
+    let (status, line) = match &http.agent_header {
+        None => (read_status(&mut stream, &mut scratch.buf).await?, None),
+        Some(name) => read_head(&mut stream, &mut scratch.buf, name).await?,
+    };
     if http.expect.matches(status) {
-        Ok(())
+        Ok(line)
     } else {
         Err(ProbeError::failed(format!(
             "http: status {status}, expected {}",
@@ -207,6 +222,48 @@ async fn read_status(stream: &mut TcpStream, buf: &mut [u8]) -> Result<u16, Prob
             return Err(ProbeError::failed("http: status line longer than 1024 bytes"));
         }
     }
+}
+
+/// Reads the response head: its status and the value of header `name`.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    name: &http::HeaderName,
+) -> Result<(u16, AgentLine), ProbeError> {
+    let mut len = 0;
+    let end = loop {
+        let n = stream
+            .read(&mut buf[len..])
+            .await
+            .map_err(|e| ProbeError::failed(format!("http: read: {}", io_text(&e))))?;
+        if n == 0 {
+            return Err(ProbeError::failed(
+                "http: connection closed before the end of the headers",
+            ));
+        }
+        len += n;
+        if let Some(end) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        if len == buf.len() {
+            return Err(ProbeError::failed(format!(
+                "http: response headers longer than {HEAD_MAX} bytes"
+            )));
+        }
+    };
+    let mut lines = buf[..end]
+        .split(|b| *b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let status = parse_status_line(lines.next().unwrap_or_default())?;
+    let value = lines
+        .filter_map(|l| {
+            let colon = l.iter().position(|b| *b == b':')?;
+            l[..colon]
+                .eq_ignore_ascii_case(name.as_str().as_bytes())
+                .then(|| String::from_utf8_lossy(&l[colon + 1..]).trim().to_string())
+        })
+        .next();
+    Ok((status, value))
 }
 
 fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use super::probe::{HttpScratch, ProbeError, probe_with};
 use super::state::{Health, HealthState};
 use super::tls::TlsClients;
-use crate::api::config::{HealthCheck, ServiceKey};
+use crate::api::config::{AgentCheck, HealthCheck, ServiceKey};
 use crate::metrics::{EndpointLabels, ProbeLabels, ProbeMetrics, ServiceLabels, TransitionLabels};
 
 /// A change of an endpoint's health.
@@ -71,9 +71,15 @@ type FakeProbe = Arc<
         + Sync,
 >;
 
+/// Stands in for an agent in unit tests: its answer for an address.
+#[cfg(test)]
+type FakeAgent = Arc<dyn Fn(SocketAddr) -> Result<String, ProbeError> + Send + Sync>;
+
 struct Inner {
     #[cfg(test)]
     fake: Option<FakeProbe>,
+    #[cfg(test)]
+    fake_agent: Option<FakeAgent>,
     on_pass: std::sync::OnceLock<PassHook>,
     services: Mutex<HashMap<ServiceKey, ServiceEntry>>,
     // Services with a transition since `take_changed` last ran.
@@ -105,6 +111,8 @@ impl Prober {
             inner: Arc::new(Inner {
                 #[cfg(test)]
                 fake: None,
+                #[cfg(test)]
+                fake_agent: None,
                 on_pass: std::sync::OnceLock::new(),
                 services: Mutex::new(HashMap::new()),
                 changed: Mutex::new(HashSet::new()),
@@ -241,6 +249,17 @@ impl Prober {
         state: Arc<Mutex<HealthState>>,
     ) -> CancellationToken {
         let stop = self.inner.shutdown.child_token();
+        if let Some(agent) = check.agent.clone() {
+            let task = AgentTask {
+                service: key.clone(),
+                addr,
+                agent,
+                state: state.clone(),
+                inner: self.inner.clone(),
+                stop: stop.clone(),
+            };
+            self.inner.tasks.spawn(task.run());
+        }
         let task = EndpointTask {
             service: key.clone(),
             addr,
@@ -322,6 +341,23 @@ impl EndpointTask {
                 r = self.probe(probe_addr, scratch.as_mut()) => r,
             };
             histogram.observe(started.elapsed().as_secs_f64());
+            let result = result.and_then(|line| {
+                if let Some(line) = line {
+                    hear(
+                        &self.inner,
+                        &self.service,
+                        self.addr,
+                        &self.state,
+                        &line,
+                        "agent header",
+                    );
+                }
+                // An agent that says down fails the check, at the check's own pace.
+                match &self.state.lock().expect("state lock poisoned").agent.down {
+                    Some(why) => Err(ProbeError::failed(format!("agent: {why}"))),
+                    None => Ok(()),
+                }
+            });
             if let Err(e) = &result
                 && e.local
             {
@@ -412,7 +448,11 @@ impl EndpointTask {
         self.inner.generation.send_modify(|g| *g += 1);
     }
 
-    async fn probe(&self, addr: SocketAddr, scratch: Option<&mut HttpScratch>) -> Result<(), ProbeError> {
+    async fn probe(
+        &self,
+        addr: SocketAddr,
+        scratch: Option<&mut HttpScratch>,
+    ) -> Result<super::probe::AgentLine, ProbeError> {
         #[cfg(test)]
         if let Some(fake) = &self.inner.fake {
             return tokio::time::timeout(self.check.timeout, fake(addr))
@@ -423,7 +463,8 @@ impl EndpointTask {
                         local: false,
                         message: "timeout".into(),
                     })
-                });
+                })
+                .map(|()| None);
         }
         probe_with(&self.check.probe, addr, self.check.timeout, &self.inner.tls, scratch).await
     }
@@ -458,6 +499,123 @@ impl EndpointTask {
     }
 }
 
+/// Asks one endpoint's agent every `agent.interval`, apart from its probes.
+struct AgentTask {
+    service: ServiceKey,
+    addr: SocketAddr,
+    agent: AgentCheck,
+    state: Arc<Mutex<HealthState>>,
+    inner: Arc<Inner>,
+    stop: CancellationToken,
+}
+
+/// Agents that did not answer, logged at most once every 10 s with a count.
+static AGENT_UNREACHABLE: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(Duration::from_secs(10));
+
+/// Agent answers that were not agent words, logged at most once a second.
+static AGENT_GARBAGE: crate::throttle::LogThrottle = crate::throttle::LogThrottle::new(Duration::from_secs(1));
+
+impl AgentTask {
+    async fn run(self) {
+        let at = SocketAddr::new(self.addr.ip(), self.agent.port);
+        let mut delay = spread(self.agent.interval);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = jitter(self.agent.interval);
+            let answer = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                a = ask_agent(&self.inner, at, self.agent.timeout) => a,
+            };
+            match answer {
+                Ok(line) => hear(&self.inner, &self.service, self.addr, &self.state, &line, "agent"),
+                Err(e) => {
+                    // HAProxy too: an agent that cannot be reached changes
+                    // nothing, the regular check decides health.
+                    self.inner
+                        .metrics
+                        .agent_errors
+                        .get_or_create(&ServiceLabels {
+                            service: self.service.to_string(),
+                        })
+                        .inc();
+                    if let Some(n) = AGENT_UNREACHABLE.hit() {
+                        tracing::warn!(service = %self.service, endpoint = %self.addr, error = %e, times = n, "agent check got no answer; the endpoint keeps its last report");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn ask_agent(inner: &Inner, at: SocketAddr, timeout: Duration) -> Result<String, ProbeError> {
+    #[cfg(test)]
+    if let Some(fake) = &inner.fake_agent {
+        return fake(at);
+    }
+    let _ = inner;
+    super::agent::ask(at, timeout).await
+}
+
+/// Applies one agent answer (`via` says where it came from) to an
+/// endpoint's state; garbage is logged and changes nothing.
+fn hear(inner: &Inner, service: &ServiceKey, addr: SocketAddr, state: &Mutex<HealthState>, line: &str, via: &str) {
+    let words = match super::agent::parse(line) {
+        Ok(w) => w,
+        Err(why) => {
+            inner
+                .metrics
+                .agent_errors
+                .get_or_create(&ServiceLabels {
+                    service: service.to_string(),
+                })
+                .inc();
+            if let Some(n) = AGENT_GARBAGE.hit() {
+                tracing::warn!(service = %service, endpoint = %addr, via, error = %why, times = n, "agent answer ignored: not agent words");
+            }
+            return;
+        }
+    };
+    let now = {
+        let mut state = state.lock().expect("state lock poisoned");
+        if !state.agent.apply(&words) {
+            return;
+        }
+        state.agent.clone()
+    };
+    let labels = EndpointLabels {
+        service: service.to_string(),
+        endpoint: addr.to_string(),
+    };
+    inner
+        .metrics
+        .weight_percent
+        .get_or_create(&labels)
+        .set(i64::from(now.weight_percent));
+    inner
+        .metrics
+        .draining
+        .get_or_create(&labels)
+        .set(i64::from(now.draining()));
+    tracing::info!(
+        service = %service,
+        endpoint = %addr,
+        via,
+        weight_percent = now.weight_percent,
+        admin = now.admin.as_str(),
+        down = now.down.as_deref(),
+        "endpoint agent report changed"
+    );
+    inner
+        .changed
+        .lock()
+        .expect("prober lock poisoned")
+        .insert(service.clone());
+    inner.generation.send_modify(|g| *g += 1);
+}
+
 /// A random point in `[0, interval)`: where an endpoint's first probe lands.
 fn spread(interval: Duration) -> Duration {
     let millis = interval.as_millis().max(1) as u64;
@@ -485,6 +643,7 @@ mod tests {
             fall: 1,
             down_interval: interval,
             port: None,
+            agent: None,
         }
     }
 

@@ -47,6 +47,10 @@ pub struct EndpointReport {
     pub active_connections: u64,
     /// Passively ejected by this process (maxFails within failTimeout).
     pub ejected: bool,
+    /// The weight its agent reports, in percent of the configured one.
+    pub weight_percent: u32,
+    /// Its agent says `drain` or `maint` (or 0%): no new requests.
+    pub draining: bool,
 }
 
 impl EndpointReport {
@@ -62,6 +66,8 @@ impl EndpointReport {
             last_transition_time: state.last_transition.map(rfc3339),
             active_connections: 0,
             ejected: false,
+            weight_percent: state.agent.weight_percent,
+            draining: state.agent.draining(),
         }
     }
 }
@@ -119,7 +125,8 @@ mod tests {
                 "lastError": "connect: connection refused",
                 "consecutiveSuccesses": 0, "consecutiveFailures": 1,
                 "lastTransitionTime": "1970-01-01T00:00:00Z",
-                "activeConnections": 0, "ejected": false
+                "activeConnections": 0, "ejected": false,
+                "weightPercent": 100, "draining": false
             })
         );
     }

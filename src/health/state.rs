@@ -60,6 +60,8 @@ pub struct HealthState {
     pub last_error: Option<String>,
     /// When `health` last changed.
     pub last_transition: Option<SystemTime>,
+    /// What the endpoint's agent reported (weight, drain, down).
+    pub agent: super::agent::AgentState,
 }
 
 impl Default for HealthState {
@@ -77,6 +79,7 @@ impl HealthState {
             consecutive_failures: 0,
             last_error: None,
             last_transition: None,
+            agent: super::agent::AgentState::default(),
         }
     }
 

@@ -253,6 +253,7 @@ mod tests {
             .iter()
             .zip(healthy)
             .map(|(e, h)| MemberSpec {
+                draining: false,
                 addr: e.addr,
                 weight: e.weight,
                 backup: e.backup,

@@ -579,7 +579,7 @@ async fn after_upload<T>(
 /// `maxConnections`, then what the last attempt met.
 pub(super) fn exhausted_flags(end: &Exhausted, snap: &Snapshot) -> Flags {
     let mut flags = Flags::default();
-    let healthy = snap.members.iter().filter(|m| m.spec.healthy).count();
+    let healthy = snap.members.iter().filter(|m| m.spec.serves()).count();
     if healthy == 0 {
         flags.set(Flags::NO_HEALTHY_UPSTREAM);
     }

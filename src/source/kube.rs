@@ -48,9 +48,15 @@ pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
         };
         let addr = SocketAddr::new(ip, port);
         let st = statics.get(&addr);
+        let percent = e.weight_percent.map_or(100, |p| p.clamp(0, 1000) as u32);
+        let agent = crate::health::agent::AgentState {
+            weight_percent: percent,
+            ..Default::default()
+        };
         out.push(MemberSpec {
+            draining: e.draining || percent == 0,
             addr,
-            weight: st.map_or(1, |s| s.weight),
+            weight: agent.scale(st.map_or(1, |s| s.weight)),
             backup: st.is_some_and(|s| s.backup),
             max_connections: st.map_or(0, |s| s.max_connections),
             healthy: e.healthy,
@@ -66,8 +72,9 @@ pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
     for e in &cfg.endpoints {
         if !out.iter().any(|m| m.addr == e.addr) {
             out.push(MemberSpec {
+                draining: false,
                 addr: e.addr,
-                weight: e.weight,
+                weight: crate::health::agent::AgentState::default().scale(e.weight),
                 backup: e.backup,
                 max_connections: e.max_connections,
                 healthy: false,

@@ -1,6 +1,7 @@
 //! Helpers for integration tests: TLS backends (rcgen), standalone files, a test API server.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod apiserver;
 pub mod standalone;
 
