@@ -66,6 +66,9 @@ pub enum Command {
         /// Write one JSON line per request or TCP connection to this file (`-` for standard output).
         #[arg(long, value_name = "PATH|-")]
         access_log: Option<String>,
+        /// Serve xDS (Envoy's ADS, v3) on this address for proxyless gRPC clients and Envoy.
+        #[arg(long, value_name = "ADDR")]
+        xds: Option<SocketAddr>,
     },
     /// Run local backends and a proxy, kill and revive a backend, show what clients saw.
     Demo,
@@ -276,6 +279,7 @@ pub async fn run(command: Command) -> Result<ExitCode, Error> {
             drain_delay,
             grace,
             access_log,
+            xds,
             ..
         } => {
             let access_log = open_access_log(access_log.as_deref())?;
@@ -287,6 +291,7 @@ pub async fn run(command: Command) -> Result<ExitCode, Error> {
             opts.drain_delay = drain_delay;
             opts.serving.grace = grace;
             opts.serving.access_log = access_log;
+            opts.xds = xds;
             standalone::run(opts, admin, shutdown).await?;
         }
         Command::Controller {

@@ -16,6 +16,7 @@ pub mod signal;
 pub mod source;
 pub mod standalone;
 pub mod throttle;
+pub mod xds;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;

@@ -35,6 +35,8 @@ pub struct Options {
     pub serving: Serving,
     /// On SIGTERM, how long `/readyz` fails before listeners stop accepting.
     pub drain_delay: Duration,
+    /// Serve xDS (ADS) here, if set.
+    pub xds: Option<SocketAddr>,
 }
 
 impl Options {
@@ -46,6 +48,7 @@ impl Options {
             bind: IpAddr::from([0, 0, 0, 0]),
             serving: Serving::default(),
             drain_delay: Duration::ZERO,
+            xds: None,
         }
     }
 }
@@ -67,6 +70,14 @@ pub enum Error {
     /// Signal handlers could not be installed.
     #[error("cannot watch for SIGHUP: {0}")]
     Signal(std::io::Error),
+    /// The xDS address could not be bound.
+    #[error("--xds {addr}: cannot listen: {source}")]
+    Xds {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Probes and serves the file's BalancedServices until `shutdown` is cancelled,
@@ -80,6 +91,18 @@ pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: Cancellat
         services = source.view.configs.load().len(),
         "standalone running"
     );
+    if let Some(addr) = opts.xds {
+        let listener = crate::xds::bind(addr)
+            .await
+            .map_err(|source| Error::Xds { addr, source })?;
+        let view = source.view.clone();
+        let snapshots = crate::xds::publish(
+            move || view.xds_services(),
+            source.prober.generation(),
+            shutdown.clone(),
+        );
+        tokio::spawn(crate::xds::serve(listener, snapshots, shutdown.clone()));
+    }
     let shell_opts = shell::Options {
         bind: opts.bind,
         serving: opts.serving,
@@ -236,6 +259,42 @@ impl Source for FileSource {
     async fn stop(self) {
         self.stop.cancel();
         self.prober.stopped().await;
+    }
+}
+
+impl FileView {
+    /// Every service's `default` endpoints as the xDS server publishes them.
+    fn xds_services(&self) -> Vec<crate::xds::Service> {
+        self.configs
+            .load()
+            .iter()
+            .map(|cfg| {
+                let states: std::collections::HashMap<SocketAddr, HealthState> =
+                    self.prober.states(&cfg.key).into_iter().collect();
+                let unreported = HealthState::new();
+                let endpoints = cfg
+                    .static_members()
+                    .into_iter()
+                    .filter(|(_, groups)| groups & 1 != 0)
+                    .map(|(e, _)| {
+                        let state = states.get(&e.addr).unwrap_or(&unreported);
+                        crate::xds::Endpoint {
+                            addr: e.addr,
+                            ports: Vec::new(),
+                            zone: None,
+                            health: state.health,
+                            not_ready: false,
+                            draining: state.agent.draining(),
+                            weight: state.agent.scale(e.weight),
+                        }
+                    })
+                    .collect();
+                crate::xds::Service {
+                    config: cfg.clone(),
+                    endpoints,
+                }
+            })
+            .collect()
     }
 }
 

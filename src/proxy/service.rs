@@ -348,14 +348,7 @@ impl ServiceRuntime {
     /// listener's numeric target port, the port the controller resolved for
     /// this listener (a named target port), or its own port.
     pub fn target(member: &Member, listener: &ListenerConfig) -> SocketAddr {
-        let ip = member.spec.addr.ip();
-        match listener.target_port {
-            Some(TargetPort::Number(port)) => SocketAddr::new(ip, port),
-            _ => match member.spec.ports.iter().find(|(name, _)| *name == listener.name) {
-                Some((_, port)) => SocketAddr::new(ip, *port),
-                None => member.spec.addr,
-            },
-        }
+        target_of(member.spec.addr, &member.spec.ports, listener)
     }
 
     /// The service's rate limiter, if it has a `rateLimit`.
@@ -431,5 +424,17 @@ pub fn ip_bytes(peer: SocketAddr) -> Vec<u8> {
     match peer.ip() {
         std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
         std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+/// Where an endpoint at `addr`, with the per-listener `ports` the controller
+/// resolved, is reached for `listener` (see [`ServiceRuntime::target`]).
+pub fn target_of(addr: SocketAddr, ports: &[(String, u16)], listener: &ListenerConfig) -> SocketAddr {
+    match listener.target_port {
+        Some(TargetPort::Number(port)) => SocketAddr::new(addr.ip(), port),
+        _ => match ports.iter().find(|(name, _)| *name == listener.name) {
+            Some((_, port)) => SocketAddr::new(addr.ip(), *port),
+            None => addr,
+        },
     }
 }
