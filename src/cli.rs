@@ -106,6 +106,9 @@ pub enum Command {
         /// Lease duration: a standby takes over this long after the leader stops renewing.
         #[arg(long, default_value = "15s", value_parser = duration)]
         lease_duration: Duration,
+        /// Serve xDS (Envoy's ADS, v3) on this address for proxyless gRPC clients and Envoy.
+        #[arg(long, value_name = "ADDR")]
+        xds: Option<SocketAddr>,
     },
     /// The data plane of one BalancedService in a cluster.
     Proxy {
@@ -302,6 +305,7 @@ pub async fn run(command: Command) -> Result<ExitCode, Error> {
             lease_namespace,
             lease_name,
             lease_duration,
+            xds,
         } => {
             let (shutdown, admin, client) = in_cluster(admin).await?;
             let identity = std::env::var("POD_NAME")
@@ -318,7 +322,11 @@ pub async fn run(command: Command) -> Result<ExitCode, Error> {
                 render: render_options(image, proxy_resources)?,
                 lease,
             };
-            crate::controller::run::serve(client, opts, admin, shutdown).await;
+            let xds = match xds {
+                Some(addr) => Some(bind(addr, "--xds").await?),
+                None => None,
+            };
+            crate::controller::run::serve(client, opts, admin, xds, shutdown).await;
         }
         Command::Proxy {
             namespace,

@@ -181,7 +181,7 @@ impl AdminView for AdminState {
         key: &crate::api::config::ServiceKey,
         hash: Option<&str>,
     ) -> Result<std::net::SocketAddr, (http::StatusCode, String)> {
-        use crate::balance::{Tried, now_ms, picker};
+        use crate::balance::{now_ms, picker};
         let runtime = self
             .dataplane
             .service(key)
@@ -193,19 +193,12 @@ impl AdminView for AdminState {
             _ => None,
         };
         let now = now_ms();
-        let serving = |i: usize| snap.members[i].spec.serves() && !snap.members[i].endpoint.passive.is_ejected(now);
-        // Endpoints that report their load are assigned by it; the others by
-        // the service's algorithm. The picker falls back to unhealthy
-        // endpoints when none is healthy (better than nothing for a request);
-        // an assignment says so instead.
-        let picked = if current.config.health.reports_load() && hash.is_none() {
-            runtime.balancer.pick_least_loaded(snap, now, 1)
-        } else {
-            runtime.balancer.pick_in(snap, &Tried::default(), hash, now, 1)
-        };
-        match picked {
-            Some(i) if serving(i) => Ok(snap.members[i].spec.addr),
-            _ => Err((
+        match runtime
+            .balancer
+            .assign(snap, current.config.health.reports_load(), hash, now)
+        {
+            Some(i) => Ok(snap.members[i].spec.addr),
+            None => Err((
                 http::StatusCode::SERVICE_UNAVAILABLE,
                 format!("no healthy endpoint in {key} (0/{} serving)\n", snap.members.len()),
             )),

@@ -97,7 +97,7 @@ pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: Cancellat
             .map_err(|source| Error::Xds { addr, source })?;
         let view = source.view.clone();
         let snapshots = crate::xds::publish(
-            move || view.xds_services(),
+            move || Some(view.xds_services()),
             source.prober.generation(),
             shutdown.clone(),
         );

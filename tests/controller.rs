@@ -60,6 +60,8 @@ fn slices_for(server: &ApiServer, backends: &[SocketAddr]) {
 struct Running {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    admin: std::net::SocketAddr,
+    xds: std::net::SocketAddr,
 }
 
 async fn stopped(task: tokio::task::JoinHandle<()>) {
@@ -71,6 +73,9 @@ async fn stopped(task: tokio::task::JoinHandle<()>) {
 
 async fn controller(server: &ApiServer, lease: Option<LeaseConfig>) -> Running {
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
+    let xds = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds_addr = xds.local_addr().unwrap();
     let stop = CancellationToken::new();
     let opts = ControllerOptions {
         render: RenderOptions {
@@ -79,8 +84,13 @@ async fn controller(server: &ApiServer, lease: Option<LeaseConfig>) -> Running {
         },
         lease,
     };
-    let task = tokio::spawn(serve(server.client(), opts, admin, stop.clone()));
-    Running { stop, task }
+    let task = tokio::spawn(serve(server.client(), opts, admin, Some(xds), stop.clone()));
+    Running {
+        stop,
+        task,
+        admin: admin_addr,
+        xds: xds_addr,
+    }
 }
 
 /// `balanced proxy` for shop/web against the test API server, ready.
@@ -588,4 +598,134 @@ async fn a_second_services_slices_feed_a_backend_that_a_route_reaches() {
     proxy.stop().await;
     c.stop.cancel();
     stopped(c.task).await;
+}
+
+/// Opens an ADS stream to `xds` and asks for `name`'s endpoints.
+async fn eds_stream(
+    xds: SocketAddr,
+    name: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
+        tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+    ),
+    tonic::Status,
+> {
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        type_url: balanced::xds::resources::ENDPOINTS.into(),
+        resource_names: vec![name.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .stream_aggregated_resources(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    // A standby answers the first read with UNAVAILABLE.
+    let first = stream.message().await?;
+    assert!(first.is_some(), "a first response");
+    Ok((tx, stream))
+}
+
+/// The endpoints and health statuses of a ClusterLoadAssignment response.
+fn eds_health(r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse) -> Vec<(u32, i32)> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+    use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+    use prost::Message;
+    let a = ClusterLoadAssignment::decode(r.resources[0].value.as_slice()).unwrap();
+    a.endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .map(|e| {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                panic!()
+            };
+            let Some(address::Address::SocketAddress(sa)) = &ep.address.as_ref().unwrap().address else {
+                panic!()
+            };
+            let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                panic!()
+            };
+            (port, e.health_status)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_answers_picks_and_xds_and_a_standby_sends_clients_away() {
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    let server = ApiServer::start().await;
+    let lease = |id: &str| LeaseConfig {
+        namespace: "balanced".into(),
+        name: "balanced-controller".into(),
+        identity: id.into(),
+        duration: Duration::from_secs(2),
+        renew: Duration::from_millis(500),
+    };
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let mut b = Backend::http("b", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr, b.addr]);
+    let spec = web_spec(1);
+    let port = spec["listeners"][0]["port"].as_u64().unwrap();
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let one = controller(&server, Some(lease("one"))).await;
+    wait_status(&server, Duration::from_secs(5), "both healthy", |s| s["ready"] == "2/2").await;
+    let two = controller(&server, Some(lease("two"))).await;
+    let pick = format!("/v1/namespaces/{NS}/balancedservices/web/pick");
+
+    // The leader assigns; round robin is not the default, least connections
+    // with no connections spreads by its rotating tie-break.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let (status, body) = http_get(one.admin, &pick).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        seen.insert(serde_json::from_str::<Value>(&body).unwrap()["port"].as_u64().unwrap());
+    }
+    assert_eq!(seen.len(), 2, "both endpoints handed out: {seen:?}");
+    let (status, body) = http_get(two.admin, &pick).await.unwrap();
+    assert_eq!(
+        (status, body.trim()),
+        (503, "this controller is standing by: ask the leader")
+    );
+
+    // xDS: the standby turns the stream away, the leader serves EDS.
+    let name = format!("web.{NS}:{port}");
+    let refused = eds_stream(two.xds, &name).await.expect_err("the standby refuses");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    let (_tx, mut stream) = eds_stream(one.xds, &name).await.unwrap();
+
+    // b dies: its health status turns UNHEALTHY in a pushed version, and
+    // only a is assigned.
+    b.kill();
+    let pushed = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let r = stream.message().await.unwrap().unwrap();
+            let health = eds_health(&r);
+            if health.contains(&(u32::from(b.addr.port()), HealthStatus::Unhealthy as i32)) {
+                return health;
+            }
+        }
+    })
+    .await
+    .expect("an EDS push with b UNHEALTHY within fall x interval + 1 s");
+    assert!(
+        pushed.contains(&(u32::from(a.addr.port()), HealthStatus::Healthy as i32)),
+        "{pushed:?}"
+    );
+    for _ in 0..3 {
+        let (_, body) = http_get(one.admin, &pick).await.unwrap();
+        assert!(body.contains(&format!("\"port\":{}", a.addr.port())), "{body}");
+    }
+    b.revive().await.unwrap();
+    one.stop.cancel();
+    two.stop.cancel();
+    stopped(one.task).await;
+    stopped(two.task).await;
 }

@@ -100,6 +100,7 @@ async fn e2e_balanced_service_lifecycle() {
             client.clone(),
             opts,
             admin,
+            None,
             stop.clone(),
         ));
     }

@@ -260,6 +260,18 @@ impl Balancer {
         Some(ties[self.tie_cursor.fetch_add(1, Ordering::Relaxed) % ties.len()])
     }
 
+    /// The assign API's choice in `default`: among serving endpoints only
+    /// (never the all-down fallback a request gets), by reported load when
+    /// `by_load` and no hash `key`, else by the algorithm.
+    pub fn assign(&self, snap: &Snapshot, by_load: bool, key: Option<u64>, now: u64) -> Option<usize> {
+        let picked = if by_load && key.is_none() {
+            self.pick_least_loaded(snap, now, 1)
+        } else {
+            self.pick_in(snap, &Tried::default(), key, now, 1)
+        };
+        picked.filter(|&i| snap.members[i].spec.serves() && !snap.members[i].endpoint.passive.is_ejected(now))
+    }
+
     fn pick_among(&self, snap: &Snapshot, key: Option<u64>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
         let members = &snap.members;
         match &snap.algorithm {

@@ -80,8 +80,123 @@ fn key_of(bsvc: &BalancedService) -> ServiceKey {
     ServiceKey::new(bsvc.namespace().unwrap_or_else(|| "default".into()), bsvc.name_any())
 }
 
+/// The leading controller's state, shared with the assign API and the xDS
+/// server, which answer from it while this replica leads.
+#[derive(Clone)]
+pub struct Leading {
+    ctx: Arc<Mutex<Option<Arc<Ctx>>>>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Leading {
+    fn default() -> Self {
+        Self {
+            ctx: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
+
+impl Leading {
+    fn set(&self, ctx: Option<Arc<Ctx>>) {
+        *self.ctx.lock().expect("leading lock") = ctx;
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    fn get(&self) -> Option<Arc<Ctx>> {
+        self.ctx.lock().expect("leading lock").clone()
+    }
+
+    /// Bumped whenever what xDS publishes may have changed.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Every BalancedService's `default` endpoints for the xDS server; `None`
+    /// while standing by.
+    pub fn xds_services(&self) -> Option<Vec<crate::xds::Service>> {
+        let ctx = self.get()?;
+        let views = ctx.views.lock().expect("views lock");
+        let mut keys: Vec<&ServiceKey> = views.keys().collect();
+        keys.sort();
+        Some(
+            keys.into_iter()
+                .filter_map(|key| {
+                    let view = &views[key];
+                    let config = view.config.clone()?;
+                    let states: HashMap<_, _> = ctx.prober.states(key).into_iter().collect();
+                    let statics: HashMap<_, _> = config.endpoints.iter().map(|e| (e.addr, e.weight)).collect();
+                    let endpoints = view
+                        .endpoints
+                        .iter()
+                        .filter(|d| d.backends.is_empty() || d.backends.iter().any(|b| b == "default"))
+                        .map(|d| {
+                            let state = states.get(&d.addr).cloned().unwrap_or_default();
+                            crate::xds::Endpoint {
+                                addr: d.addr,
+                                ports: d.ports.clone(),
+                                zone: d.zone.clone(),
+                                health: state.health,
+                                not_ready: !d.ready || d.terminating,
+                                draining: state.agent.draining(),
+                                weight: state.agent.scale(statics.get(&d.addr).copied().unwrap_or(1)),
+                            }
+                        })
+                        .collect();
+                    Some(crate::xds::Service { config, endpoints })
+                })
+                .collect(),
+        )
+    }
+
+    /// The snapshot members of `key`'s `default` group as the assign API
+    /// sees them, with its config.
+    fn members(
+        &self,
+        key: &ServiceKey,
+    ) -> Result<(Arc<Config>, Vec<crate::balance::MemberSpec>), (http::StatusCode, String)> {
+        let ctx = self.get().ok_or_else(|| {
+            (
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "this controller is standing by: ask the leader\n".to_string(),
+            )
+        })?;
+        let xds = self.xds_services().unwrap_or_default();
+        drop(ctx);
+        let svc = xds
+            .into_iter()
+            .find(|s| s.config.key == *key)
+            .ok_or_else(|| (http::StatusCode::NOT_FOUND, format!("no BalancedService {key}\n")))?;
+        let members = svc
+            .endpoints
+            .iter()
+            .map(|e| crate::balance::MemberSpec {
+                addr: e.addr,
+                weight: e.weight,
+                backup: svc.config.endpoints.iter().any(|s| s.addr == e.addr && s.backup),
+                max_connections: 0,
+                healthy: e.health == Health::Healthy && !e.not_ready,
+                draining: e.draining,
+                ports: e.ports.clone(),
+                groups: 1,
+            })
+            .collect();
+        Ok((svc.config, members))
+    }
+}
+
 /// Runs the controller until `stop` is cancelled.
 pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, stop: CancellationToken) {
+    run_leading(client, render, metrics, stop, &Leading::default()).await
+}
+
+async fn run_leading(
+    client: Client,
+    render: RenderOptions,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    leading: &Leading,
+) {
     let prober = Prober::new(metrics.probe.clone(), stop.clone());
     let (slice_reader, slice_writer) = reflector::store::<EndpointSlice>();
     let slice_stream = watcher(
@@ -119,6 +234,21 @@ pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, s
     });
 
     let writer = tokio::spawn(status_writer(ctx.clone(), bsvc_reader.clone(), dirty_rx, stop.clone()));
+    leading.set(Some(ctx.clone()));
+    // Probes, agents and reconciles (which re-target the prober) all bump the
+    // prober's generation: that is what xDS rebuilds on.
+    let forward = {
+        let (mut generation, leading, stop) = (prober.generation(), leading.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    changed = generation.changed() => if changed.is_err() { return },
+                }
+                leading.changes.send_modify(|g| *g += 1);
+            }
+        })
+    };
     let store = bsvc_reader.clone();
     let controller = Controller::for_stream(bsvc_stream, bsvc_reader)
         // The owned-object watches share one backoff, so a 410 Gone on each
@@ -167,6 +297,8 @@ pub async fn run(client: Client, render: RenderOptions, metrics: Arc<Metrics>, s
         _ = deadline => tracing::warn!("controller did not stop within 10 s; dropping it"),
     }
     stop.cancel();
+    leading.set(None);
+    let _ = forward.await;
     let _ = writer.await;
     tracing::debug!("status writer ended");
     prober.stopped().await;
@@ -639,6 +771,8 @@ pub struct ControllerOptions {
 
 struct ControllerAdmin {
     metrics: Arc<Metrics>,
+    leading: Leading,
+    balancers: Mutex<HashMap<ServiceKey, Arc<crate::balance::Balancer>>>,
 }
 
 impl crate::proxy::admin::AdminView for ControllerAdmin {
@@ -651,6 +785,35 @@ impl crate::proxy::admin::AdminView for ControllerAdmin {
     fn metrics(&self) -> String {
         self.metrics.encode()
     }
+
+    fn pick(&self, key: &ServiceKey, hash: Option<&str>) -> Result<std::net::SocketAddr, (http::StatusCode, String)> {
+        let (config, members) = self.leading.members(key)?;
+        let n = members.len();
+        // One balancer per service, kept between calls: round robin's
+        // cursor moves on from one assignment to the next.
+        let balancer = self
+            .balancers
+            .lock()
+            .expect("balancers lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        balancer.update(config.algorithm.clone(), members, crate::balance::Endpoint::new);
+        let snap = balancer.snapshot();
+        let hash = match (&config.algorithm, hash) {
+            (crate::api::config::Algorithm::ConsistentHash(_), Some(k)) => {
+                Some(crate::balance::picker::hash_key(k.as_bytes()))
+            }
+            _ => None,
+        };
+        match balancer.assign(&snap, config.health.reports_load(), hash, crate::balance::now_ms()) {
+            Some(i) => Ok(snap.members[i].spec.addr),
+            None => Err((
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("no healthy endpoint in {key} (0/{n} serving)\n"),
+            )),
+        }
+    }
 }
 
 /// `balanced controller`: waits for leadership, runs the controller while it
@@ -659,12 +822,21 @@ pub async fn serve(
     client: Client,
     opts: ControllerOptions,
     admin: tokio::net::TcpListener,
+    xds: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) {
     let metrics = Arc::new(Metrics::new());
+    let leading = Leading::default();
     let view = Arc::new(ControllerAdmin {
         metrics: metrics.clone(),
+        leading: leading.clone(),
+        balancers: Mutex::new(HashMap::new()),
     });
+    if let Some(listener) = xds {
+        let l = leading.clone();
+        let snapshots = crate::xds::publish(move || l.xds_services(), leading.changes(), shutdown.clone());
+        tokio::spawn(crate::xds::serve(listener, snapshots, shutdown.clone()));
+    }
     let admin_task = tokio::spawn(crate::proxy::admin::serve(admin, view, shutdown.clone()));
     loop {
         if let Some(cfg) = &opts.lease
@@ -683,7 +855,13 @@ pub async fn serve(
             }
         };
         tokio::join!(
-            run(client.clone(), opts.render.clone(), metrics.clone(), lead.clone()),
+            run_leading(
+                client.clone(),
+                opts.render.clone(),
+                metrics.clone(),
+                lead.clone(),
+                &leading
+            ),
             renewing
         );
         metrics.controller.leader.set(0);

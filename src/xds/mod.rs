@@ -35,24 +35,35 @@ pub struct Snapshot {
     pub version: u64,
     /// The resources.
     pub resources: Resources,
+    /// Whether this process knows the truth: a standby controller does not,
+    /// and turns streams away (UNAVAILABLE) so clients find the leader.
+    pub serving: bool,
 }
 
 /// Keeps a [`Snapshot`] current: rebuilds with `build` after every change
 /// `changes` signals (coalesced over 20 ms) and publishes only a different
-/// result. Stops with `stop`.
+/// result; `build` answers `None` while this process is not the one to ask
+/// (a standby controller). Stops with `stop`.
 pub fn publish<F>(
     build: F,
     mut changes: watch::Receiver<u64>,
     stop: CancellationToken,
 ) -> watch::Receiver<Arc<Snapshot>>
 where
-    F: Fn() -> Vec<Service> + Send + 'static,
+    F: Fn() -> Option<Vec<Service>> + Send + 'static,
 {
-    let first = resources::build(&build());
-    let (tx, rx) = watch::channel(Arc::new(Snapshot {
-        version: 1,
-        resources: first,
-    }));
+    let make = move |version: u64| match build() {
+        Some(services) => Snapshot {
+            version,
+            resources: resources::build(&services),
+            serving: true,
+        },
+        None => Snapshot {
+            version,
+            ..Snapshot::default()
+        },
+    };
+    let (tx, rx) = watch::channel(Arc::new(make(1)));
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -62,15 +73,11 @@ where
             // A burst of transitions (a node going away) makes one version.
             tokio::time::sleep(Duration::from_millis(20)).await;
             changes.borrow_and_update();
-            let next = resources::build(&build());
             let current = tx.borrow().clone();
-            if next != current.resources {
-                let version = current.version + 1;
-                tracing::debug!(version, "xDS resources changed");
-                tx.send_replace(Arc::new(Snapshot {
-                    version,
-                    resources: next,
-                }));
+            let next = make(current.version + 1);
+            if next.resources != current.resources || next.serving != current.serving {
+                tracing::debug!(version = next.version, serving = next.serving, "xDS resources changed");
+                tx.send_replace(Arc::new(next));
             }
         }
     });
@@ -119,6 +126,11 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
     ) -> Result<tonic::Response<Responses>, tonic::Status> {
+        if !self.snapshots.borrow().serving {
+            return Err(tonic::Status::unavailable(
+                "this controller is standing by: the leader serves xDS; reconnect",
+            ));
+        }
         let peer = request.remote_addr();
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
@@ -186,6 +198,11 @@ impl AdsStream {
                 },
                 changed = self.snapshots.changed() => {
                     if changed.is_err() {
+                        return;
+                    }
+                    if !self.snapshots.borrow().serving {
+                        tracing::info!(peer = %self.peer, node = %self.node, "xDS stream ended: no longer the leader");
+                        let _ = self.tx.send(Err(tonic::Status::unavailable("leadership lost: reconnect to the leader"))).await;
                         return;
                     }
                     let types: Vec<String> = self.subscriptions.keys().cloned().collect();

@@ -213,7 +213,7 @@ async fn a_stream_pushes_only_what_changed_and_unknown_names_get_nothing() {
     let (changes_tx, changes) = watch::channel(0u64);
     let stop = CancellationToken::new();
     let s = services.clone();
-    let snapshots = publish(move || s.lock().unwrap().clone(), changes, stop.clone());
+    let snapshots = publish(move || Some(s.lock().unwrap().clone()), changes, stop.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve(listener, snapshots.clone(), stop.clone()));

@@ -87,6 +87,7 @@ def lint():
 
 def bad_values_rejected():
     for bad in ({"replicaCount": 0}, {"logFormat": "xml"}, {"metrics": {"port": 70000}}, {"unknownKey": 1},
+                {"xds": {"enabled": "yes"}}, {"xds": {"port": 0}},
                 {"leaderElection": {"leaseDuration": "15 seconds"}}):
         try:
             render(bad)
@@ -106,6 +107,19 @@ def defaults_render():
     json.loads(env["BALANCED_PROXY_RESOURCES"])
     notes = next(t for p, t in out.items() if p.endswith("NOTES.txt"))
     assert "kubectl get bsvc -w" in notes
+
+
+def xds_renders():
+    docs, _ = render(None)
+    assert not any(d["kind"] == "Service" and d["metadata"]["name"].endswith("-xds") for _, d in docs)
+    docs, _ = render({"xds": {"enabled": True, "port": 18001}})
+    svc = next(d for _, d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-xds"))
+    assert svc["spec"]["ports"][0]["port"] == 18001 and svc["spec"]["ports"][0]["targetPort"] == "xds", svc
+    deployment = next(d for _, d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--xds=0.0.0.0:18001" in container["args"], container["args"]
+    assert {"name": "xds", "containerPort": 18001, "protocol": "TCP"} in container["ports"], container["ports"]
+    validate_objects({"xds": {"enabled": True}}, ["Deployment", "Service"])
 
 
 def examples_match_crd():
@@ -136,6 +150,7 @@ check("non-default values render valid Kubernetes objects",
 check("defaults: restricted container, proxy image and resources passed, NOTES", defaults_render)
 check("values.schema.json rejects bad values", bad_values_rejected)
 check("examples validate against the CRD schema", examples_match_crd)
+check("xds.enabled adds the flag, the container port and a Service", xds_renders)
 
 failed = [n for n, e in results if e]
 print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
