@@ -9,12 +9,16 @@ xds:///web.default:PORT from a bootstrap file. Checked:
   - calls spread over all three;
   - one server killed: the client stops using it within fall x interval + 1 s;
   - it is used again after it is revived;
-  - an endpoint whose agent says `drain` gets no new calls.
+  - an endpoint whose agent says `drain` gets no new calls;
+  - with iptables (skipped without it): an endpoint blackholed, so the client's
+    open connection to it hangs and nothing but our probes can tell, stops
+    getting calls once balanced marks it down.
 Prints the measured times; exits non-zero on any failure.
 """
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -113,7 +117,7 @@ def wait(what, cond, timeout=10.0):
 
 
 class Caller(threading.Thread):
-    """Calls every 10 ms and records (time, answering server or error)."""
+    """Calls every 10 ms and records (start time, answering server or error)."""
 
     def __init__(self, stub):
         super().__init__(daemon=True)
@@ -125,14 +129,47 @@ class Caller(threading.Thread):
         while not self.stop.is_set():
             t = time.monotonic()
             try:
-                who = self.stub(b"", timeout=2).decode()
+                who = self.stub(b"", timeout=1).decode()
             except grpc.RpcError as e:
                 who = "error:" + e.code().name
             self.log.append((t, who))
             time.sleep(0.01)
 
+
+class Callers:
+    """Three callers at once, so one hung call does not stop the sampling."""
+
+    def __init__(self, stub):
+        self.threads = [Caller(stub) for _ in range(3)]
+        for c in self.threads:
+            c.start()
+
     def since(self, t0):
-        return [(t, w) for t, w in list(self.log) if t >= t0]
+        return sorted(e for c in self.threads for e in list(c.log) if e[0] >= t0)
+
+    @property
+    def log(self):
+        return self.since(0)
+
+    def stop(self):
+        for c in self.threads:
+            c.stop.set()
+        for c in self.threads:
+            c.join()
+
+
+RULE = "balanced-xds-test"
+
+
+def iptables_usable():
+    return shutil.which("iptables") is not None and subprocess.run(
+        ["iptables", "-L", "INPUT", "-n"], capture_output=True).returncode == 0
+
+
+def blackhole(ip, port, on):
+    """Drops every packet to ip:port (probes, new and open connections)."""
+    rule = ["INPUT", "-d", ip, "-p", "tcp", "--dport", str(port), "-m", "comment", "--comment", RULE, "-j", "DROP"]
+    subprocess.run(["iptables", "-I" if on else "-D", *rule], check=True, capture_output=True)
 
 
 def main():
@@ -188,8 +225,7 @@ def main():
         os.environ["GRPC_XDS_BOOTSTRAP"] = bootstrap
         channel = grpc.insecure_channel(f"xds:///web.default:{listen}")
         stub = channel.unary_unary(METHOD)
-        caller = Caller(stub)
-        caller.start()
+        caller = Callers(stub)
 
         # 1. Calls spread over all three.
         t0 = time.monotonic()
@@ -243,8 +279,37 @@ def main():
         agents["c"].line = "ready"
         ready = time.monotonic()
         wait("c back after ready", lambda: any(w == "c" for _, w in caller.since(ready)), 5)
-        caller.stop.set()
-        caller.join()
+
+        # 5. Blackhole c: its open connection hangs, and only our probes
+        # (connect timeouts) can tell; the client must move on once balanced
+        # marks it down: fall x interval + the probe timeout + 1 s.
+        if iptables_usable():
+            blackhole(IPS[2], port, True)
+            try:
+                holed = time.monotonic()
+                wait("c unhealthy after the blackhole", lambda: any(
+                    e["address"] == IPS[2] and e["state"] == "Unhealthy"
+                    for e in status(admin)["services"][0]["endpoints"]), 5)
+                marked = time.monotonic() - holed
+                limit = FALL * INTERVAL + 0.2 + 1.0
+                time.sleep(limit + 1.0)  # the one-second deadline of the last hung calls
+                after = caller.since(holed)
+                hung = [t - holed for t, w in after if w == "error:DEADLINE_EXCEEDED"]
+                last = max(hung, default=0.0)
+                tail = Counter(w for t, w in after if t - holed > limit)
+                print(f"blackhole: balanced marked c Unhealthy after {marked * 1000:.0f} ms; "
+                      f"the last call sent to c started {last * 1000:.0f} ms after the blackhole; "
+                      f"{len(hung)} calls hung to their 1 s deadline; after: {dict(tail)}")
+                assert last <= limit, f"calls still went to c {last:.2f}s after the blackhole (limit {limit}s)"
+                assert tail["c"] == 0 and not any(k.startswith("error") for k in tail) and tail["a"] > 0, tail
+            finally:
+                blackhole(IPS[2], port, False)
+            back = time.monotonic()
+            wait("c back after the blackhole", lambda: any(w == "c" for _, w in caller.since(back)), 10)
+        else:
+            print("blackhole: skipped (iptables is not usable here)")
+
+        caller.stop()
         channel.close()
         total = Counter(w.split(":")[0] for _, w in caller.log)
         print(f"calls: {sum(total.values())}, errors: {total['error']}")
