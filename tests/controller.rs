@@ -729,3 +729,48 @@ async fn the_leader_answers_picks_and_xds_and_a_standby_sends_clients_away() {
     stopped(one.task).await;
     stopped(two.task).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reports_reach_status_and_the_healthy_slice() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let agent = support::agent::Agent::start(a.addr.ip(), 0, "up 50%").await;
+    slices_for(&server, &[a.addr]);
+    let mut spec = web_spec(1);
+    spec["healthCheck"]["agent"] = json!({"port": agent.addr.port(), "interval": "100ms", "timeout": "50ms"});
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let c = controller(&server, None).await;
+    let endpoint = |s: &Value| s["endpoints"][0].clone();
+    wait_status(&server, Duration::from_secs(5), "weightPercent 50", |s| {
+        endpoint(s)["weightPercent"] == 50 && endpoint(s)["healthy"] == true
+    })
+    .await;
+    assert!(
+        endpoint(&status(&server, "web")).get("draining").is_none(),
+        "false is omitted"
+    );
+
+    // An agent report is not a health transition, yet status follows it.
+    agent.say("drain");
+    wait_status(&server, Duration::from_secs(3), "draining", |s| {
+        endpoint(s)["draining"] == true
+    })
+    .await;
+    eventually(
+        Duration::from_secs(2),
+        "the healthy slice to mark a serving, not ready",
+        || {
+            let conditions = server
+                .get("endpointslices", NS, "web-healthy")
+                .map(|s| s["endpoints"][0]["conditions"].clone());
+            async move { (conditions? == json!({"ready": false, "serving": true, "terminating": false})).then_some(()) }
+        },
+    )
+    .await;
+    let (status_code, body) = http_get(c.admin, &format!("/v1/namespaces/{NS}/balancedservices/web/pick"))
+        .await
+        .unwrap();
+    assert_eq!(status_code, 503, "a draining endpoint is never assigned: {body}");
+    c.stop.cancel();
+    stopped(c.task).await;
+}

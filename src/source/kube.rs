@@ -264,3 +264,27 @@ pub fn with_status_protocols(mut cfg: Config, bsvc: &BalancedService) -> Config 
     }
     cfg
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_agent_reports_reach_the_members() {
+        let bsvc: BalancedService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "balanced.dev/v1alpha1", "kind": "BalancedService",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"service": "web", "listeners": [{"name": "http", "port": 8080}]},
+            "status": {"endpoints": [
+                {"address": "10.0.0.1", "port": 80, "healthy": true, "state": "Healthy"},
+                {"address": "10.0.0.2", "port": 80, "healthy": true, "state": "Healthy", "weightPercent": 50},
+                {"address": "10.0.0.3", "port": 80, "healthy": true, "state": "Healthy", "draining": true},
+                {"address": "10.0.0.4", "port": 80, "healthy": true, "state": "Healthy", "weightPercent": 0}
+            ]}
+        }))
+        .unwrap();
+        let cfg = crate::api::validate::validate(ServiceKey::new("shop", "web"), &bsvc.spec).unwrap();
+        let got: Vec<(u32, bool)> = members(&cfg, &bsvc).iter().map(|m| (m.weight, m.draining)).collect();
+        assert_eq!(got, vec![(100, false), (50, false), (100, true), (1, true)]);
+    }
+}
