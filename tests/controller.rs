@@ -23,6 +23,17 @@ fn bsvc(name: &str, spec: Value) -> Value {
            "metadata": {"name": name, "namespace": NS}, "spec": spec})
 }
 
+/// A 2 s Lease renewed every 500 ms, held as `id`.
+fn lease(id: &str) -> LeaseConfig {
+    LeaseConfig {
+        namespace: "balanced".into(),
+        name: "balanced-controller".into(),
+        identity: id.into(),
+        duration: Duration::from_secs(2),
+        renew: Duration::from_millis(500),
+    }
+}
+
 fn web_spec(rise: i64) -> Value {
     json!({
         "service": "web",
@@ -395,13 +406,6 @@ async fn a_restarted_controller_inherits_endpoint_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_within_the_lease_duration() {
     let server = ApiServer::start().await;
-    let lease = |id: &str| LeaseConfig {
-        namespace: "balanced".into(),
-        name: "balanced-controller".into(),
-        identity: id.into(),
-        duration: Duration::from_secs(2),
-        renew: Duration::from_millis(500),
-    };
     let one = controller(&server, Some(lease("one"))).await;
     eventually(Duration::from_secs(3), "one to lead", || {
         let holder = server
@@ -662,13 +666,6 @@ fn eds_health(r: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryRespo
 async fn the_leader_answers_picks_and_xds_and_a_standby_sends_clients_away() {
     use envoy_types::pb::envoy::config::core::v3::HealthStatus;
     let server = ApiServer::start().await;
-    let lease = |id: &str| LeaseConfig {
-        namespace: "balanced".into(),
-        name: "balanced-controller".into(),
-        identity: id.into(),
-        duration: Duration::from_secs(2),
-        renew: Duration::from_millis(500),
-    };
     let a = Backend::http("a", Behavior::Status(200)).await;
     let mut b = Backend::http("b", Behavior::Status(200)).await;
     slices_for(&server, &[a.addr, b.addr]);

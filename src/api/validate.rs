@@ -706,19 +706,28 @@ fn no_hash(errs: &mut Errors, spec: &BalancedServiceSpec, algorithm: Algorithm) 
     algorithm
 }
 
-fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
-    let interval = errs.positive_duration("spec.healthCheck.interval", &hc.interval);
-    let timeout = errs.positive_duration("spec.healthCheck.timeout", &hc.timeout);
-    if !interval.is_zero() && !timeout.is_zero() && timeout >= interval {
+/// `PATH.interval` and `PATH.timeout`: both positive, and a check must end
+/// before the next one starts (`shown` names the interval in the message).
+fn interval_and_timeout(
+    errs: &mut Errors,
+    path: &str,
+    shown: &str,
+    interval: &str,
+    timeout: &str,
+) -> (Duration, Duration) {
+    let i = errs.positive_duration(&format!("{path}.interval"), interval);
+    let t = errs.positive_duration(&format!("{path}.timeout"), timeout);
+    if !i.is_zero() && !t.is_zero() && t >= i {
         errs.add(
-            "spec.healthCheck.timeout",
-            format!(
-                "must be less than interval ({}), got {}",
-                format_duration(interval),
-                hc.timeout
-            ),
+            format!("{path}.timeout"),
+            format!("must be less than {shown} ({}), got {timeout}", format_duration(i)),
         );
     }
+    (i, t)
+}
+
+fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
+    let (interval, timeout) = interval_and_timeout(errs, "spec.healthCheck", "interval", &hc.interval, &hc.timeout);
     let rise = errs.at_least("spec.healthCheck.rise", hc.rise, 1);
     let fall = errs.at_least("spec.healthCheck.fall", hc.fall, 1);
     // HAProxy's `downinter` defaults to `inter`: a down endpoint is seen coming
@@ -747,18 +756,13 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
     };
     let agent = hc.agent.as_ref().map(|a| {
         let port = errs.port("spec.healthCheck.agent.port", a.port);
-        let interval = errs.positive_duration("spec.healthCheck.agent.interval", &a.interval);
-        let timeout = errs.positive_duration("spec.healthCheck.agent.timeout", &a.timeout);
-        if !interval.is_zero() && !timeout.is_zero() && timeout >= interval {
-            errs.add(
-                "spec.healthCheck.agent.timeout",
-                format!(
-                    "must be less than agent.interval ({}), got {}",
-                    format_duration(interval),
-                    a.timeout
-                ),
-            );
-        }
+        let (interval, timeout) = interval_and_timeout(
+            errs,
+            "spec.healthCheck.agent",
+            "agent.interval",
+            &a.interval,
+            &a.timeout,
+        );
         AgentCheck {
             port,
             interval,

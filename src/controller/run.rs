@@ -121,30 +121,7 @@ impl Leading {
         keys.sort();
         Some(
             keys.into_iter()
-                .filter_map(|key| {
-                    let view = &views[key];
-                    let config = view.config.clone()?;
-                    let states: HashMap<_, _> = ctx.prober.states(key).into_iter().collect();
-                    let statics: HashMap<_, _> = config.endpoints.iter().map(|e| (e.addr, e.weight)).collect();
-                    let endpoints = view
-                        .endpoints
-                        .iter()
-                        .filter(|d| d.backends.is_empty() || d.backends.iter().any(|b| b == "default"))
-                        .map(|d| {
-                            let state = states.get(&d.addr).cloned().unwrap_or_default();
-                            crate::xds::Endpoint {
-                                addr: d.addr,
-                                ports: d.ports.clone(),
-                                zone: d.zone.clone(),
-                                health: state.health,
-                                not_ready: !d.ready || d.terminating,
-                                draining: state.agent.draining(),
-                                weight: state.agent.scale(statics.get(&d.addr).copied().unwrap_or(1)),
-                            }
-                        })
-                        .collect();
-                    Some(crate::xds::Service { config, endpoints })
-                })
+                .filter_map(|key| lookaside(&ctx, key, &views[key]))
                 .collect(),
         )
     }
@@ -161,12 +138,11 @@ impl Leading {
                 "this controller is standing by: ask the leader\n".to_string(),
             )
         })?;
-        let xds = self.xds_services().unwrap_or_default();
-        drop(ctx);
-        let svc = xds
-            .into_iter()
-            .find(|s| s.config.key == *key)
-            .ok_or_else(|| (http::StatusCode::NOT_FOUND, format!("no BalancedService {key}\n")))?;
+        let svc = {
+            let views = ctx.views.lock().expect("views lock");
+            views.get(key).and_then(|view| lookaside(&ctx, key, view))
+        }
+        .ok_or_else(|| (http::StatusCode::NOT_FOUND, format!("no BalancedService {key}\n")))?;
         let members = svc
             .endpoints
             .iter()
@@ -183,6 +159,32 @@ impl Leading {
             .collect();
         Ok((svc.config, members))
     }
+}
+
+/// One BalancedService's `default` endpoints as lookaside clients see them
+/// (xDS and the assign API); `None` while its spec is invalid.
+fn lookaside(ctx: &Ctx, key: &ServiceKey, view: &View) -> Option<crate::xds::Service> {
+    let config = view.config.clone()?;
+    let states: HashMap<_, _> = ctx.prober.states(key).into_iter().collect();
+    let statics: HashMap<_, _> = config.endpoints.iter().map(|e| (e.addr, e.weight)).collect();
+    let endpoints = view
+        .endpoints
+        .iter()
+        .filter(|d| d.backends.is_empty() || d.backends.iter().any(|b| b == "default"))
+        .map(|d| {
+            let state = states.get(&d.addr).cloned().unwrap_or_default();
+            crate::xds::Endpoint {
+                addr: d.addr,
+                ports: d.ports.clone(),
+                zone: d.zone.clone(),
+                health: state.health,
+                not_ready: !d.ready || d.terminating,
+                draining: state.agent.draining(),
+                weight: state.agent.scale(statics.get(&d.addr).copied().unwrap_or(1)),
+            }
+        })
+        .collect();
+    Some(crate::xds::Service { config, endpoints })
 }
 
 /// Runs the controller until `stop` is cancelled.
