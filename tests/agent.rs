@@ -226,3 +226,33 @@ async fn assignments_follow_reported_load() {
         "{status} {body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_the_request_in_flight_finish_and_takes_no_new_one() {
+    let a = Backend::http_at(
+        "a",
+        Behavior::Slow(Duration::from_millis(800)),
+        SocketAddr::new(ip(5), 0),
+    )
+    .await;
+    let agent = Agent::start(ip(5), 0, "up").await;
+    let p = proxy(&[a.addr], "HTTP", &agent_spec(agent.addr.port()), 1).await;
+    let in_flight = tokio::spawn(http_get(p.listen, "/"));
+    wait_for(p.admin, a.addr, "the request in flight on a", |e| {
+        e["activeConnections"] == 1
+    })
+    .await;
+    agent.say("drain");
+    wait_for(p.admin, a.addr, "a draining", |e| e["draining"] == true).await;
+    let (status, body) = in_flight.await.unwrap().unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "a"),
+        "the request in flight finishes on a"
+    );
+    let (status, body) = http_get(p.listen, "/").await.unwrap();
+    assert!(
+        status == 502 || status == 503,
+        "no new request for a draining endpoint: {status} {body}"
+    );
+}
