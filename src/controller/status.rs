@@ -174,6 +174,14 @@ pub fn seed_from(status: Option<&BalancedServiceStatus>, addr: std::net::SocketA
         .map(std::time::SystemTime::from);
     let mut state = HealthState::inherited(health, at);
     state.last_error = e.last_error.clone();
+    // What agents reported holds until they answer the new controller, so
+    // the proxies' weights do not flap back to 100% for an agent interval.
+    if let Some(p) = e.weight_percent {
+        state.agent.weight_percent = p.clamp(0, crate::health::agent::MAX_PERCENT as i32) as u32;
+    }
+    if e.draining && state.agent.weight_percent != 0 {
+        state.agent.admin = crate::health::agent::Admin::Drain;
+    }
     Some(state)
 }
 
@@ -301,5 +309,15 @@ mod tests {
         let seed = seed_from(Some(&s), ([10, 0, 0, 1], 8080).into()).unwrap();
         assert_eq!(seed.health, Health::Healthy);
         assert!(seed_from(Some(&s), ([10, 0, 0, 9], 8080).into()).is_none());
+    }
+
+    #[test]
+    fn agent_reports_are_seeded_too() {
+        let mut a = view(1, Health::Healthy, true, false);
+        a.health.agent.weight_percent = 40;
+        a.health.agent.admin = crate::health::agent::Admin::Drain;
+        let s = status_of(&[a.clone()]);
+        let seed = seed_from(Some(&s), a.addr).unwrap();
+        assert_eq!((seed.agent.weight_percent, seed.agent.draining()), (40, true));
     }
 }
