@@ -615,6 +615,21 @@ async fn eds_stream(
     ),
     tonic::Status,
 > {
+    ads_stream(xds, balanced::xds::resources::ENDPOINTS, name).await
+}
+
+/// Opens an ADS stream to `xds`, asks for `name` of `type_url`, and reads the first answer.
+async fn ads_stream(
+    xds: SocketAddr,
+    type_url: &str,
+    name: &str,
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest>,
+        tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+    ),
+    tonic::Status,
+> {
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
     use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{xds}"))
@@ -622,7 +637,7 @@ async fn eds_stream(
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(DiscoveryRequest {
-        type_url: balanced::xds::resources::ENDPOINTS.into(),
+        type_url: type_url.into(),
         resource_names: vec![name.into()],
         ..Default::default()
     })
@@ -768,6 +783,43 @@ async fn agent_reports_reach_status_and_the_healthy_slice() {
         .await
         .unwrap();
     assert_eq!(status_code, 503, "a draining endpoint is never assigned: {body}");
+    c.stop.cancel();
+    stopped(c.task).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_alone_reaches_xds_clients() {
+    use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::LbPolicy};
+    use prost::Message;
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr]);
+    let mut spec = web_spec(1);
+    let port = spec["listeners"][0]["port"].as_u64().unwrap();
+    server.put("balancedservices", NS, bsvc("web", spec.clone()));
+    let c = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
+    let name = format!("web.{NS}:{port}");
+    let (_tx, mut stream) = eventually(Duration::from_secs(3), "a CDS stream", || async {
+        ads_stream(c.xds, balanced::xds::resources::CLUSTER, &name).await.ok()
+    })
+    .await;
+
+    // Only the algorithm changes: no endpoint, no probe moves.
+    spec["algorithm"] = json!("RoundRobin");
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let policy = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let r = stream.message().await.unwrap().unwrap();
+            let cluster = Cluster::decode(r.resources[0].value.as_slice()).unwrap();
+            if cluster.lb_policy == LbPolicy::RoundRobin as i32 {
+                return cluster.lb_policy;
+            }
+        }
+    })
+    .await
+    .expect("a CDS push with ROUND_ROBIN after the spec changed");
+    assert_eq!(policy, LbPolicy::RoundRobin as i32);
     c.stop.cancel();
     stopped(c.task).await;
 }

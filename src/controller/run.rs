@@ -74,6 +74,9 @@ struct Ctx {
     metrics: Arc<Metrics>,
     backoff: Mutex<HashMap<ServiceKey, Duration>>,
     reconciled: std::sync::atomic::AtomicBool,
+    // Bumped when a view changes: what xDS publishes comes from the views as
+    // well as from the prober, whose own changes come first.
+    views_changed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn key_of(bsvc: &BalancedService) -> ServiceKey {
@@ -233,6 +236,7 @@ async fn run_leading(
         metrics: metrics.clone(),
         backoff: Mutex::new(HashMap::new()),
         reconciled: std::sync::atomic::AtomicBool::new(false),
+        views_changed: leading.changes.clone(),
     });
 
     let writer = tokio::spawn(status_writer(ctx.clone(), bsvc_reader.clone(), dirty_rx, stop.clone()));
@@ -455,6 +459,7 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
         view.invalid = None;
         view.proxy = proxy.or(view.proxy.take());
     }
+    ctx.views_changed.send_modify(|g| *g += 1);
     let _ = ctx.dirty.send(key.clone());
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -518,6 +523,7 @@ fn error_policy(bsvc: Arc<BalancedService>, error: &Error, ctx: Arc<Ctx>) -> Act
 fn forget(ctx: &Ctx, key: &ServiceKey) {
     ctx.prober.remove_service(key);
     ctx.views.lock().expect("views lock").remove(key);
+    ctx.views_changed.send_modify(|g| *g += 1);
 }
 
 async fn publish(ctx: &Ctx, reference: &ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
