@@ -6,7 +6,26 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 /// A loopback port free right now (for listeners that must name a port).
+///
+/// Taken below the kernel's ephemeral range (32768 and up here), where no
+/// outgoing connection or `bind(0)` is handed a port: a port merely freed in
+/// that range was sometimes taken by another test's probe connection before
+/// the listener bound it. Never the same port twice in one process.
 pub fn free_port() -> u16 {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static HANDED: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let mut handed = HANDED.get_or_init(Mutex::default).lock().expect("ports lock");
+    let start: u16 = rand::random_range(0..SPAN);
+    for i in 0..SPAN {
+        let port = LOW + (start + i) % SPAN;
+        if !handed.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed.insert(port);
+            return port;
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
