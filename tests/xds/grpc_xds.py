@@ -215,7 +215,7 @@ def main():
         [BIN, "standalone", "-f", spec, "--admin", admin, "--bind", "127.0.0.1", "--xds", f"127.0.0.1:{xds}"],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "RUST_LOG": "info,balanced::xds=debug"},
+        env={**os.environ, "BALANCED_LOG": "info,balanced::xds=debug"},
     )
     try:
         wait(
@@ -313,6 +313,16 @@ def main():
         channel.close()
         total = Counter(w.split(":")[0] for _, w in caller.log)
         print(f"calls: {sum(total.values())}, errors: {total['error']}")
+        # The client accepted every resource (the least_request cluster among
+        # them): balanced logs each ACK, and a NACK as a warning.
+        log.flush()
+        with open(os.path.join(tmp, "balanced.log")) as f:
+            text = f.read()
+        assert "NACK" not in text, "grpcio rejected a resource: " + next(l for l in text.splitlines() if "NACK" in l)
+        acked = {line.split("type_url=")[1].split()[0].rsplit(".", 1)[1]
+                 for line in text.splitlines() if "xDS ACK" in line}
+        print(f"ACKed by grpcio: {sorted(acked)}")
+        assert acked == {"Listener", "Cluster", "ClusterLoadAssignment"}, acked
         print("xDS with grpcio: OK")
     except Exception:
         log.flush()
