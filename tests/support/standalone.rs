@@ -81,12 +81,17 @@ pub async fn proxy_with(
     opts.serving.grace = Duration::from_secs(1);
     opts.serving.access_log =
         access_log.map(|p| balanced::proxy::access::AccessLog::open(p.to_str().unwrap()).unwrap());
-    tokio::spawn(standalone::run(opts, admin_listener, shutdown.clone()));
-    eventually(Duration::from_secs(3), "endpoints to turn healthy", || async move {
+    let mut task = tokio::spawn(standalone::run(opts, admin_listener, shutdown.clone()));
+    let healthy = eventually(Duration::from_secs(3), "endpoints to turn healthy", || async move {
         let (_, body) = http_get(admin, "/status").await.ok()?;
         (body.matches("\"Healthy\"").count() >= wait_healthy).then_some(())
-    })
-    .await;
+    });
+    // A standalone that cannot start (its listener's port taken) says why,
+    // instead of surfacing as a timeout.
+    tokio::select! {
+        _ = healthy => {}
+        ended = &mut task => panic!("standalone stopped before its endpoints turned healthy: {ended:?}"),
+    }
     Proxy {
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         admin,
