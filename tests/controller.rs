@@ -75,6 +75,14 @@ struct Running {
     xds: std::net::SocketAddr,
 }
 
+impl Running {
+    /// Stops the controller and waits for it.
+    async fn shut(self) {
+        self.stop.cancel();
+        stopped(self.task).await;
+    }
+}
+
 async fn stopped(task: tokio::task::JoinHandle<()>) {
     tokio::time::timeout(Duration::from_secs(15), task)
         .await
@@ -306,8 +314,7 @@ async fn controller_follows_backends_slices_and_deletion() {
     let accepted = a.accepted();
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert_eq!(a.accepted(), accepted, "probes continue after deletion");
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,8 +345,7 @@ async fn a_broken_spec_reports_invalid_spec_and_keeps_probing() {
     assert_eq!(s["observedGeneration"], 2);
     // The last good config keeps probing: the endpoint stays known and healthy.
     assert_eq!(endpoint_state(&s, a.addr.port()), Some((true, "Healthy".into())));
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -371,8 +377,7 @@ async fn the_controller_survives_an_api_server_outage_and_410_gone() {
         s["ready"] == "1/2"
     })
     .await;
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,8 +389,7 @@ async fn a_restarted_controller_inherits_endpoint_state() {
     server.put("balancedservices", NS, bsvc("web", web_spec(5)));
     let first = controller(&server, None).await;
     wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
-    first.stop.cancel();
-    stopped(first.task).await;
+    first.shut().await;
 
     let second = controller(&server, None).await;
     // A second of samples: the status never flaps while the new controller
@@ -399,8 +403,7 @@ async fn a_restarted_controller_inherits_endpoint_state() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    second.stop.cancel();
-    stopped(second.task).await;
+    second.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,8 +442,7 @@ async fn a_standby_takes_over_within_the_lease_duration() {
         s["ready"] == "1/1"
     })
     .await;
-    two.stop.cancel();
-    stopped(two.task).await;
+    two.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,8 +483,7 @@ async fn the_service_ports_app_protocol_reaches_status_for_the_proxies() {
     let protocols: Vec<_> = cfg.listeners.iter().map(|l| l.app_protocol).collect();
     use balanced::api::config::AppProtocol;
     assert_eq!(protocols, vec![Some(AppProtocol::H2c), Some(AppProtocol::Http1)]);
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,8 +537,7 @@ async fn each_listener_reaches_the_port_its_named_target_port_names() {
         }
     }
     proxy.stop().await;
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,8 +600,7 @@ async fn a_second_services_slices_feed_a_backend_that_a_route_reaches() {
         );
     }
     proxy.stop().await;
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
 
 /// Opens an ADS stream to `xds` and asks for `name`'s endpoints.
@@ -783,8 +782,7 @@ async fn agent_reports_reach_status_and_the_healthy_slice() {
         .await
         .unwrap();
     assert_eq!(status_code, 503, "a draining endpoint is never assigned: {body}");
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -820,6 +818,5 @@ async fn a_spec_change_alone_reaches_xds_clients() {
     .await
     .expect("a CDS push with ROUND_ROBIN after the spec changed");
     assert_eq!(policy, LbPolicy::RoundRobin as i32);
-    c.stop.cancel();
-    stopped(c.task).await;
+    c.shut().await;
 }
