@@ -43,6 +43,23 @@ async fn shares(listen: SocketAddr, n: usize) -> HashMap<String, usize> {
     seen
 }
 
+/// `balanced_agent_errors_total` for default/web.
+async fn agent_errors(admin: SocketAddr) -> Option<u64> {
+    let (_, m) = http_get(admin, "/metrics").await.ok()?;
+    m.lines()
+        .find(|l| l.starts_with("balanced_agent_errors_total{service=\"default/web\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .or(Some(0))
+}
+
+/// Waits until `n` more agent answers were refused or missing than `from`.
+async fn more_agent_errors(admin: SocketAddr, from: u64, n: u64) {
+    eventually(Duration::from_secs(5), "agent errors counted", || async move {
+        (agent_errors(admin).await? >= from + n).then_some(())
+    })
+    .await;
+}
+
 fn ip(last: u8) -> IpAddr {
     IpAddr::from([127, 0, 0, last])
 }
@@ -140,10 +157,11 @@ async fn an_unreachable_agent_changes_nothing() {
     let p = proxy(&[a.addr, b.addr], "HTTP", &agent_spec(agent_a.addr.port()), 2).await;
     agent_b.say("drain");
     wait_for(p.admin, b.addr, "b draining", |e| e["draining"] == true).await;
+    let before = agent_errors(p.admin).await.unwrap();
     drop(agent_b);
     drop(agent_a);
-    // Several agent intervals with no answer: b is still draining, both healthy.
-    tokio::time::sleep(Duration::from_millis(500)).await; // a measuring window, not synchronisation
+    // Several unanswered questions to each agent: b is still draining, both healthy.
+    more_agent_errors(p.admin, before, 6).await;
     let eb = endpoint(p.admin, b.addr).await.unwrap();
     assert_eq!(
         (eb["draining"].clone(), eb["state"].clone()),
@@ -162,8 +180,10 @@ async fn the_http_checks_agent_header_reports_the_same_words() {
     wait_for(p.admin, s.addr, "75% from the header", |e| e["weightPercent"] == 75).await;
     s.say("drain");
     wait_for(p.admin, s.addr, "draining from the header", |e| e["draining"] == true).await;
+    let before = agent_errors(p.admin).await.unwrap();
     s.say("%%% nonsense");
-    tokio::time::sleep(Duration::from_millis(300)).await; // three probes' worth, a measuring window
+    // Three answers with the nonsense header seen and refused.
+    more_agent_errors(p.admin, before, 3).await;
     let e = endpoint(p.admin, s.addr).await.unwrap();
     assert_eq!(
         (e["draining"].clone(), e["state"].clone()),
