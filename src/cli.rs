@@ -109,6 +109,9 @@ pub enum Command {
         /// Serve xDS (Envoy's ADS, v3) on this address for proxyless gRPC clients and Envoy.
         #[arg(long, value_name = "ADDR")]
         xds: Option<SocketAddr>,
+        /// Endpoints per healthy EndpointSlice (Kubernetes' own default is 100; the API server refuses more than 1000).
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        max_endpoints_per_slice: u16,
     },
     /// The data plane of one BalancedService in a cluster.
     Proxy {
@@ -306,6 +309,7 @@ pub async fn run(command: Command) -> Result<ExitCode, Error> {
             lease_name,
             lease_duration,
             xds,
+            max_endpoints_per_slice,
         } => {
             let (shutdown, admin, client) = in_cluster(admin).await?;
             let identity = std::env::var("POD_NAME")
@@ -318,15 +322,16 @@ pub async fn run(command: Command) -> Result<ExitCode, Error> {
                 duration: lease_duration,
                 renew: lease_duration / 3,
             });
-            let opts = crate::controller::run::ControllerOptions {
+            let opts = crate::controller::leading::ControllerOptions {
                 render: render_options(image, proxy_resources)?,
                 lease,
+                max_endpoints_per_slice: usize::from(max_endpoints_per_slice),
             };
             let xds = match xds {
                 Some(addr) => Some(bind(addr, "--xds").await?),
                 None => None,
             };
-            crate::controller::run::serve(client, opts, admin, xds, shutdown).await;
+            crate::controller::leading::serve(client, opts, admin, xds, shutdown).await;
         }
         Command::Proxy {
             namespace,

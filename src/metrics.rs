@@ -577,6 +577,10 @@ pub struct ControllerMetrics {
     pub status_writes: Family<ResultLabels, Counter>,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// Healthy EndpointSlice writes (apply or delete) by result.
+    pub slice_writes: Family<ResultLabels, Counter>,
+    /// Events not sent: the queue was full, or the API server refused them.
+    pub events_dropped: Counter,
 }
 
 impl ControllerMetrics {
@@ -592,6 +596,16 @@ impl ControllerMetrics {
             "balanced_leader",
             "1 while this replica is the leader",
             m.leader.clone(),
+        );
+        registry.register(
+            "balanced_endpointslice_writes",
+            "Healthy EndpointSlice writes (apply or delete) by result",
+            m.slice_writes.clone(),
+        );
+        registry.register(
+            "balanced_events_dropped",
+            "Events not sent: the queue was full or the API server refused them",
+            m.events_dropped.clone(),
         );
         m
     }

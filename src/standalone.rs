@@ -198,7 +198,8 @@ impl FileSource {
         let states: std::collections::HashMap<SocketAddr, HealthState> =
             self.prober.states(&cfg.key).into_iter().collect();
         let unreported = HealthState::new();
-        cfg.static_members()
+        let mut members = cfg
+            .static_members()
             .into_iter()
             .map(|(e, groups)| {
                 let state = states.get(&e.addr).unwrap_or(&unreported);
@@ -214,7 +215,9 @@ impl FileSource {
                 ports: Vec::new(),
                 groups,
             })
-            .collect()
+            .collect::<Vec<_>>();
+        crate::balance::apply_panic(cfg.panic_threshold, &mut members);
+        members
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use balanced::controller::desired::RenderOptions;
 use balanced::controller::leader::LeaseConfig;
-use balanced::controller::run::{ControllerOptions, serve};
+use balanced::controller::leading::{ControllerOptions, serve};
 use balanced::demo::backend::{Backend, Behavior, http_get};
 use balanced::testing::{eventually, free_port};
 use serde_json::{Value, json};
@@ -49,7 +49,7 @@ fn web_spec(rise: i64) -> Value {
 fn slices_for(server: &ApiServer, backends: &[SocketAddr]) {
     for old in server.list("endpointslices", NS) {
         let name = old["metadata"]["name"].as_str().unwrap().to_string();
-        if name.starts_with("web-") && !name.ends_with("-healthy") {
+        if name.starts_with("web-") && !name.contains("-healthy") {
             server.delete("endpointslices", NS, &name);
         }
     }
@@ -102,6 +102,7 @@ async fn controller(server: &ApiServer, lease: Option<LeaseConfig>) -> Running {
             ..RenderOptions::default()
         },
         lease,
+        max_endpoints_per_slice: 100,
     };
     let task = tokio::spawn(serve(server.client(), opts, admin, Some(xds), stop.clone()));
     Running {
@@ -185,6 +186,31 @@ fn endpoint_state(status: &Value, port: u16) -> Option<(bool, String)> {
         })
 }
 
+/// Every endpoint of web's healthy slices, with its slice's first port.
+fn healthy_endpoints(server: &ApiServer) -> Vec<(u16, Value)> {
+    server
+        .list_selected("endpointslices", NS, &balanced::controller::slices::selector("web"))
+        .iter()
+        .flat_map(|s| {
+            let port = s["ports"][0]["port"].as_u64().unwrap_or(0) as u16;
+            s["endpoints"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |e| (port, e))
+        })
+        .collect()
+}
+
+/// The healthy slice's `ready` for the endpoint on `port`.
+fn slice_ready(server: &ApiServer, port: u16) -> Option<bool> {
+    healthy_endpoints(server)
+        .into_iter()
+        .find(|(p, _)| *p == port)
+        .and_then(|(_, e)| e["conditions"]["ready"].as_bool())
+}
+
 async fn wait_status(server: &ApiServer, within: Duration, what: &str, check: impl Fn(&Value) -> bool) {
     eventually(within, what, || {
         let s = status(server, "web");
@@ -209,13 +235,15 @@ async fn controller_follows_backends_slices_and_deletion() {
     .await;
     let s = status(&server, "web");
     assert_eq!(s["observedGeneration"], 1);
-    let a_status = s["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["port"] == a.addr.port())
-        .unwrap();
-    assert_eq!(a_status["targetRef"], "pod/web-pod-0");
+    assert!(s.get("endpoints").is_none(), "every endpoint serves: none listed: {s}");
+    let (_, a_slice) = eventually(Duration::from_secs(2), "a in a healthy slice", || {
+        let found = healthy_endpoints(&server)
+            .into_iter()
+            .find(|(p, _)| *p == a.addr.port());
+        async move { found }
+    })
+    .await;
+    assert_eq!(a_slice["targetRef"]["name"], "web-pod-0");
     for (plural, name) in [
         ("deployments", "web-proxy"),
         ("services", "web-proxy"),
@@ -223,7 +251,7 @@ async fn controller_follows_backends_slices_and_deletion() {
         ("roles", "web-proxy"),
         ("rolebindings", "web-proxy"),
         ("services", "web-healthy"),
-        ("endpointslices", "web-healthy"),
+        ("endpointslices", "web-healthy-0"),
     ] {
         // The healthy slice is written just after the status, in the same flush.
         let obj = eventually(Duration::from_secs(2), &format!("{plural}/{name}"), || {
@@ -253,16 +281,16 @@ async fn controller_follows_backends_slices_and_deletion() {
     let s = status(&server, "web");
     assert_eq!(condition(&s, "Degraded").0, "True");
     eventually(Duration::from_secs(2), "healthy slice to mark b not ready", || {
-        let s = server.get("endpointslices", NS, "web-healthy").unwrap();
-        let n = s["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| e["conditions"]["ready"] == true)
-            .count();
-        async move { (n == 1).then_some(()) }
+        let b_ready = slice_ready(&server, b.addr.port());
+        let a_ready = slice_ready(&server, a.addr.port());
+        async move { (b_ready == Some(false) && a_ready == Some(true)).then_some(()) }
     })
     .await;
+    let (_, b_status) = healthy_endpoints(&server)
+        .into_iter()
+        .find(|(p, _)| *p == b.addr.port())
+        .unwrap();
+    assert_eq!(b_status["conditions"]["serving"], false);
     assert!(
         server.requests_matching("POST /apis/events.k8s.io/v1/namespaces/shop/events") > 0,
         "no Events"
@@ -298,8 +326,7 @@ async fn controller_follows_backends_slices_and_deletion() {
     // Delete the BalancedService: owned objects go with it.
     server.delete("balancedservices", NS, "web");
     eventually(Duration::from_secs(2), "owned objects to go", || {
-        let gone = server.get("deployments", NS, "web-proxy").is_none()
-            && server.get("endpointslices", NS, "web-healthy").is_none();
+        let gone = server.get("deployments", NS, "web-proxy").is_none() && healthy_endpoints(&server).is_empty();
         async move { gone.then_some(()) }
     })
     .await;
@@ -344,7 +371,8 @@ async fn a_broken_spec_reports_invalid_spec_and_keeps_probing() {
     assert_eq!(msg, "spec.healthCheck.rise: must be >= 1, got 0");
     assert_eq!(s["observedGeneration"], 2);
     // The last good config keeps probing: the endpoint stays known and healthy.
-    assert_eq!(endpoint_state(&s, a.addr.port()), Some((true, "Healthy".into())));
+    assert_eq!(s["ready"], "1/1", "{s}");
+    assert_eq!(slice_ready(&server, a.addr.port()), Some(true));
     c.shut().await;
 }
 
@@ -389,20 +417,30 @@ async fn a_restarted_controller_inherits_endpoint_state() {
     server.put("balancedservices", NS, bsvc("web", web_spec(5)));
     let first = controller(&server, None).await;
     wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
+    eventually(Duration::from_secs(2), "the healthy slice", || {
+        let ready = slice_ready(&server, a.addr.port());
+        async move { (ready == Some(true)).then_some(()) }
+    })
+    .await;
     first.shut().await;
 
     let second = controller(&server, None).await;
     // A second of samples: the status never flaps while the new controller
     // starts (a measuring window, not a wait).
+    let (writes, _) = server.write_counts();
     for _ in 0..20 {
         let s = status(&server, "web");
-        assert_eq!(
-            endpoint_state(&s, a.addr.port()),
-            Some((true, "Healthy".into())),
-            "flapped: {s}"
-        );
+        assert_eq!(s["ready"], "1/1", "flapped: {s}");
+        assert_eq!(slice_ready(&server, a.addr.port()), Some(true), "the slice flapped");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Nothing changed, so the new leader wrote nothing: its owned objects
+    // apply unchanged, and status and the slices are as it found them.
+    assert_eq!(
+        server.write_counts().0,
+        writes,
+        "the new leader rewrote objects that did not change"
+    );
     second.shut().await;
 }
 
@@ -517,16 +555,19 @@ async fn each_listener_reaches_the_port_its_named_target_port_names() {
         s["ready"] == "1/1"
     })
     .await;
-    let s = status(&server, "web");
+    let slice = eventually(Duration::from_secs(2), "the healthy slice", || {
+        let found = server
+            .list_selected("endpointslices", NS, &balanced::controller::slices::selector("web"))
+            .into_iter()
+            .next();
+        async move { found }
+    })
+    .await;
     assert_eq!(
-        s["endpoints"][0]["port"],
-        web.addr.port(),
-        "probed on the first listener's port: {s}"
-    );
-    assert_eq!(
-        s["endpoints"][0]["ports"],
-        json!([{"listener": "http", "port": web.addr.port()}, {"listener": "metrics", "port": metrics.addr.port()}]),
-        "{s}"
+        slice["ports"],
+        json!([{"name": "http", "port": web.addr.port(), "protocol": "TCP"},
+               {"name": "metrics", "port": metrics.addr.port(), "protocol": "TCP"}]),
+        "probed on the first listener's port, each listener's own port carried: {slice}"
     );
 
     let proxy = KubeProxy::start(&server).await;
@@ -751,30 +792,40 @@ async fn agent_reports_reach_status_and_the_healthy_slice() {
     spec["healthCheck"]["agent"] = json!({"port": agent.addr.port(), "interval": "100ms", "timeout": "50ms"});
     server.put("balancedservices", NS, bsvc("web", spec));
     let c = controller(&server, None).await;
-    let endpoint = |s: &Value| s["endpoints"][0].clone();
-    wait_status(&server, Duration::from_secs(5), "weightPercent 50", |s| {
-        endpoint(s)["weightPercent"] == 50 && endpoint(s)["healthy"] == true
+    let annotation = |k: &str| {
+        server
+            .list_selected("endpointslices", NS, &balanced::controller::slices::selector("web"))
+            .first()
+            .and_then(|s| s["metadata"]["annotations"][k].as_str().map(str::to_string))
+    };
+    eventually(Duration::from_secs(5), "weight 50% on the healthy slice", || {
+        let w = annotation("balanced.dev/weight-percent");
+        let ready = slice_ready(&server, a.addr.port());
+        async move { (w.as_deref() == Some("127.0.0.1=50") && ready == Some(true)).then_some(()) }
     })
     .await;
     assert!(
-        endpoint(&status(&server, "web")).get("draining").is_none(),
-        "false is omitted"
+        status(&server, "web").get("endpoints").is_none(),
+        "a serving endpoint is not listed"
     );
 
-    // An agent report is not a health transition, yet status follows it.
+    // An agent report is not a health transition, yet status and the slice follow it.
     agent.say("drain");
     wait_status(&server, Duration::from_secs(3), "draining", |s| {
-        endpoint(s)["draining"] == true
+        s["endpoints"][0]["draining"] == true && s["endpoints"][0]["state"] == "Healthy"
     })
     .await;
     eventually(
         Duration::from_secs(2),
         "the healthy slice to mark a serving, not ready",
         || {
-            let conditions = server
-                .get("endpointslices", NS, "web-healthy")
-                .map(|s| s["endpoints"][0]["conditions"].clone());
-            async move { (conditions? == json!({"ready": false, "serving": true, "terminating": false})).then_some(()) }
+            let conditions = healthy_endpoints(&server).first().map(|(_, e)| e["conditions"].clone());
+            let draining = annotation("balanced.dev/draining");
+            async move {
+                (conditions? == json!({"ready": false, "serving": true, "terminating": false})
+                    && draining.as_deref() == Some("127.0.0.1"))
+                .then_some(())
+            }
         },
     )
     .await;

@@ -1,5 +1,5 @@
 //! `balanced proxy` against the test API server: it follows its
-//! BalancedService's spec and status within a second, without dropping
+//! BalancedService's spec and its healthy EndpointSlices within a second, without dropping
 //! in-flight requests, and keeps its last good snapshot through bad specs and
 //! API outages.
 
@@ -20,9 +20,23 @@ use tokio_util::sync::CancellationToken;
 
 const NS: &str = "shop";
 
-fn endpoint_status(addr: SocketAddr, healthy: bool) -> serde_json::Value {
-    json!({"address": addr.ip().to_string(), "port": addr.port(), "healthy": healthy,
-           "state": if healthy { "Healthy" } else { "Unhealthy" }})
+/// Writes web's healthy slices as the controller would: one per endpoint
+/// (loopback endpoints differ by port, and a slice has one port list).
+fn healthy_slices(server: &ApiServer, endpoints: &[(SocketAddr, bool)]) {
+    for (i, (addr, healthy)) in endpoints.iter().enumerate() {
+        server.put(
+            "endpointslices",
+            NS,
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": format!("web-healthy-{i}"), "namespace": NS,
+                                "labels": {"kubernetes.io/service-name": "web-healthy",
+                                           "endpointslice.kubernetes.io/managed-by": "balanced.dev"}},
+                   "addressType": "IPv4",
+                   "ports": [{"port": addr.port(), "protocol": "TCP"}],
+                   "endpoints": [{"addresses": [addr.ip().to_string()],
+                                  "conditions": {"ready": healthy, "serving": healthy, "terminating": false}}]}),
+        );
+    }
 }
 
 async fn answered_by(listen: SocketAddr) -> (u16, String) {
@@ -46,12 +60,7 @@ async fn the_proxy_follows_its_balanced_service() {
                         "listeners": [{"name": "http", "port": port}],
                         "algorithm": "LeastConnections"}}),
     );
-    server.patch_status(
-        "balancedservices",
-        NS,
-        "web",
-        json!({"endpoints": [endpoint_status(a.addr, false), endpoint_status(b.addr, true)]}),
-    );
+    healthy_slices(&server, &[(a.addr, false), (b.addr, true)]);
 
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = admin_listener.local_addr().unwrap();
@@ -71,7 +80,7 @@ async fn the_proxy_follows_its_balanced_service() {
     assert_eq!(
         answered_by(listen).await,
         (200, "b".into()),
-        "only b is healthy in status"
+        "only b is healthy in the slices"
     );
 
     // An in-flight request on slow b survives a spec change and a health flip.
@@ -93,12 +102,7 @@ async fn the_proxy_follows_its_balanced_service() {
     let mut obj = server.get("balancedservices", NS, "web").unwrap();
     obj["spec"]["algorithm"] = json!("RoundRobin");
     server.put("balancedservices", NS, obj);
-    server.patch_status(
-        "balancedservices",
-        NS,
-        "web",
-        json!({"endpoints": [endpoint_status(a.addr, true), endpoint_status(b.addr, false)]}),
-    );
+    healthy_slices(&server, &[(a.addr, true), (b.addr, false)]);
     let started = std::time::Instant::now();
     eventually(Duration::from_secs(1), "traffic to move to a", || async move {
         (answered_by(listen).await == (200, "a".into())).then_some(())

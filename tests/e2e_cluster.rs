@@ -92,11 +92,12 @@ async fn e2e_balanced_service_lifecycle() {
     let stop = tokio_util::sync::CancellationToken::new();
     if std::env::var("BALANCED_E2E_CONTROLLER").as_deref() != Ok("external") {
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let opts = balanced::controller::run::ControllerOptions {
+        let opts = balanced::controller::leading::ControllerOptions {
             render: Default::default(),
             lease: None,
+            max_endpoints_per_slice: 100,
         };
-        tokio::spawn(balanced::controller::run::serve(
+        tokio::spawn(balanced::controller::leading::serve(
             client.clone(),
             opts,
             admin,

@@ -66,8 +66,10 @@ pub struct Config {
     pub routes: Vec<super::route::Route>,
     /// Proxy replicas.
     pub replicas: u32,
-    /// Publish a `<name>-healthy` EndpointSlice.
+    /// Publish a `<name>-healthy` Service for the healthy EndpointSlices.
     pub publish_endpoint_slice: bool,
+    /// Percent of endpoints that must be healthy; below it all serve (0: none).
+    pub panic_threshold: u32,
     /// Add `x-balanced-endpoint` to responses.
     pub endpoint_header: bool,
     /// Name endpoints and errors in the proxy's error bodies.

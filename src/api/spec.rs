@@ -462,6 +462,11 @@ pub struct HealthCheckSpec {
     /// `agent-check` words (`75%`, `drain`, `ready`, `down`, `up`, `maint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentCheckSpec>,
+    /// Percent of endpoints that must be healthy; below it every endpoint is
+    /// treated as serving (Envoy's panic threshold). 0: only when none is.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100))]
+    pub panic_threshold: i32,
 }
 
 /// An agent check (HAProxy `agent-check agent-port agent-inter`): connect to
@@ -829,9 +834,14 @@ pub struct BalancedServiceStatus {
     /// Ready, Degraded, ProxyAvailable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Every endpoint and its health.
+    /// The endpoints that do not serve (probes, Kubernetes or their agent),
+    /// sorted by address, at most 100; every endpoint's state is on the
+    /// controller's admin `/status` and in metrics.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointStatus>,
+    /// Endpoints that do not serve beyond the ones listed in `endpoints`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub endpoints_omitted: i32,
     /// What the controller found out about each HTTP listener's endpoints (the
     /// Service port's `appProtocol`), for the proxies to follow.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -853,15 +863,6 @@ pub struct BackendStatus {
     pub ready_endpoints: i32,
     /// Endpoints in the group.
     pub total_endpoints: i32,
-}
-
-/// The port one listener reaches on an endpoint.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-pub struct EndpointPort {
-    /// The listener's name.
-    pub listener: String,
-    /// The port.
-    pub port: i32,
 }
 
 /// One listener as the controller resolved it.
@@ -897,7 +898,7 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
-/// One endpoint as the controller sees it.
+/// One endpoint that does not serve, and why.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointStatus {
@@ -905,10 +906,6 @@ pub struct EndpointStatus {
     pub address: String,
     /// The endpoint's port (the first listener's target).
     pub port: i32,
-    /// With several listeners, the port each one reaches on this endpoint
-    /// (a named `targetPort` may differ per listener).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub ports: Vec<EndpointPort>,
     /// With `spec.backends`, the groups this endpoint is in (`default` and
     /// backend names); absent means `default` only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -919,8 +916,6 @@ pub struct EndpointStatus {
     /// Topology zone when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
-    /// Serves traffic: probes say healthy and Kubernetes does not say not-ready or terminating.
-    pub healthy: bool,
     /// Probe state: Unknown, Healthy or Unhealthy.
     pub state: String,
     /// Kubernetes' own view, when it disagrees: `NotReady` or `Terminating`.
@@ -932,20 +927,14 @@ pub struct EndpointStatus {
     /// The last probe error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Failed probes in a row.
-    #[serde(default)]
-    pub consecutive_failures: i32,
-    /// Passed probes in a row.
-    #[serde(default)]
-    pub consecutive_successes: i32,
-    /// The weight its agent reports, in percent of the configured weight;
-    /// absent is 100.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weight_percent: Option<i32>,
     /// Its agent says `drain` or `maint` (or 0%): no new requests or
     /// connections; those in flight finish.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 fn default_weight() -> i32 {
@@ -1046,6 +1035,7 @@ impl Default for HealthCheckSpec {
             http: HttpCheckSpec::default(),
             tls: TlsCheckSpec::default(),
             agent: None,
+            panic_threshold: 0,
         }
     }
 }

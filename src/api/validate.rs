@@ -136,6 +136,14 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         );
     }
     let replicas = errs.at_least("spec.proxy.replicas", spec.proxy.replicas, 0);
+    let panic_threshold = spec.health_check.panic_threshold;
+    if !(0..=100).contains(&panic_threshold) {
+        errs.add(
+            "spec.healthCheck.panicThreshold",
+            format!("must be 0..=100 (percent), got {panic_threshold}"),
+        );
+    }
+    let panic_threshold = panic_threshold.clamp(0, 100) as u32;
 
     if service.is_none() && spec.endpoints.is_empty() {
         errs.add(
@@ -163,6 +171,7 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         routes,
         replicas,
         publish_endpoint_slice: spec.publish_endpoint_slice,
+        panic_threshold,
         endpoint_header: spec.debug.endpoint_header,
         error_detail: spec.debug.error_detail,
     })
@@ -1178,6 +1187,10 @@ mod tests {
         assert_error(
             |s| s.health_check.rise = 0,
             "spec.healthCheck.rise: must be >= 1, got 0",
+        );
+        assert_error(
+            |s| s.health_check.panic_threshold = 101,
+            "spec.healthCheck.panicThreshold: must be 0..=100 (percent), got 101",
         );
         assert_error(
             |s| s.health_check.fall = -2,

@@ -82,6 +82,28 @@ impl MemberSpec {
     }
 }
 
+/// Envoy's panic threshold: fewer than `threshold` percent of `total`
+/// healthy. Threshold 0 never panics (the pickers' own rule, "when none is
+/// healthy, try them all", still holds).
+pub fn in_panic(threshold: u32, healthy: usize, total: usize) -> bool {
+    threshold > 0 && total > 0 && healthy * 100 < threshold as usize * total
+}
+
+/// Applies the panic threshold to a service's members: below it every
+/// member is treated as healthy (draining ones still take nothing new), so
+/// a mass failure of the checks does not pile all traffic on the few left.
+/// Returns whether it applied.
+pub fn apply_panic(threshold: u32, members: &mut [MemberSpec]) -> bool {
+    let healthy = members.iter().filter(|m| m.healthy).count();
+    if !in_panic(threshold, healthy, members.len()) {
+        return false;
+    }
+    for m in members {
+        m.healthy = true;
+    }
+    true
+}
+
 /// One endpoint in a snapshot.
 #[derive(Clone, Debug)]
 pub struct Member {

@@ -267,3 +267,21 @@ fn tried_remembers_past_its_inline_slots() {
     assert!((0..20).all(|i| t.contains(i)));
     assert!(!t.contains(20));
 }
+
+#[test]
+fn panic_threshold_serves_every_member_below_it_and_only_then() {
+    let mut members: Vec<MemberSpec> = (1..=10)
+        .map(|i| MemberSpec {
+            healthy: i <= 3,
+            draining: i == 10,
+            ..spec(i, 1)
+        })
+        .collect();
+    // 3 of 10 healthy: not below 30%, below 40%.
+    assert!(!apply_panic(30, &mut members.clone()));
+    assert!(!apply_panic(0, &mut members.clone()));
+    assert!(apply_panic(40, &mut members));
+    assert!(members.iter().all(|m| m.healthy));
+    assert!(!members[9].serves(), "a draining member still takes nothing new");
+    assert!(in_panic(1, 0, 5) && !in_panic(1, 0, 0));
+}

@@ -154,13 +154,23 @@ fn service_account(bsvc: &BalancedService, cfg: &Config) -> ServiceAccount {
 fn role(bsvc: &BalancedService, cfg: &Config) -> Role {
     Role {
         metadata: meta(bsvc, proxy_name(&cfg.key.name)),
-        rules: Some(vec![PolicyRule {
-            api_groups: Some(vec!["balanced.dev".into()]),
-            resources: Some(vec!["balancedservices".into()]),
-            resource_names: Some(vec![cfg.key.name.clone()]),
-            verbs: vec!["get".into(), "list".into(), "watch".into()],
-            ..Default::default()
-        }]),
+        rules: Some(vec![
+            PolicyRule {
+                api_groups: Some(vec!["balanced.dev".into()]),
+                resources: Some(vec!["balancedservices".into()]),
+                resource_names: Some(vec![cfg.key.name.clone()]),
+                verbs: vec!["get".into(), "list".into(), "watch".into()],
+                ..Default::default()
+            },
+            // Health comes from the healthy slices (a list/watch by label
+            // selector cannot be narrowed by name).
+            PolicyRule {
+                api_groups: Some(vec!["discovery.k8s.io".into()]),
+                resources: Some(vec!["endpointslices".into()]),
+                verbs: vec!["list".into(), "watch".into()],
+                ..Default::default()
+            },
+        ]),
     }
 }
 

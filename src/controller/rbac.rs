@@ -15,6 +15,8 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("discovery.k8s.io", "endpointslices", "watch"),
     ("discovery.k8s.io", "endpointslices", "create"),
     ("discovery.k8s.io", "endpointslices", "patch"),
+    // A healthy slice left empty.
+    ("discovery.k8s.io", "endpointslices", "delete"),
     ("apps", "deployments", "list"),
     ("apps", "deployments", "watch"),
     ("apps", "deployments", "create"),

@@ -30,6 +30,11 @@ impl EndpointView {
     pub fn serves(&self) -> bool {
         self.health.health == Health::Healthy && self.ready && !self.terminating
     }
+
+    /// Serves and its agent does not say drain.
+    pub fn takes_new_traffic(&self) -> bool {
+        self.serves() && !self.health.agent.draining()
+    }
 }
 
 /// Everything status is computed from.
@@ -48,7 +53,12 @@ pub struct Observed<'a> {
     /// With `spec.backends`, every group name (`default` first), for
     /// `status.backends`; empty otherwise.
     pub groups: Vec<String>,
+    /// `spec.healthCheck.panicThreshold`.
+    pub panic_threshold: u32,
 }
+
+/// The most not-serving endpoints status lists; the rest are counted.
+pub const MAX_LISTED: usize = 100;
 
 /// Builds the status; conditions keep their `lastTransitionTime` from
 /// `previous` while their status does not change.
@@ -57,6 +67,14 @@ pub fn assemble(seen: &Observed<'_>, previous: Option<&BalancedServiceStatus>, n
     let serving = seen.endpoints.iter().filter(|e| e.serves()).count();
     let ready = match seen.invalid {
         Some(errors) => ("False", "InvalidSpec", errors.join("; ")),
+        None if crate::balance::in_panic(seen.panic_threshold, serving, total) => (
+            "True",
+            "Panic",
+            format!(
+                "{serving}/{total} endpoints healthy, below the panic threshold of {}%: every endpoint serves",
+                seen.panic_threshold
+            ),
+        ),
         None if total == 0 => ("False", "NoEndpoints", "no endpoints found".to_string()),
         None if serving == 0 => ("False", "NoHealthyEndpoints", format!("0/{total} endpoints healthy")),
         None => (
@@ -114,13 +132,17 @@ pub fn assemble(seen: &Observed<'_>, previous: Option<&BalancedServiceStatus>, n
             }
         })
         .collect();
+    // Endpoints are sorted by address, so the listed ones are too.
+    let listed: Vec<&EndpointView> = seen.endpoints.iter().filter(|e| !e.takes_new_traffic()).collect();
+    let omitted = listed.len().saturating_sub(MAX_LISTED);
     BalancedServiceStatus {
         observed_generation: seen.generation,
         ready: Some(format!("{serving}/{total}")),
         ready_endpoints: serving as i32,
         total_endpoints: total as i32,
         conditions,
-        endpoints: seen.endpoints.iter().map(endpoint_status).collect(),
+        endpoints: listed.into_iter().take(MAX_LISTED).map(endpoint_status).collect(),
+        endpoints_omitted: omitted as i32,
         listeners: seen.listeners.to_vec(),
         backends,
     }
@@ -130,18 +152,9 @@ fn endpoint_status(e: &EndpointView) -> EndpointStatus {
     EndpointStatus {
         address: e.addr.ip().to_string(),
         port: i32::from(e.addr.port()),
-        ports: e
-            .ports
-            .iter()
-            .map(|(listener, port)| crate::api::spec::EndpointPort {
-                listener: listener.clone(),
-                port: i32::from(*port),
-            })
-            .collect(),
         backends: e.backends.clone(),
         target_ref: e.target_ref.clone(),
         zone: e.zone.clone(),
-        healthy: e.serves(),
         state: e.health.health.as_str().to_string(),
         kubernetes: if e.terminating {
             Some("Terminating".into())
@@ -152,35 +165,62 @@ fn endpoint_status(e: &EndpointView) -> EndpointStatus {
         },
         last_transition_time: e.health.last_transition.map(rfc3339),
         last_error: e.health.last_error.clone(),
-        consecutive_failures: e.health.consecutive_failures.min(i32::MAX as u32) as i32,
-        consecutive_successes: e.health.consecutive_successes.min(i32::MAX as u32) as i32,
-        weight_percent: (e.health.agent.weight_percent != 100).then_some(e.health.agent.weight_percent as i32),
         draining: e.health.agent.draining(),
     }
 }
 
-/// The probe state an earlier status implies, so a new controller does not
-/// send every endpoint back to Unknown.
-pub fn seed_from(status: Option<&BalancedServiceStatus>, addr: std::net::SocketAddr) -> Option<HealthState> {
-    let e = status?
-        .endpoints
-        .iter()
-        .find(|e| e.port == i32::from(addr.port()) && e.address.parse() == Ok(addr.ip()))?;
-    let health = Health::parse(&e.state)?;
-    let at = e
-        .last_transition_time
-        .as_deref()
+/// The slice entry of one endpoint; `panic`: the service is below its panic
+/// threshold, so every endpoint is ready.
+pub fn slice_endpoint(e: &EndpointView, panic: bool) -> crate::controller::slices::SliceEndpoint {
+    let draining = e.health.agent.draining();
+    crate::controller::slices::SliceEndpoint {
+        addr: e.addr,
+        ports: e.ports.clone(),
+        groups: e.backends.clone(),
+        target_ref: e.target_ref.clone(),
+        zone: e.zone.clone(),
+        healthy: e.health.health == Health::Healthy,
+        ready: e.takes_new_traffic() || (panic && !draining && !e.terminating),
+        terminating: e.terminating,
+        draining,
+        weight_percent: e.health.agent.weight_percent,
+    }
+}
+
+/// The probe state a new leader starts an endpoint from: what its healthy
+/// slice says (health, agent weight and drain), with the last error and
+/// transition time status kept for the endpoints that do not serve.
+pub fn seed_from(
+    slice: Option<&crate::controller::slices::SliceEndpoint>,
+    status: Option<&BalancedServiceStatus>,
+    addr: std::net::SocketAddr,
+) -> Option<HealthState> {
+    let listed = status.and_then(|s| {
+        s.endpoints
+            .iter()
+            .find(|e| e.port == i32::from(addr.port()) && e.address.parse() == Ok(addr.ip()))
+    });
+    // Status lists the endpoints that do not serve, with their state
+    // (Unknown too); every other endpoint's health is its slice's `serving`.
+    let health = match (listed, slice) {
+        (Some(l), _) => Health::parse(&l.state)?,
+        (None, Some(e)) if e.healthy => Health::Healthy,
+        (None, Some(_)) => Health::Unhealthy,
+        (None, None) => return None,
+    };
+    let at = listed
+        .and_then(|l| l.last_transition_time.as_deref())
         .and_then(|t| t.parse::<jiff::Timestamp>().ok())
         .map(std::time::SystemTime::from);
     let mut state = HealthState::inherited(health, at);
-    state.last_error = e.last_error.clone();
+    state.last_error = listed.and_then(|l| l.last_error.clone());
     // What agents reported holds until they answer the new controller, so
     // the proxies' weights do not flap back to 100% for an agent interval.
-    if let Some(p) = e.weight_percent {
-        state.agent.weight_percent = p.clamp(0, crate::health::agent::MAX_PERCENT as i32) as u32;
-    }
-    if e.draining && state.agent.weight_percent != 0 {
-        state.agent.admin = crate::health::agent::Admin::Drain;
+    if let Some(e) = slice {
+        state.agent.weight_percent = e.weight_percent.min(crate::health::agent::MAX_PERCENT);
+        if e.draining && state.agent.weight_percent != 0 {
+            state.agent.admin = crate::health::agent::Admin::Drain;
+        }
     }
     Some(state)
 }
@@ -261,7 +301,7 @@ mod tests {
         assert_eq!(s.ready_endpoints, 0);
         assert_eq!(s.endpoints[0].kubernetes.as_deref(), Some("NotReady"));
         assert_eq!(s.endpoints[1].kubernetes.as_deref(), Some("Terminating"));
-        assert!(!s.endpoints[0].healthy && s.endpoints[0].state == "Healthy");
+        assert_eq!(s.endpoints[0].state, "Healthy");
     }
 
     #[test]
@@ -303,12 +343,83 @@ mod tests {
     }
 
     #[test]
-    fn seeds_come_from_the_previous_status() {
-        let eps = [view(1, Health::Healthy, true, false)];
+    fn status_lists_only_endpoints_that_do_not_serve_at_most_a_hundred() {
+        let mut eps: Vec<EndpointView> = (1..=250u8)
+            .map(|i| {
+                view(
+                    i,
+                    if i % 2 == 0 { Health::Unhealthy } else { Health::Healthy },
+                    true,
+                    false,
+                )
+            })
+            .collect();
+        eps[0].health.agent.admin = crate::health::agent::Admin::Drain;
         let s = status_of(&eps);
-        let seed = seed_from(Some(&s), ([10, 0, 0, 1], 8080).into()).unwrap();
+        assert_eq!(s.ready.as_deref(), Some("125/250"));
+        assert_eq!(s.endpoints.len(), MAX_LISTED);
+        assert_eq!(s.endpoints_omitted, 126 - MAX_LISTED as i32);
+        assert!(
+            s.endpoints[0].draining,
+            "a draining endpoint is listed: {:?}",
+            s.endpoints[0]
+        );
+        assert!(
+            s.endpoints
+                .windows(2)
+                .all(|w| w[0].address.parse::<std::net::IpAddr>().unwrap()
+                    < w[1].address.parse::<std::net::IpAddr>().unwrap())
+        );
+        // Ten thousand endpoints, half down: still a small object.
+        let many: Vec<EndpointView> = (0..10_000u32)
+            .map(|i| {
+                let mut v = view(
+                    0,
+                    if i % 2 == 0 { Health::Unhealthy } else { Health::Healthy },
+                    true,
+                    false,
+                );
+                v.addr = std::net::SocketAddr::from((i.to_be_bytes(), 8080));
+                v.health.last_error = Some("connect: connection refused".into());
+                v
+            })
+            .collect();
+        let bytes = serde_json::to_vec(&status_of(&many)).unwrap().len();
+        assert!(bytes < 64 * 1024, "{bytes} bytes");
+    }
+
+    #[test]
+    fn panic_threshold_says_so_in_ready() {
+        let eps = [
+            view(1, Health::Healthy, true, false),
+            view(2, Health::Unhealthy, true, false),
+            view(3, Health::Unhealthy, true, false),
+        ];
+        let seen = Observed {
+            endpoints: &eps,
+            panic_threshold: 50,
+            ..Default::default()
+        };
+        let s = assemble(&seen, None, "t0");
+        assert_eq!(ready_of(&s).0, "True");
+        assert_eq!(ready_of(&s).1, "Panic");
+        assert!(slice_endpoint(&eps[1], true).ready && !slice_endpoint(&eps[1], true).healthy);
+        assert!(!slice_endpoint(&eps[1], false).ready);
+    }
+
+    #[test]
+    fn seeds_come_from_the_slices_and_the_listed_endpoints() {
+        let mut down = view(2, Health::Unhealthy, true, false);
+        down.health.last_error = Some("connect: connection refused".into());
+        let eps = [view(1, Health::Healthy, true, false), down];
+        let s = status_of(&eps);
+        let slice: Vec<_> = eps.iter().map(|e| slice_endpoint(e, false)).collect();
+        let seed = seed_from(Some(&slice[0]), Some(&s), eps[0].addr).unwrap();
         assert_eq!(seed.health, Health::Healthy);
-        assert!(seed_from(Some(&s), ([10, 0, 0, 9], 8080).into()).is_none());
+        let seed = seed_from(Some(&slice[1]), Some(&s), eps[1].addr).unwrap();
+        assert_eq!(seed.health, Health::Unhealthy);
+        assert_eq!(seed.last_error.as_deref(), Some("connect: connection refused"));
+        assert!(seed_from(None, Some(&s), ([10, 0, 0, 9], 8080).into()).is_none());
     }
 
     #[test]
@@ -316,8 +427,9 @@ mod tests {
         let mut a = view(1, Health::Healthy, true, false);
         a.health.agent.weight_percent = 40;
         a.health.agent.admin = crate::health::agent::Admin::Drain;
-        let s = status_of(&[a.clone()]);
-        let seed = seed_from(Some(&s), a.addr).unwrap();
+        let slice = slice_endpoint(&a, false);
+        let seed = seed_from(Some(&slice), None, a.addr).unwrap();
         assert_eq!((seed.agent.weight_percent, seed.agent.draining()), (40, true));
+        assert_eq!(seed.health, Health::Healthy);
     }
 }

@@ -1,24 +1,27 @@
 //! `balanced proxy`: the data plane of one BalancedService, configured by
-//! watching that object (spec for config, status for endpoint health).
+//! watching that object (its spec) and the healthy EndpointSlices the
+//! controller writes for it (endpoint health, weights, drain): kube-proxy's
+//! path, so a transition costs each proxy one slice, not the whole object.
 //!
-//! A bad spec or a lost API server never takes away the last good snapshot.
+//! A bad spec, a lost API server or a stopped controller never takes away
+//! the last good snapshot (fail static: the slices stay as they were).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
 use kube::api::Api;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::config::{Config, ServiceKey};
 use crate::api::{BalancedService, validate};
-use crate::balance::MemberSpec;
 use crate::metrics::Metrics;
 use crate::proxy::{Dataplane, Serving};
 use crate::shell::{self, Change, Source, SourceView};
@@ -36,83 +39,55 @@ pub struct ProxyOptions {
     pub drain_delay: Duration,
 }
 
-/// The snapshot members a BalancedService's status implies: every endpoint the
-/// controller reports, healthy or not (so "all down, try all" still has
-/// somewhere to go), with weights and flags of matching static endpoints.
-pub fn members(cfg: &Config, bsvc: &BalancedService) -> Vec<MemberSpec> {
-    let statics: HashMap<SocketAddr, _> = cfg.endpoints.iter().map(|e| (e.addr, e)).collect();
-    let mut out: Vec<MemberSpec> = Vec::new();
-    for e in bsvc.status.iter().flat_map(|s| &s.endpoints) {
-        let (Ok(ip), Ok(port)) = (e.address.parse::<IpAddr>(), u16::try_from(e.port)) else {
-            continue;
-        };
-        let addr = SocketAddr::new(ip, port);
-        let st = statics.get(&addr);
-        let percent = e.weight_percent.map_or(100, |p| p.clamp(0, 1000) as u32);
-        let agent = crate::health::agent::AgentState {
-            weight_percent: percent,
-            ..Default::default()
-        };
-        out.push(MemberSpec {
-            draining: e.draining || percent == 0,
-            addr,
-            weight: agent.scale(st.map_or(1, |s| s.weight)),
-            backup: st.is_some_and(|s| s.backup),
-            max_connections: st.map_or(0, |s| s.max_connections),
-            healthy: e.healthy,
-            ports: e
-                .ports
-                .iter()
-                .filter_map(|p| Some((p.listener.clone(), u16::try_from(p.port).ok().filter(|p| *p > 0)?)))
-                .collect(),
-            groups: group_mask(cfg, &e.backends),
-        });
-    }
-    // Before the controller's first status, static endpoints are all there is.
-    for e in &cfg.endpoints {
-        if !out.iter().any(|m| m.addr == e.addr) {
-            out.push(MemberSpec {
-                draining: false,
-                addr: e.addr,
-                weight: crate::health::agent::AgentState::default().scale(e.weight),
-                backup: e.backup,
-                max_connections: e.max_connections,
-                healthy: false,
-                ports: Vec::new(),
-                groups: 1,
-            });
-        }
-    }
-    out
-}
-
 /// One BalancedService watched in the cluster: its spec is the config, its
-/// status (written by the controller's prober) the endpoints' health.
+/// healthy EndpointSlices (written by the controller's prober) the endpoints.
 pub struct ClusterSource {
     key: ServiceKey,
-    objects: std::pin::Pin<Box<dyn futures::Stream<Item = Result<BalancedService, watcher::Error>> + Send>>,
+    inputs: std::pin::Pin<Box<dyn futures::Stream<Item = Input> + Send>>,
+    slices: Store<EndpointSlice>,
+    slices_listed: bool,
+    config: Option<Arc<Config>>,
     view: Arc<ClusterView>,
     pending: Option<Change>,
+}
+
+/// What the two watches bring (one at a time: their sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum Input {
+    Object(Result<BalancedService, watcher::Error>),
+    Slices(Result<watcher::Event<EndpointSlice>, watcher::Error>),
 }
 
 struct ClusterView {
     key: ServiceKey,
     has_snapshot: AtomicBool,
     last: std::sync::Mutex<Option<serde_json::Value>>,
-    // Why the newest spec is not the one serving, and why the watch is
+    // Why the newest spec is not the one serving, and why a watch is
     // failing, for `/status` (cleared by the next good spec or event).
     rejected: std::sync::Mutex<Option<String>>,
     watch_error: std::sync::Mutex<Option<String>>,
 }
 
 impl ClusterSource {
-    /// Watches `key` through `client`.
+    /// Watches `key` and its healthy slices through `client`.
     pub fn new(client: Client, key: ServiceKey) -> Self {
-        let api: Api<BalancedService> = Api::namespaced(client, &key.namespace);
+        let api: Api<BalancedService> = Api::namespaced(client.clone(), &key.namespace);
         let config = watcher::Config::default().fields(&format!("metadata.name={}", key.name));
         // default_backoff: watch errors (API server gone, 410 Gone) restart the
         // watch with backoff; the snapshot stays while they do.
-        let objects = watcher(api, config).default_backoff().applied_objects().boxed();
+        let objects = watcher(api, config)
+            .default_backoff()
+            .applied_objects()
+            .map(Input::Object);
+        let (slices, writer) = reflector::store::<EndpointSlice>();
+        let slice_api: Api<EndpointSlice> = Api::namespaced(client, &key.namespace);
+        let slice_events = watcher(
+            slice_api,
+            watcher::Config::default().labels(&crate::controller::slices::selector(&key.name)),
+        )
+        .default_backoff()
+        .reflect(writer)
+        .map(Input::Slices);
         Self {
             view: Arc::new(ClusterView {
                 key: key.clone(),
@@ -122,21 +97,25 @@ impl ClusterSource {
                 watch_error: std::sync::Mutex::new(None),
             }),
             key,
-            objects,
+            inputs: futures::stream::select(objects, slice_events).boxed(),
+            slices,
+            slices_listed: false,
+            config: None,
             pending: None,
         }
     }
 
-    /// The changes an object implies, or `None` (logged) when its spec is invalid.
-    fn changes(&self, bsvc: &BalancedService) -> Option<(Change, Change)> {
-        let cfg = match validate(self.key.clone(), &bsvc.spec) {
+    /// The config an object implies, or `None` (logged) when its spec is invalid.
+    fn config(&self, bsvc: &BalancedService) -> Option<Arc<Config>> {
+        match validate(self.key.clone(), &bsvc.spec) {
             Ok(mut cfg) => {
                 // The limit is the service's: each replica enforces its share.
                 cfg.rate_limit = cfg.rate_limit.map(|r| r.per_replica(cfg.replicas));
                 for route in &mut cfg.routes {
                     route.rate_limit = route.rate_limit.take().map(|r| r.per_replica(cfg.replicas));
                 }
-                Arc::new(with_status_protocols(cfg, bsvc))
+                *self.view.rejected.lock().expect("rejected lock") = None;
+                Some(Arc::new(with_status_protocols(cfg, bsvc)))
             }
             Err(errors) => {
                 tracing::warn!(service = %self.key, errors = %errors, "invalid spec; serving the last good snapshot");
@@ -144,20 +123,28 @@ impl ClusterSource {
                     "generation {}: {errors}",
                     bsvc.metadata.generation.unwrap_or_default()
                 ));
-                return None;
+                None
             }
-        };
-        *self.view.rejected.lock().expect("rejected lock") = None;
-        let members = members(&cfg, bsvc);
+        }
+    }
+
+    /// The endpoints of `cfg` as the healthy slices have them.
+    fn endpoints(&self, cfg: &Arc<Config>, generation: Option<i64>) -> Change {
+        let state = self.slices.state();
+        let slices: Vec<&EndpointSlice> = state.iter().map(|s| &**s).collect();
+        let members = crate::controller::slices::members(cfg, &slices);
         let healthy = members.iter().filter(|m| m.healthy).count();
-        tracing::info!(service = %self.key, algorithm = cfg.algorithm.name(), endpoints = members.len(), healthy, "snapshot applied");
-        *self.view.last.lock().expect("last lock") = Some(serde_json::json!({
-            "generation": bsvc.metadata.generation,
+        tracing::info!(service = %self.key, algorithm = cfg.algorithm.name(), endpoints = members.len(), healthy, slices = slices.len(), "snapshot applied");
+        let mut last = self.view.last.lock().expect("last lock");
+        let generation = generation.or_else(|| last.as_ref().and_then(|l| l["generation"].as_i64()));
+        *last = Some(serde_json::json!({
+            "generation": generation,
             "algorithm": cfg.algorithm.name(),
             "endpoints": members.len(),
             "healthy": healthy,
+            "slices": slices.len(),
         }));
-        Some((Change::Services(vec![cfg.clone()]), Change::Endpoints(cfg, members)))
+        Change::Endpoints(cfg.clone(), members)
     }
 }
 
@@ -169,16 +156,40 @@ impl Source for ClusterSource {
             return Some(change);
         }
         loop {
-            let next = self.objects.next().await?;
-            *self.view.watch_error.lock().expect("watch error lock") = next.as_ref().err().map(|e| e.to_string());
-            match next {
-                Ok(bsvc) => {
-                    if let Some((services, endpoints)) = self.changes(&bsvc) {
-                        self.pending = Some(endpoints);
-                        return Some(services);
+            match self.inputs.next().await? {
+                Input::Object(next) => {
+                    *self.view.watch_error.lock().expect("watch error lock") =
+                        next.as_ref().err().map(|e| e.to_string());
+                    match next {
+                        Ok(bsvc) => {
+                            let Some(cfg) = self.config(&bsvc) else { continue };
+                            self.config = Some(cfg.clone());
+                            // Endpoints wait for the slices' first list: before
+                            // it, every endpoint would look unhealthy.
+                            if self.slices_listed {
+                                self.pending = Some(self.endpoints(&cfg, bsvc.metadata.generation));
+                            }
+                            return Some(Change::Services(vec![cfg]));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "BalancedService watch failed; serving the last snapshot"),
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "watch failed; serving the last snapshot"),
+                Input::Slices(Ok(event)) => {
+                    *self.view.watch_error.lock().expect("watch error lock") = None;
+                    match event {
+                        watcher::Event::Init | watcher::Event::InitApply(_) => continue,
+                        watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_) => {}
+                    }
+                    self.slices_listed = true;
+                    if let Some(cfg) = self.config.clone() {
+                        self.view.has_snapshot.store(true, Ordering::Relaxed);
+                        return Some(self.endpoints(&cfg, None));
+                    }
+                }
+                Input::Slices(Err(e)) => {
+                    *self.view.watch_error.lock().expect("watch error lock") = Some(e.to_string());
+                    tracing::warn!(error = %e, "EndpointSlice watch failed; serving the last endpoints");
+                }
             }
         }
     }
@@ -238,18 +249,6 @@ pub async fn run_proxy(
     shell::run(source, shell_opts, admin_listener, shutdown).await
 }
 
-/// The groups an endpoint of status belongs to: the ones it names, or
-/// `default` when it names none.
-fn group_mask(cfg: &Config, names: &[String]) -> u64 {
-    if names.is_empty() {
-        return 1;
-    }
-    names
-        .iter()
-        .filter_map(|n| cfg.group_index(n))
-        .fold(0, |mask, g| mask | 1 << g)
-}
-
 /// Listeners whose spec names no `appProtocol` take the one the controller
 /// found on the Service port (`status.listeners`).
 pub fn with_status_protocols(mut cfg: Config, bsvc: &BalancedService) -> Config {
@@ -263,28 +262,4 @@ pub fn with_status_protocols(mut cfg: Config, bsvc: &BalancedService) -> Config 
         }
     }
     cfg
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn status_agent_reports_reach_the_members() {
-        let bsvc: BalancedService = serde_json::from_value(serde_json::json!({
-            "apiVersion": "balanced.dev/v1alpha1", "kind": "BalancedService",
-            "metadata": {"name": "web", "namespace": "shop"},
-            "spec": {"service": "web", "listeners": [{"name": "http", "port": 8080}]},
-            "status": {"endpoints": [
-                {"address": "10.0.0.1", "port": 80, "healthy": true, "state": "Healthy"},
-                {"address": "10.0.0.2", "port": 80, "healthy": true, "state": "Healthy", "weightPercent": 50},
-                {"address": "10.0.0.3", "port": 80, "healthy": true, "state": "Healthy", "draining": true},
-                {"address": "10.0.0.4", "port": 80, "healthy": true, "state": "Healthy", "weightPercent": 0}
-            ]}
-        }))
-        .unwrap();
-        let cfg = crate::api::validate::validate(ServiceKey::new("shop", "web"), &bsvc.spec).unwrap();
-        let got: Vec<(u32, bool)> = members(&cfg, &bsvc).iter().map(|m| (m.weight, m.draining)).collect();
-        assert_eq!(got, vec![(100, false), (50, false), (100, true), (1, true)]);
-    }
 }

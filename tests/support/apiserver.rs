@@ -4,6 +4,11 @@
 //! conflict checks, merge patch, server-side apply approximated as merge, the
 //! status subresource, deletes with ownerReference cascade). It can be stopped
 //! and restarted on the same address with its state kept.
+//!
+//! It refuses what Kubernetes refuses, so tests cannot pass on behaviour a
+//! real cluster does not have: an EndpointSlice of more than 1,000
+//! endpoints (422), an object over etcd's 1.5 MiB (413), and a write that
+//! changes nothing is not written (no new resourceVersion, no watch event).
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -58,7 +63,16 @@ struct State {
     log: Vec<WatchEvent>,
     requests: Vec<String>,
     calls: Vec<(String, String, String)>,
+    /// Writes that changed an object (creates, updates, patches, deletes).
+    writes: u64,
+    /// Writes that changed nothing.
+    noop_writes: u64,
 }
+
+/// Kubernetes' limit on endpoints in one EndpointSlice.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+/// etcd's request limit, which bounds every object.
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
 
 /// The server and handles to poke it.
 #[derive(Clone)]
@@ -126,6 +140,21 @@ impl ApiServer {
     /// Every (group, resource[/subresource], verb) requested so far.
     pub fn api_calls(&self) -> Vec<(String, String, String)> {
         self.state.lock().unwrap().calls.clone()
+    }
+
+    /// (writes that changed an object, writes that changed nothing) so far.
+    pub fn write_counts(&self) -> (u64, u64) {
+        let s = self.state.lock().unwrap();
+        (s.writes, s.noop_writes)
+    }
+
+    /// Every object of `plural` in `namespace` whose labels match `selector` (`k=v,...`).
+    pub fn list_selected(&self, plural: &str, namespace: &str, selector: &str) -> Vec<Value> {
+        let query = BTreeMap::from([("labelSelector".to_string(), selector.to_string())]);
+        self.list(plural, namespace)
+            .into_iter()
+            .filter(|o| selected(o, &query))
+            .collect()
     }
 
     /// How many requests matched `needle` (method and path).
@@ -648,7 +677,38 @@ fn write(
     if obj.get("status").is_some_and(Value::is_null) {
         obj.as_object_mut().unwrap().remove("status");
     }
+    if plural == "endpointslices"
+        && let Some(n) = obj["endpoints"].as_array().map(Vec::len)
+        && n > MAX_SLICE_ENDPOINTS
+    {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!(
+                "EndpointSlice.discovery.k8s.io \"{name}\" is invalid: endpoints: Too many: {n}: must have at most {MAX_SLICE_ENDPOINTS} items"
+            ),
+        ));
+    }
+    let size = serde_json::to_vec(&obj).map_or(0, |b| b.len());
+    if size > MAX_OBJECT_BYTES {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            format!("etcdserver: request is too large ({size} bytes for {kind} {name})"),
+        ));
+    }
+    // A write that changes nothing: the API server answers with the object
+    // as it is, with no new resourceVersion and no watch event.
+    if let Some(old) = s.objects.get(&key) {
+        let mut same = obj.clone();
+        same["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if same == *old {
+            s.noop_writes += 1;
+            return Ok(old.clone());
+        }
+    }
     s.rv += 1;
+    s.writes += 1;
     obj["metadata"]["resourceVersion"] = json!(s.rv.to_string());
     s.objects.insert(key, obj.clone());
     let e = WatchEvent {
@@ -674,6 +734,7 @@ fn delete(s: &mut State, events: &broadcast::Sender<WatchEvent>, plural: &str, n
         .objects
         .remove(&(plural.to_string(), ns.to_string(), name.to_string()))?;
     s.rv += 1;
+    s.writes += 1;
     let e = WatchEvent {
         rv: s.rv,
         kind: "DELETED",
