@@ -412,25 +412,37 @@ async fn the_controller_survives_an_api_server_outage_and_410_gone() {
 async fn a_restarted_controller_inherits_endpoint_state() {
     let server = ApiServer::start().await;
     let a = Backend::http("a", Behavior::Status(200)).await;
-    slices_for(&server, &[a.addr]);
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr, b.addr]);
     // rise 5 at 200ms: a fresh Unknown would take a second to serve.
     server.put("balancedservices", NS, bsvc("web", web_spec(5)));
     let first = controller(&server, None).await;
-    wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "1/1").await;
-    eventually(Duration::from_secs(2), "the healthy slice", || {
-        let ready = slice_ready(&server, a.addr.port());
-        async move { (ready == Some(true)).then_some(()) }
+    wait_status(&server, Duration::from_secs(5), "healthy", |s| s["ready"] == "2/2").await;
+    b.kill();
+    wait_status(&server, Duration::from_secs(3), "b unhealthy", |s| {
+        endpoint_state(s, b.addr.port()) == Some((false, "Unhealthy".into()))
+    })
+    .await;
+    eventually(Duration::from_secs(2), "the healthy slices", || {
+        let ready = (slice_ready(&server, a.addr.port()), slice_ready(&server, b.addr.port()));
+        async move { (ready == (Some(true), Some(false))).then_some(()) }
     })
     .await;
     first.shut().await;
 
-    let second = controller(&server, None).await;
-    // A second of samples: the status never flaps while the new controller
-    // starts (a measuring window, not a wait).
     let (writes, _) = server.write_counts();
+    let second = controller(&server, None).await;
+    // A second of samples: nothing flaps while the new controller starts
+    // (a measuring window, not a wait): a stays serving, b stays Unhealthy
+    // rather than Unknown.
     for _ in 0..20 {
         let s = status(&server, "web");
-        assert_eq!(s["ready"], "1/1", "flapped: {s}");
+        assert_eq!(s["ready"], "1/2", "flapped: {s}");
+        assert_eq!(
+            endpoint_state(&s, b.addr.port()),
+            Some((false, "Unhealthy".into())),
+            "{s}"
+        );
         assert_eq!(slice_ready(&server, a.addr.port()), Some(true), "the slice flapped");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -870,4 +882,182 @@ async fn a_spec_change_alone_reaches_xds_clients() {
     .expect("a CDS push with ROUND_ROBIN after the spec changed");
     assert_eq!(policy, LbPolicy::RoundRobin as i32);
     c.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_follows_the_healthy_slices_not_status_and_keeps_serving_without_a_controller() {
+    let server = ApiServer::start().await;
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let b = Backend::http("b", Behavior::Status(200)).await;
+    slices_for(&server, &[a.addr, b.addr]);
+    let mut spec = web_spec(1);
+    // No passive ejection and no retry: a request the proxy sends to a dead
+    // b fails, so only the slice can keep clients away from it.
+    spec["passiveHealth"] = json!({"maxFails": 0});
+    spec["retry"] = json!({"tries": 1});
+    let listen = SocketAddr::from(([127, 0, 0, 1], spec["listeners"][0]["port"].as_u64().unwrap() as u16));
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let c = controller(&server, None).await;
+    eventually(Duration::from_secs(5), "both endpoints ready in the slices", || {
+        let ready = (slice_ready(&server, a.addr.port()), slice_ready(&server, b.addr.port()));
+        async move { (ready == (Some(true), Some(true))).then_some(()) }
+    })
+    .await;
+    // From here on the controller cannot write status: what the proxy learns
+    // can only come from the slices.
+    server.refuse_status_writes();
+    let proxy = KubeProxy::start(&server).await;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..8 {
+        seen.insert(http_get(listen, "/").await.unwrap().1);
+    }
+    assert_eq!(seen.len(), 2, "both serve: {seen:?}");
+
+    // b is killed: fall (2) x interval (200 ms) + 1 s later the proxy sends
+    // nothing there.
+    b.kill();
+    let killed = std::time::Instant::now();
+    eventually(
+        Duration::from_millis(400 + 1000),
+        "the slice to mark b not ready",
+        || {
+            let ready = slice_ready(&server, b.addr.port());
+            async move { (ready == Some(false)).then_some(()) }
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_millis(400 + 1000),
+        "the proxy to stop sending to b",
+        || async {
+            let mut answers = Vec::new();
+            for _ in 0..6 {
+                answers.push(http_get(listen, "/").await.ok()?);
+            }
+            answers.iter().all(|r| *r == (200, "a".to_string())).then_some(())
+        },
+    )
+    .await;
+    assert!(killed.elapsed() < Duration::from_millis(400 + 1000 + 500));
+    assert!(
+        server.requests_matching("/balancedservices/web/status") > 0,
+        "the controller tried to write status (and was refused)"
+    );
+
+    // The controller stops: the slices stay, the proxy keeps serving them.
+    c.shut().await;
+    for _ in 0..5 {
+        assert_eq!(http_get(listen, "/").await.unwrap(), (200, "a".to_string()));
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_simultaneous_failures_make_at_most_26_events() {
+    // 500 endpoints on 500 loopback addresses, one listening socket: closing
+    // it fails them all in the same probe round.
+    let server = ApiServer::start().await;
+    let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let addresses: Vec<String> = (0..500)
+        .map(|i| format!("127.0.{}.{}", 10 + i / 250, 1 + i % 250))
+        .collect();
+    for (n, chunk) in addresses.chunks(100).enumerate() {
+        let endpoints: Vec<Value> = chunk
+            .iter()
+            .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
+            .collect();
+        server.put(
+            "endpointslices",
+            NS,
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": format!("web-{n}"), "namespace": NS,
+                                "labels": {"kubernetes.io/service-name": "web"}},
+                   "addressType": "IPv4",
+                   "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                   "endpoints": endpoints}),
+        );
+    }
+    let spec = json!({
+        "service": "web",
+        "listeners": [{"name": "http", "port": free_port(), "protocol": "TCP", "targetPort": "http"}],
+        "healthCheck": {"protocol": "TCP", "interval": "300ms", "timeout": "200ms", "rise": 1, "fall": 1}
+    });
+    server.put("balancedservices", NS, bsvc("web", spec));
+    let c = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(10), "500 endpoints healthy", |s| {
+        s["ready"] == "500/500"
+    })
+    .await;
+    let events = |server: &ApiServer| server.requests_matching("/apis/events.k8s.io/v1/namespaces/shop/events");
+    // The healthy slices: 5 of 100, none larger.
+    eventually(Duration::from_secs(3), "five healthy slices of 100", || {
+        let slices = server.list_selected("endpointslices", NS, &balanced::controller::slices::selector("web"));
+        let sizes: Vec<usize> = slices
+            .iter()
+            .map(|s| s["endpoints"].as_array().unwrap().len())
+            .collect();
+        async move { (sizes == vec![100; 5]).then_some(()) }
+    })
+    .await;
+    // Let the start-up's events drain before counting.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let before = events(&server);
+    let (writes_before, _) = server.write_counts();
+
+    drop(listener);
+    wait_status(&server, Duration::from_secs(5), "all down", |s| s["ready"] == "0/500").await;
+    // The events task sends within a moment of the flush; a window for it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = events(&server) - before;
+    assert!(sent >= 1 && sent <= 26, "{sent} event requests for 500 transitions");
+    // Status and slices: a handful of writes, not 500.
+    let writes = server.write_counts().0 - writes_before;
+    assert!(
+        writes <= 5 * 4 + 4 + sent as u64,
+        "{writes} writes for one mass failure"
+    );
+    let s = status(&server, "web");
+    assert_eq!(s["endpoints"].as_array().unwrap().len(), 100);
+    assert_eq!(s["endpointsOmitted"], 400);
+    let bytes = serde_json::to_vec(&server.get("balancedservices", NS, "web").unwrap())
+        .unwrap()
+        .len();
+    assert!(bytes < 64 * 1024, "{bytes} bytes");
+    c.shut().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_test_api_server_refuses_what_kubernetes_refuses() {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::api::{Api, Patch, PatchParams};
+    let server = ApiServer::start().await;
+    let api: Api<EndpointSlice> = Api::namespaced(server.client(), NS);
+    let slice = |n: usize| -> EndpointSlice {
+        serde_json::from_value(json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "big", "namespace": NS},
+            "addressType": "IPv4",
+            "endpoints": (0..n).map(|i| json!({"addresses": [format!("10.0.{}.{}", i / 250, i % 250)]})).collect::<Vec<_>>()}))
+        .unwrap()
+    };
+    let params = PatchParams::apply("test").force();
+    let err = api
+        .patch("big", &params, &Patch::Apply(&slice(1001)))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, kube::Error::Api(e) if e.code == 422), "{err}");
+    let first = api.patch("big", &params, &Patch::Apply(&slice(1000))).await.unwrap();
+    let again = api.patch("big", &params, &Patch::Apply(&slice(1000))).await.unwrap();
+    assert_eq!(
+        first.metadata.resource_version, again.metadata.resource_version,
+        "a write that changes nothing has no new resourceVersion"
+    );
+    assert_eq!(server.write_counts(), (1, 1));
+    // An object over 1.5 MiB.
+    let huge = json!({"metadata": {"annotations": {"x": "y".repeat(1600 * 1024)}}});
+    let err = api
+        .patch("big", &PatchParams::default(), &Patch::Merge(&huge))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, kube::Error::Api(e) if e.code == 413), "{err}");
 }

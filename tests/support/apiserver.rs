@@ -67,6 +67,8 @@ struct State {
     writes: u64,
     /// Writes that changed nothing.
     noop_writes: u64,
+    /// Answer every status write with 500 (a test proving status is not read).
+    refuse_status: bool,
 }
 
 /// Kubernetes' limit on endpoints in one EndpointSlice.
@@ -140,6 +142,11 @@ impl ApiServer {
     /// Every (group, resource[/subresource], verb) requested so far.
     pub fn api_calls(&self) -> Vec<(String, String, String)> {
         self.state.lock().unwrap().calls.clone()
+    }
+
+    /// From now on, every write to a status subresource fails with 500.
+    pub fn refuse_status_writes(&self) {
+        self.state.lock().unwrap().refuse_status = true;
     }
 
     /// (writes that changed an object, writes that changed nothing) so far.
@@ -365,6 +372,11 @@ impl ApiServer {
                 };
                 respond(write(&mut s, &self.events, &target.plural, &ns, name, body, mode))
             }
+            (&Method::PATCH, Some(_)) if target.status && self.state.lock().unwrap().refuse_status => status_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "status writes refused by the test",
+            ),
             (&Method::PATCH, Some(name)) => {
                 let mut s = self.state.lock().unwrap();
                 let exists = s
