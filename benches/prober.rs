@@ -11,6 +11,9 @@
 //! `cargo bench --bench prober -- 15 10000,50000 TCP`. Defaults: 15 s per run,
 //! 10000,25000,50000, TCP,HTTP. `PROBER_INTERVAL=3s` probes less often.
 
+#[path = "common/proc.rs"]
+mod proc;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,10 +33,7 @@ fn main() {
         .map(|a| a.split(',').map(str::to_uppercase).collect())
         .unwrap_or_else(|| vec!["TCP".into(), "HTTP".into()]);
     // The backends (this process) on core 1, the prober on core 0.
-    let _ = Command::new("taskset")
-        .args(["-p", "-c", "1", &std::process::id().to_string()])
-        .stdout(Stdio::null())
-        .status();
+    proc::pin_to_core_1();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -128,14 +128,14 @@ fn run(rt: &tokio::runtime::Runtime, ports: &[u16], endpoints: usize, kind: &str
     // Start-up and the first rise: probes land over the first interval, two to rise.
     let every = balanced::api::duration::parse_duration(&interval).unwrap_or(Duration::from_secs(1));
     std::thread::sleep(Duration::from_secs(5) + 2 * every);
-    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    let (cpu0, t0) = (proc::cpu_seconds(pid), Instant::now());
     let metrics0 = rt.block_on(admin_get("/metrics"));
     let mut peak_rss = 0;
     while t0.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_millis(500));
-        peak_rss = peak_rss.max(rss_kib(pid));
+        peak_rss = peak_rss.max(proc::memory_kib(pid, "VmRSS"));
     }
-    let (cpu1, wall) = (cpu_seconds(pid), t0.elapsed().as_secs_f64());
+    let (cpu1, wall) = (proc::cpu_seconds(pid), t0.elapsed().as_secs_f64());
     let metrics1 = rt.block_on(admin_get("/metrics"));
     let healthy = rt.block_on(count_healthy());
     let _ = child.kill();
@@ -233,31 +233,4 @@ fn probe_count(metrics: &str) -> f64 {
         .filter(|l| l.starts_with("balanced_probes_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name: utime and stime are 14th and 15th overall.
-    let after = &stat[stat.rfind(')').unwrap() + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
 }

@@ -1010,7 +1010,7 @@ async fn five_hundred_simultaneous_failures_make_at_most_26_events() {
     // The events task sends within a moment of the flush; a window for it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let sent = events(&server) - before;
-    assert!(sent >= 1 && sent <= 26, "{sent} event requests for 500 transitions");
+    assert!((1..=26).contains(&sent), "{sent} event requests for 500 transitions");
     // Status and slices: a handful of writes, not 500.
     let writes = server.write_counts().0 - writes_before;
     assert!(
