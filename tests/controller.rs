@@ -236,6 +236,19 @@ async fn controller_follows_backends_slices_and_deletion() {
     let s = status(&server, "web");
     assert_eq!(s["observedGeneration"], 1);
     assert!(s.get("endpoints").is_none(), "every endpoint serves: none listed: {s}");
+    // The full per-endpoint table is the leader's admin /status.
+    let (_, table) = http_get(c.admin, "/status").await.unwrap();
+    let table: Value = serde_json::from_str(&table).unwrap();
+    let rows = table["services"][0]["endpoints"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(
+        rows.iter()
+            .all(|r| r["state"] == "Healthy" && r["consecutiveSuccesses"].as_u64() >= Some(2)),
+        "{table}"
+    );
     let (_, a_slice) = eventually(Duration::from_secs(2), "a in a healthy slice", || {
         let found = healthy_endpoints(&server)
             .into_iter()
