@@ -21,7 +21,7 @@ mod proc;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use apiserver::ApiServer;
@@ -117,20 +117,11 @@ async fn run(n: usize, seconds: u64) -> Report {
 
     let server = ApiServer::start().await;
     for (s, chunk) in (0..n).collect::<Vec<_>>().chunks(PER_SLICE).enumerate() {
-        let endpoints: Vec<Value> = chunk
+        let endpoints = chunk
             .iter()
             .map(|i| json!({"addresses": [address(*i)], "conditions": {"ready": true}}))
             .collect();
-        server.put(
-            "endpointslices",
-            NS,
-            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                   "metadata": {"name": format!("web-{s}"), "namespace": NS,
-                                "labels": {"kubernetes.io/service-name": "web"}},
-                   "addressType": "IPv4",
-                   "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-                   "endpoints": endpoints}),
-        );
+        server.put_service_slice(NS, &format!("web-{s}"), "web", port, endpoints);
     }
     server.put(
         "balancedservices",
@@ -266,21 +257,18 @@ fn standalone_cpu(n: usize, port: u16, seconds: u64) -> f64 {
         .write_all(yaml.as_bytes())
         .unwrap();
     let admin = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new("taskset")
-        .args([
-            "-c",
-            "0",
-            env!("CARGO_BIN_EXE_balanced"),
+    let mut child = proc::balanced_on_core_0(
+        &[
             "standalone",
             "--bind",
             "127.0.0.1",
-        ])
-        .args(["--admin", &admin, "-f"])
-        .arg(&path)
-        .env("BALANCED_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start balanced standalone");
+            "--admin",
+            &admin,
+            "-f",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
     std::thread::sleep(Duration::from_secs(5));
     let (cpu0, t0) = (proc::cpu_seconds(child.id()), Instant::now());
     std::thread::sleep(Duration::from_secs(seconds));
@@ -300,21 +288,11 @@ fn start_controller(server: &ApiServer) -> Child {
         ),
     )
     .unwrap();
-    Command::new("taskset")
-        .args([
-            "-c",
-            "0",
-            env!("CARGO_BIN_EXE_balanced"),
-            "controller",
-            "--leader-elect",
-            "false",
-        ])
-        .args(["--admin", &format!("127.0.0.1:{}", free_port())])
-        .env("KUBECONFIG", &kubeconfig)
-        .env("BALANCED_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start balanced controller")
+    let admin = format!("127.0.0.1:{}", free_port());
+    proc::balanced_on_core_0(
+        &["controller", "--leader-elect", "false", "--admin", &admin],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    )
 }
 
 fn status(server: &ApiServer) -> Value {

@@ -15,7 +15,6 @@
 mod proc;
 
 use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PORTS: usize = 100;
@@ -108,21 +107,18 @@ fn run(rt: &tokio::runtime::Runtime, ports: &[u16], endpoints: usize, kind: &str
         .write_all(yaml.as_bytes())
         .unwrap();
 
-    let mut child = Command::new("taskset")
-        .args([
-            "-c",
-            "0",
-            env!("CARGO_BIN_EXE_balanced"),
+    let mut child = proc::balanced_on_core_0(
+        &[
             "standalone",
             "--bind",
             "127.0.0.1",
-        ])
-        .args(["--admin", "127.0.0.1:19901", "-f"])
-        .arg(&path)
-        .env("BALANCED_LOG", "error")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start balanced");
+            "--admin",
+            "127.0.0.1:19901",
+            "-f",
+            path.to_str().unwrap(),
+        ],
+        &[],
+    );
     let pid = child.id();
 
     // Start-up and the first rise: probes land over the first interval, two to rise.

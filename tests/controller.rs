@@ -54,17 +54,9 @@ fn slices_for(server: &ApiServer, backends: &[SocketAddr]) {
         }
     }
     for (i, a) in backends.iter().enumerate() {
-        server.put(
-            "endpointslices",
-            NS,
-            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                   "metadata": {"name": format!("web-{i}"), "namespace": NS,
-                                "labels": {"kubernetes.io/service-name": "web"}},
-                   "addressType": "IPv4",
-                   "ports": [{"name": "http", "port": a.port(), "protocol": "TCP"}],
-                   "endpoints": [{"addresses": [a.ip().to_string()], "conditions": {"ready": true},
-                                  "targetRef": {"kind": "Pod", "name": format!("web-pod-{i}")}}]}),
-        );
+        let endpoint = json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true},
+                              "targetRef": {"kind": "Pod", "name": format!("web-pod-{i}")}});
+        server.put_service_slice(NS, &format!("web-{i}"), "web", a.port(), vec![endpoint]);
     }
 }
 
@@ -976,20 +968,11 @@ async fn five_hundred_simultaneous_failures_make_at_most_26_events() {
         .map(|i| format!("127.0.{}.{}", 10 + i / 250, 1 + i % 250))
         .collect();
     for (n, chunk) in addresses.chunks(100).enumerate() {
-        let endpoints: Vec<Value> = chunk
+        let endpoints = chunk
             .iter()
             .map(|a| json!({"addresses": [a], "conditions": {"ready": true}}))
             .collect();
-        server.put(
-            "endpointslices",
-            NS,
-            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                   "metadata": {"name": format!("web-{n}"), "namespace": NS,
-                                "labels": {"kubernetes.io/service-name": "web"}},
-                   "addressType": "IPv4",
-                   "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-                   "endpoints": endpoints}),
-        );
+        server.put_service_slice(NS, &format!("web-{n}"), "web", port, endpoints);
     }
     let spec = json!({
         "service": "web",
@@ -1013,15 +996,31 @@ async fn five_hundred_simultaneous_failures_make_at_most_26_events() {
         async move { (sizes == vec![100; 5]).then_some(()) }
     })
     .await;
-    // Let the start-up's events drain before counting.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Count from after the start-up's summary event has been recorded.
+    let sent_event = |reason: &'static str| {
+        let server = server.clone();
+        move || {
+            let found = server.list("events", NS).iter().any(|e| e["reason"] == reason);
+            async move { found.then_some(()) }
+        }
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the start-up's EndpointHealthy event",
+        sent_event("EndpointHealthy"),
+    )
+    .await;
     let before = events(&server);
     let (writes_before, _) = server.write_counts();
 
     drop(listener);
     wait_status(&server, Duration::from_secs(5), "all down", |s| s["ready"] == "0/500").await;
-    // The events task sends within a moment of the flush; a window for it.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually(
+        Duration::from_secs(5),
+        "an EndpointUnhealthy event",
+        sent_event("EndpointUnhealthy"),
+    )
+    .await;
     let sent = events(&server) - before;
     assert!((1..=26).contains(&sent), "{sent} event requests for 500 transitions");
     // Status and slices: a handful of writes, not 500.

@@ -39,3 +39,15 @@ pub fn pin_to_core_1() {
         .stdout(std::process::Stdio::null())
         .status();
 }
+
+/// `balanced ARGS...` pinned to core 0 with `env` added, logging errors only.
+pub fn balanced_on_core_0(args: &[&str], env: &[(&str, &str)]) -> std::process::Child {
+    Command::new("taskset")
+        .args(["-c", "0", env!("CARGO_BIN_EXE_balanced")])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("BALANCED_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start balanced")
+}

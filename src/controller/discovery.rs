@@ -37,6 +37,9 @@ pub struct Discovered {
 /// (slices overlap while they are rewritten) is kept once.
 pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConfig]) -> Vec<Discovered> {
     let mut out: Vec<Discovered> = Vec::new();
+    // A set, not a scan of `out`: a Service of 10,000 endpoints is 50 million
+    // comparisons the other way, on every reconcile.
+    let mut seen: std::collections::HashSet<SocketAddr> = std::collections::HashSet::new();
     let Some(first) = listeners.first() else {
         return out;
     };
@@ -67,7 +70,7 @@ pub fn endpoints_from_slices(slices: &[EndpointSlice], listeners: &[ListenerConf
                     continue;
                 };
                 let addr = SocketAddr::new(ip, port);
-                if out.iter().any(|d| d.addr == addr) {
+                if !seen.insert(addr) {
                     continue;
                 }
                 out.push(Discovered {

@@ -229,6 +229,21 @@ impl ApiServer {
         result.unwrap()
     }
 
+    /// Puts an EndpointSlice of `service` (as Kubernetes' EndpointSlice
+    /// controller would) with one port named `http` and `endpoints` as given.
+    pub fn put_service_slice(&self, namespace: &str, name: &str, service: &str, port: u16, endpoints: Vec<Value>) {
+        self.put(
+            "endpointslices",
+            namespace,
+            json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                   "metadata": {"name": name, "namespace": namespace,
+                                "labels": {"kubernetes.io/service-name": service}},
+                   "addressType": "IPv4",
+                   "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                   "endpoints": endpoints}),
+        );
+    }
+
     /// Merges `patch` into the object's status (a test acting as another controller).
     pub fn patch_status(&self, plural: &str, namespace: &str, name: &str, status: Value) {
         let mut s = self.state.lock().unwrap();
