@@ -496,6 +496,8 @@ pub struct Timeouts {
     pub request_body: Duration,
     /// Idle connection; `None` is the listener protocol's default.
     pub idle: Option<Duration>,
+    /// Longest a client may leave what it is sent unread.
+    pub response_write: Duration,
 }
 
 impl Timeouts {
@@ -513,18 +515,6 @@ impl Timeouts {
     }
 }
 
-impl Default for Timeouts {
-    fn default() -> Self {
-        Self {
-            connect: Duration::from_secs(1),
-            response: Duration::from_secs(60),
-            request_header: Duration::from_secs(10),
-            request_body: Duration::from_secs(30),
-            idle: None,
-        }
-    }
-}
-
 /// Client connection and request-size limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -534,6 +524,8 @@ pub struct Limits {
     pub max_connections_per_client: usize,
     /// Request head size (request line and headers).
     pub max_request_headers_bytes: usize,
+    /// Header fields in a request.
+    pub max_request_headers: usize,
     /// Request target length.
     pub max_uri_bytes: usize,
     /// HTTP requests in flight per service; 0 is no limit.
@@ -548,6 +540,7 @@ impl Default for Limits {
             max_connections: 10_000,
             max_connections_per_client: 0,
             max_request_headers_bytes: 16 * 1024,
+            max_request_headers: 100,
             max_uri_bytes: 8 * 1024,
             max_requests: 0,
             max_pending_requests: 0,

@@ -702,6 +702,11 @@ pub struct TimeoutsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
     pub idle: Option<String>,
+    /// Longest a client may leave an answer (or a tunnel's bytes) unread:
+    /// the time between two successful writes to it (nginx `send_timeout`).
+    #[serde(default = "default_response_write_timeout")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub response_write: String,
 }
 
 /// Limits on what clients may open and send.
@@ -722,6 +727,11 @@ pub struct LimitsSpec {
     #[serde(default = "default_max_request_headers_bytes")]
     #[schemars(range(min = 1024, max = 1048576))]
     pub max_request_headers_bytes: i32,
+    /// Header fields in a request, HTTP/1 and HTTP/2 alike; more get 431
+    /// (hyper's and HAProxy's `tune.http.maxhdr` default is 101, nginx has no count).
+    #[serde(default = "default_max_request_headers")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_request_headers: i32,
     /// Length of the request target (path and query); longer gets 414.
     #[serde(default = "default_max_uri_bytes")]
     #[schemars(range(min = 256, max = 1048576))]
@@ -1009,6 +1019,12 @@ fn default_request_header_timeout() -> String {
 fn default_request_body_timeout() -> String {
     "30s".into()
 }
+fn default_response_write_timeout() -> String {
+    "60s".into()
+}
+fn default_max_request_headers() -> i32 {
+    100
+}
 fn default_max_client_connections() -> i32 {
     10_000
 }
@@ -1101,6 +1117,7 @@ impl Default for TimeoutsSpec {
             request_header: default_request_header_timeout(),
             request_body: default_request_body_timeout(),
             idle: None,
+            response_write: default_response_write_timeout(),
         }
     }
 }
@@ -1111,6 +1128,7 @@ impl Default for LimitsSpec {
             max_connections: default_max_client_connections(),
             max_connections_per_client: 0,
             max_request_headers_bytes: default_max_request_headers_bytes(),
+            max_request_headers: default_max_request_headers(),
             max_uri_bytes: default_max_uri_bytes(),
             max_requests: 0,
             max_pending_requests: 0,

@@ -237,6 +237,7 @@ fn timeouts(errs: &mut Errors, spec: &spec::TimeoutsSpec) -> Timeouts {
             .idle
             .as_ref()
             .map(|idle| errs.positive_duration("spec.timeouts.idle", idle)),
+        response_write: errs.positive_duration("spec.timeouts.responseWrite", &spec.response_write),
     }
 }
 
@@ -264,6 +265,13 @@ fn limits(errs: &mut Errors, spec: &spec::LimitsSpec) -> Limits {
             1 << 20,
         ),
         max_uri_bytes: within(errs, "spec.limits.maxUriBytes", spec.max_uri_bytes, 256, 1 << 20),
+        max_request_headers: within(
+            errs,
+            "spec.limits.maxRequestHeaders",
+            spec.max_request_headers,
+            1,
+            10_000,
+        ),
         max_requests: within(errs, "spec.limits.maxRequests", spec.max_requests, 0, 1_000_000),
         max_pending_requests: within(
             errs,

@@ -164,6 +164,8 @@ pub struct ConnCounters {
     pub body_timeout: Counter,
     /// Closed at `idle`.
     pub idle_timeout: Counter,
+    /// Closed at `responseWrite`: the client left what it was sent unread.
+    pub write_timeout: Counter,
     /// Closed to make room under `maxConnections`.
     pub evicted: Counter,
     /// Accepts held back by `maxConnections`.
@@ -195,6 +197,7 @@ impl ConnCounters {
             header_timeout: get(&metrics.closed, "requestHeader"),
             body_timeout: get(&metrics.closed, "requestBody"),
             idle_timeout: get(&metrics.closed, "idle"),
+            write_timeout: get(&metrics.closed, "responseWrite"),
             evicted: get(&metrics.closed, "maxConnections"),
             at_max: get(&metrics.limited, "maxConnections"),
             per_client: get(&metrics.limited, "maxConnectionsPerClient"),
@@ -219,6 +222,8 @@ pub struct Clock {
     pub idle: Duration,
     /// `limits.maxUriBytes`.
     pub max_uri: usize,
+    /// `timeouts.responseWrite`.
+    pub response_write: Duration,
 }
 
 /// The client socket as hyper sees it: bytes sniffed for the protocol are
@@ -241,6 +246,10 @@ pub struct ClientIo {
     preface_seen: usize,
     last_activity: Instant,
     expired: Option<Instant>,
+    // Armed when a write finds the client's socket full; a write that
+    // still cannot go through when it fires ends the connection.
+    write_stall: Option<Pin<Box<Sleep>>>,
+    stalled: bool,
 }
 
 impl ClientIo {
@@ -262,7 +271,36 @@ impl ClientIo {
             preface_seen: 0,
             last_activity: now,
             expired: None,
+            write_stall: None,
+            stalled: false,
         }
+    }
+
+    /// A write's outcome, bounded by `timeouts.responseWrite`: the time a
+    /// client may leave the socket full (nginx `send_timeout`). The only
+    /// memory a stalled reader holds is then what the kernel and hyper's
+    /// bounded buffers already took, and only for that long.
+    fn bounded_write(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if !polled.is_pending() {
+            self.stalled = false;
+            return polled;
+        }
+        let deadline = Instant::now() + self.clock.response_write;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.stalled {
+            self.stalled = true;
+            stall.as_mut().reset(deadline);
+        }
+        if stall.as_mut().poll(cx).is_ready() {
+            self.counters.write_timeout.inc();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client read nothing for timeouts.responseWrite",
+            )));
+        }
+        Poll::Pending
     }
 
     /// Reads the first bytes to tell HTTP/2 prior knowledge from HTTP/1 (within
@@ -485,7 +523,8 @@ impl AsyncWrite for ClientIo {
         if self.state.tunnel.load(Relaxed) {
             self.last_activity = Instant::now();
         }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bounded_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -496,7 +535,8 @@ impl AsyncWrite for ClientIo {
         if self.state.tunnel.load(Relaxed) {
             self.last_activity = Instant::now();
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bounded_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -736,6 +776,7 @@ mod tests {
         request_header: Duration::from_secs(10),
         idle: Duration::from_secs(60),
         max_uri: 8192,
+        response_write: Duration::from_secs(60),
     };
 
     /// A proxy-side `ClientIo` and the client's end of the same connection.

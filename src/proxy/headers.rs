@@ -203,11 +203,12 @@ pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     match protocol {
         Protocol::Http1 => {
-            if !parts.headers.contains_key(header::HOST)
-                && let Some(v) = parts
-                    .uri
-                    .authority()
-                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            // An absolute-form target's authority replaces Host (RFC 9112
+            // 3.2.2), and an h2 client's :authority becomes it.
+            if let Some(v) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             {
                 parts.headers.insert(header::HOST, v);
             }

@@ -246,6 +246,14 @@ impl HttpProxy {
             return answer::bad_request(why);
         }
         let config = &current.config;
+        // HTTP/1 heads are held to the count by hyper (431 before we see
+        // them); h2 header blocks are counted here.
+        if req.headers().len() > config.limits.max_request_headers {
+            return plain(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "431 Request Header Fields Too Large: more header fields than spec.limits.maxRequestHeaders\n",
+            );
+        }
         if let Some(target) = req.uri().path_and_query()
             && target.as_str().len() > config.limits.max_uri_bytes
         {
@@ -596,12 +604,21 @@ pub(super) fn exhausted_flags(end: &Exhausted, snap: &Snapshot) -> Flags {
 }
 
 /// RFC 9112 3.2: exactly one `Host` (none at all is allowed only for HTTP/1.0
-/// and for an absolute-form target, whose authority then stands for it).
+/// and for an absolute-form target, whose authority then stands for it, and
+/// replaces `Host` upstream: `headers::shape_for`). RFC 9113 8.3.1: an h2
+/// request whose `Host` differs from its `:authority` is malformed (nginx
+/// answers 400 too).
 fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(http::header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
         return Err("more than one Host header");
+    }
+    if req.version() == http::Version::HTTP_2
+        && let (Some(host), Some(authority)) = (first, req.uri().authority())
+        && !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Err("Host disagrees with :authority");
     }
     if first.is_none() && req.version() == http::Version::HTTP_11 && req.uri().authority().is_none() {
         return Err("HTTP/1.1 request without a Host header");

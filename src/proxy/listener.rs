@@ -27,6 +27,9 @@ use super::tasks::Tasks;
 use crate::api::config::ListenerProtocol;
 use crate::throttle::LogThrottle;
 
+/// The most an h2 stream queues for a client beyond its flow-control window.
+const H2_SEND_BUFFER: usize = 32 * 1024;
+
 /// How listeners serve, whatever the service: set by the command line.
 #[derive(Clone, Debug)]
 pub struct Serving {
@@ -164,8 +167,10 @@ pub async fn serve_http(
             request_header: current.config.timeouts.request_header,
             idle: current.config.timeouts.idle_for(ListenerProtocol::Http),
             max_uri: current.config.limits.max_uri_bytes,
+            response_write: current.config.timeouts.response_write,
         };
         let max_headers = current.config.limits.max_request_headers_bytes;
+        let max_fields = current.config.limits.max_request_headers;
         drop(current);
         let io = ClientIo::new(stream, state.clone(), clock, counters.clone());
         let proxy = proxy.clone();
@@ -177,7 +182,7 @@ pub async fn serve_http(
             let _open = scopeguard(|| {
                 counters.open.dec();
             });
-            serve_connection(io, proxy, state, clock, max_headers, conn_tasks).await;
+            serve_connection(io, proxy, state, clock, (max_headers, max_fields), conn_tasks).await;
         });
     }
     // Close the listening socket now: connections that reach it during the
@@ -197,7 +202,7 @@ async fn serve_connection(
     proxy: Arc<HttpProxy>,
     state: Arc<ConnState>,
     clock: Clock,
-    max_headers: usize,
+    (max_headers, max_fields): (usize, usize),
     tasks: Tasks,
 ) {
     // A connection that has not sent its first bytes is idle: evictable.
@@ -224,6 +229,10 @@ async fn serve_connection(
             .timer(TokioTimer::new())
             .max_concurrent_streams(100)
             .max_header_list_size(max_headers as u32)
+            // What one stream may queue beyond the client's flow-control
+            // window (hyper: 400 KiB): a client that opens a window and never
+            // reads would otherwise hold that much per stream.
+            .max_send_buf_size(H2_SEND_BUFFER)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .serve_connection(io, service);
         tokio::pin!(conn);
@@ -245,6 +254,7 @@ async fn serve_connection(
             // the limit at or above 1 KiB, and the smaller limit is checked
             // on the parsed head.
             .max_buf_size(max_headers.max(8192))
+            .max_headers(max_fields)
             // Small answers: one flattened buffer per write beats writev's iovecs
             // (A/B: about 4% less CPU per request).
             .writev(false)

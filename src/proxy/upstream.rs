@@ -27,6 +27,9 @@ use super::body::{BoxError, Upload};
 use super::retry::Failure;
 use crate::health::probe::{io_text, is_local_exhaustion};
 
+/// The most an upstream HTTP/1.1 connection reads ahead of its client.
+const UPSTREAM_READ_BUFFER: usize = 8 * 1024;
+
 /// Streams one HTTP/2 connection carries before another is opened: at or
 /// under what common servers allow (nginx 128, HAProxy 100, Go 250), so
 /// requests rarely queue behind an endpoint's own limit.
@@ -261,6 +264,11 @@ impl Pool {
         let stream = self.tcp().await?;
         let (sender, conn) = http1::Builder::new()
             .writev(false)
+            // hyper's read buffer grows to ~400 KiB by default, and a response
+            // chunk that size waits whole for a client that does not read:
+            // 32 KiB bounds what one stalled reader holds (issue: 300 such
+            // clients took 20 MiB) and still reads big downloads in big reads.
+            .max_buf_size(UPSTREAM_READ_BUFFER)
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| Failure::Connect(e.to_string()))?;

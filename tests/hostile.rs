@@ -1,0 +1,395 @@
+//! Hostile clients and the framing rules the README promises, against real
+//! sockets: a recording backend that shows exactly what was forwarded, and
+//! a backend with an endless answer for clients that never read.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::standalone::proxy;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a recording backend received: each request's head (lower-cased) and body.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// An HTTP/1.1 backend that records each request's head and de-chunked
+/// body, and answers `200 ok`.
+async fn recording_backend() -> (SocketAddr, Received) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got: Received = Arc::default();
+    let log = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = find(&buf, b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    buf.drain(..end + 4);
+                    let body = if head.contains("transfer-encoding: chunked") {
+                        read_chunked(&mut s, &mut buf).await
+                    } else {
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        while buf.len() < len {
+                            let mut chunk = [0u8; 4096];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..len).collect()
+                    };
+                    log.lock().unwrap().push((head, body));
+                    if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, got)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn read_chunked(s: &mut TcpStream, buf: &mut Vec<u8>) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        while find(buf, b"\r\n").is_none() {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return body,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let line_end = find(buf, b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&buf[..line_end]).unwrap().trim(), 16).unwrap();
+        buf.drain(..line_end + 2);
+        while buf.len() < size + 2 {
+            let mut chunk = [0u8; 4096];
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return body,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+        if size == 0 {
+            return body;
+        }
+    }
+}
+
+/// Writes `request`, reads until the proxy closes (10 s at most).
+async fn exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(
+        closed.is_ok(),
+        "still open after 10 s: {}",
+        String::from_utf8_lossy(&got)
+    );
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_transfer_encoding_is_read_chunked_forwarded_without_it_then_closed() {
+    let (backend, got) = recording_backend().await;
+    let p = proxy(&[backend], "HTTP", "", 1).await;
+    // No `Connection: close`: the proxy must close on its own after answering.
+    let answer = exchange(
+        p.listen,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let got = got.lock().unwrap();
+    let (head, body) = &got[0];
+    assert_eq!(body, b"hello", "the chunked framing won");
+    // The client's Content-Length is gone; what framing there is upstream
+    // describes the decoded body (a small one is buffered and sent with its length).
+    assert!(
+        !head.contains("content-length: 3"),
+        "the client's Content-Length forwarded: {head}"
+    );
+    assert!(
+        head.contains("content-length: 5") ^ head.contains("transfer-encoding: chunked"),
+        "one framing, of the decoded body: {head}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absolute_form_target_replaces_host_for_routing_and_upstream() {
+    let (main, main_got) = recording_backend().await;
+    let (shop, shop_got) = recording_backend().await;
+    let extra = format!(
+        "  backends: [{{name: shop, endpoints: [{{address: 127.0.0.1, port: {}}}]}}]\n  routes: [{{name: shop, matches: [{{hostnames: [other.example]}}], backendRefs: [{{name: shop}}]}}]",
+        shop.port()
+    );
+    let p = proxy(&[main], "HTTP", &extra, 2).await;
+    let answer = exchange(
+        p.listen,
+        b"GET http://other.example/p HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        main_got.lock().unwrap().is_empty(),
+        "the route on other.example was not taken"
+    );
+    let got = shop_got.lock().unwrap();
+    let head = &got[0].0;
+    assert!(head.starts_with("get /p http/1.1"), "origin-form upstream: {head}");
+    assert!(
+        head.contains("host: other.example\r\n"),
+        "the target's authority is Host: {head}"
+    );
+    assert!(!head.contains("host: a\r\n"), "{head}");
+}
+
+async fn h2_sender(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_host_that_disagrees_with_authority_is_a_400() {
+    let (backend, got) = recording_backend().await;
+    let p = proxy(&[backend], "HTTP", "", 1).await;
+    let mut sender = h2_sender(p.listen).await;
+    let req = |host: &str| {
+        http::Request::get("http://a.example/")
+            .header("host", host)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let status = sender.send_request(req("b.example")).await.unwrap().status();
+    assert_eq!(status, 400);
+    assert!(got.lock().unwrap().is_empty(), "never forwarded");
+    let status = sender.send_request(req("A.example")).await.unwrap().status();
+    assert_eq!(status, 200, "the same authority in another case agrees");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_header_fields_than_max_request_headers_get_431_on_http1_and_http2() {
+    let (backend, _) = recording_backend().await;
+    let p = proxy(&[backend], "HTTP", "  limits: {maxRequestHeaders: 20}", 1).await;
+    let fields = |n: usize| (0..n).map(|i| format!("x-f{i}: v\r\n")).collect::<String>();
+    // Host plus 19 more: at the limit.
+    let ok = exchange(
+        p.listen,
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{}Connection: close\r\n\r\n", fields(18)).as_bytes(),
+    )
+    .await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+    let refused = exchange(
+        p.listen,
+        format!("GET / HTTP/1.1\r\nHost: a\r\n{}Connection: close\r\n\r\n", fields(30)).as_bytes(),
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+
+    let mut sender = h2_sender(p.listen).await;
+    let mut req = http::Request::get("http://a/").body(Full::new(Bytes::new())).unwrap();
+    for i in 0..30 {
+        req.headers_mut().insert(
+            http::HeaderName::try_from(format!("x-f{i}")).unwrap(),
+            "v".parse().unwrap(),
+        );
+    }
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 431);
+}
+
+/// A backend whose every answer is endless zeros, or, to a WebSocket
+/// upgrade, a tunnel that floods zeros (a download that a
+/// non-reading client never finishes).
+pub async fn endless_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let block = Bytes::from(vec![0u8; 64 * 1024]);
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let block = block.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let n = s.read(&mut head).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                let upgrade = String::from_utf8_lossy(&head[..n])
+                    .to_lowercase()
+                    .contains("upgrade: websocket");
+                let answer: &[u8] = if upgrade {
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+                while s.write_all(&block).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_closed_at_response_write() {
+    let backend = endless_backend().await;
+    let p = proxy(&[backend], "HTTP", "  timeouts: {responseWrite: 500ms}", 1).await;
+    let mut s = TcpStream::connect(p.listen).await.unwrap();
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+    // The window the client does not read in: the scenario, not a wait.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open ({got} bytes read)");
+    assert!(got < 50 * 1024 * 1024, "the answer was cut short: {got} bytes");
+    let (_, metrics) = balanced::demo::backend::http_get(p.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.contains("reason=\"responseWrite\"") && l.ends_with(" 1")),
+        "counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("closed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Resident memory of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap()
+}
+
+/// 200 clients that ask for an endless answer and never read, over HTTP/1.1,
+/// HTTP/2 and a WebSocket tunnel: the proxy (in this process) grows by less
+/// than 20 MB for each. One test, so no other test's memory is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_clients_that_never_read_grow_memory_by_less_than_20_mb() {
+    const CLIENTS: usize = 200;
+    const LIMIT_KIB: u64 = 20 * 1024;
+    let backend = endless_backend().await;
+    let p = proxy(&[backend], "HTTP", "", 1).await;
+    let small_window = |s: &std::net::TcpStream| {
+        socket2::SockRef::from(s).set_recv_buffer_size(4096).unwrap();
+    };
+    // The windows below are the scenario (clients that do not read), not waits.
+    let settle = || tokio::time::sleep(Duration::from_secs(2));
+
+    let before = rss_kib();
+    let mut held = Vec::new();
+    for _ in 0..CLIENTS {
+        let s = std::net::TcpStream::connect(p.listen).unwrap();
+        small_window(&s);
+        let mut w = &s;
+        std::io::Write::write_all(&mut w, b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+        held.push(s);
+    }
+    settle().await;
+    let h1 = rss_kib().saturating_sub(before);
+    drop(held);
+    settle().await;
+
+    let before = rss_kib();
+    let mut streams = Vec::new();
+    for _ in 0..CLIENTS {
+        let stream = TcpStream::connect(p.listen).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(4096)
+            .initial_connection_window_size(4096)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let task = tokio::spawn(conn);
+        let req = http::Request::get("http://a/big")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        // The answer's head comes; its body is never read.
+        let resp = sender.send_request(req).await.unwrap();
+        streams.push((sender, resp, task));
+    }
+    settle().await;
+    let h2 = rss_kib().saturating_sub(before);
+    for (_, _, task) in &streams {
+        task.abort();
+    }
+    drop(streams);
+    settle().await;
+
+    let before = rss_kib();
+    let mut held = Vec::new();
+    for _ in 0..CLIENTS {
+        let s = std::net::TcpStream::connect(p.listen).unwrap();
+        small_window(&s);
+        let mut w = &s;
+        std::io::Write::write_all(
+            &mut w,
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .unwrap();
+        held.push(s);
+    }
+    settle().await;
+    let ws = rss_kib().saturating_sub(before);
+    drop(held);
+
+    eprintln!("RSS growth for {CLIENTS} non-reading clients: HTTP/1.1 {h1} KiB, HTTP/2 {h2} KiB, WebSocket {ws} KiB");
+    for (what, kib) in [("HTTP/1.1", h1), ("HTTP/2", h2), ("WebSocket", ws)] {
+        assert!(
+            kib < LIMIT_KIB,
+            "{what}: {kib} KiB for {CLIENTS} clients that never read"
+        );
+    }
+}
