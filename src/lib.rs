@@ -20,3 +20,6 @@ pub mod xds;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod fuzzing;

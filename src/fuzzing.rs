@@ -1,0 +1,120 @@
+//! What the fuzz targets (`fuzz/`) run, one function per parser that takes
+//! input from the network or a file: a BalancedService file (load and
+//! validate), a request against routes, an agent's answer, a healthy
+//! EndpointSlice as the API server hands it to a proxy. `tests/fuzz_corpus.rs`
+//! replays the committed corpus through the same functions on every
+//! `cargo test`, so a finding stays fixed without a fuzzer in CI.
+//!
+//! Each function must return for any input; a panic is a finding.
+
+use std::sync::OnceLock;
+
+use crate::api::config::Config;
+
+/// A BalancedService file: parse, validate, and render the owned objects of
+/// whatever validates.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(configs) = crate::api::load_configs(text) {
+        for cfg in configs {
+            // Every validated config has what the data plane indexes by.
+            assert!(!cfg.listeners.is_empty(), "a valid config without listeners");
+            assert!(cfg.health.timeout < cfg.health.interval || cfg.health.interval.is_zero());
+        }
+    }
+    let _ = crate::controller::desired::render(text, &crate::controller::desired::RenderOptions::default());
+}
+
+/// Routes of every kind (prefixes, exact paths, regexes, headers, query
+/// values, cookies, wildcard hostnames), matched against a request built
+/// from the input: method, path and query, host, then header lines.
+pub fn routes(data: &[u8]) {
+    static ROUTES: OnceLock<Config> = OnceLock::new();
+    let cfg = ROUTES.get_or_init(|| {
+        crate::api::load_configs(ROUTES_YAML)
+            .expect("the fuzz routes are valid")
+            .remove(0)
+    });
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.split('\n');
+    let method = http::Method::from_bytes(lines.next().unwrap_or("GET").as_bytes()).unwrap_or(http::Method::GET);
+    let target = lines.next().unwrap_or("/");
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let host = lines.next().filter(|h| !h.is_empty());
+    let mut headers = http::HeaderMap::new();
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':')
+            && let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(name.trim().as_bytes()),
+                http::HeaderValue::from_str(value.trim()),
+            )
+        {
+            headers.append(n, v);
+        }
+    }
+    let view = crate::api::route::RequestView {
+        method: &method,
+        path,
+        query,
+        host,
+        headers: &headers,
+        body: None,
+    };
+    if let Some(i) = crate::api::route::first_match(&cfg.routes, &view) {
+        assert!(i < cfg.routes.len());
+    }
+}
+
+const ROUTES_YAML: &str = r#"
+apiVersion: balanced.dev/v1alpha1
+kind: BalancedService
+metadata: {name: fuzz}
+spec:
+  endpoints: [{address: 127.0.0.1, port: 80}]
+  listeners: [{name: http, port: 8080}]
+  backends: [{name: api, endpoints: [{address: 127.0.0.2, port: 80}]}]
+  routes:
+    - {name: exact, matches: [{path: {type: Exact, value: /exact}}], backendRefs: [{name: api}]}
+    - {name: prefix, matches: [{path: {type: PathPrefix, value: /api}, method: POST}], backendRefs: [{name: api}]}
+    - {name: regex, matches: [{path: {type: RegularExpression, value: '/r/[0-9]+/(a|b)*'}}], backendRefs: [{name: api}]}
+    - {name: header, matches: [{headers: [{name: x-env, value: canary}, {name: x-v, type: RegularExpression, value: 'v[0-9]{1,3}'}]}], backendRefs: [{name: api}]}
+    - {name: query, matches: [{queryParams: [{name: beta, value: '1'}]}], backendRefs: [{name: api}]}
+    - {name: cookie, matches: [{cookies: [{name: session, type: RegularExpression, value: 'a.*z'}]}], backendRefs: [{name: api}]}
+    - {name: host, matches: [{hostnames: ['*.example.com', shop.example]}], backendRefs: [{name: api}]}
+"#;
+
+/// An agent's answer, applied to a state in turn.
+pub fn agent(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut state = crate::health::agent::AgentState::default();
+    for line in text.split('\n') {
+        if let Ok(words) = crate::health::agent::parse(line) {
+            state.apply(&words);
+        }
+        assert!(state.weight_percent <= crate::health::agent::MAX_PERCENT);
+        let _ = state.scale(1000);
+    }
+}
+
+/// A healthy EndpointSlice (JSON, as a watch event carries it) read back
+/// into a proxy's members.
+pub fn slices(data: &[u8]) {
+    static CFG: OnceLock<Config> = OnceLock::new();
+    let cfg = CFG.get_or_init(|| {
+        crate::api::load_configs(ROUTES_YAML)
+            .expect("the fuzz config is valid")
+            .remove(0)
+    });
+    let Ok(slice) = serde_json::from_slice::<k8s_openapi::api::discovery::v1::EndpointSlice>(data) else {
+        return;
+    };
+    let read = crate::controller::slices::read(&[&slice]);
+    let members = crate::controller::slices::members(cfg, &[&slice]);
+    assert!(members.len() >= read.len());
+    for m in &members {
+        assert!(m.groups != 0 || !read.iter().any(|e| e.addr == m.addr && e.groups.is_empty()));
+    }
+}
