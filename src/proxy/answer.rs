@@ -125,6 +125,7 @@ fn tries_word(n: usize) -> &'static str {
 pub fn failure_text(f: &Failure) -> String {
     match f {
         Failure::Connect(e) => format!("connect: {e}"),
+        Failure::Refused(e) => format!("not processed: {e}"),
         Failure::Timeout => "timeout".into(),
         Failure::Error(e) => e.clone(),
         Failure::InvalidHeader(e) => format!("invalid response header: {e}"),

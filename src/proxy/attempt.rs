@@ -187,10 +187,12 @@ impl<'a> Attempts<'a> {
             },
         );
         let verdict = decision.and_then(|condition| {
-            if self
-                .service
-                .budget
-                .try_withdraw(&self.config.retry.budget, self.service.budget_now())
+            // A request the endpoint never processed is resent for free.
+            if matches!(failure, Failure::Refused(_))
+                || self
+                    .service
+                    .budget
+                    .try_withdraw(&self.config.retry.budget, self.service.budget_now())
             {
                 Ok(condition)
             } else {

@@ -347,7 +347,12 @@ impl HttpProxy {
             // An idle keep-alive connection the endpoint closed just as we used
             // it is not the endpoint failing: once, on a fresh connection, with
             // the request hyper handed back unsent, or a copy when one was kept.
-            if reused && matches!(outcome, Err((Failure::Error(_) | Failure::Connect(_), _))) {
+            if reused
+                && matches!(
+                    outcome,
+                    Err((Failure::Error(_) | Failure::Connect(_) | Failure::Refused(_), _))
+                )
+            {
                 let again = match &mut outcome {
                     Err((_, unsent @ Some(_))) => unsent.take(),
                     _ if keep => body.take().map(|b| upstream_request(&parts, parts.headers.clone(), b)),
@@ -710,7 +715,9 @@ pub fn condition_name(c: crate::api::config::RetryCondition) -> &'static str {
 /// error after sending), with its text.
 fn classify(e: &hyper::Error) -> (Failure, String) {
     let text = root_text(e);
-    let failure = if e.is_parse() || e.is_parse_status() {
+    let failure = if let Some(why) = never_processed(e) {
+        Failure::Refused(why.into())
+    } else if e.is_parse() || e.is_parse_status() {
         Failure::InvalidHeader(e.to_string())
     } else if e.is_incomplete_message() {
         Failure::Error("connection closed before a response".into())
@@ -720,6 +727,25 @@ fn classify(e: &hyper::Error) -> (Failure, String) {
         Failure::Error(text.clone())
     };
     (failure, text)
+}
+
+/// Why the endpoint certainly did not process the request, if it did not:
+/// h2's `REFUSED_STREAM` ("refused prior to any application processing"),
+/// a stream above the last stream id of the endpoint's GOAWAY (RFC 9113
+/// 6.8: "not processed"; h2 fails exactly those with a remote GOAWAY error),
+/// or hyper giving the request back unsent because its connection closed.
+fn never_processed(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_canceled() {
+        return Some("the connection closed before the request was sent");
+    }
+    let h2 = source_of::<h2::Error>(e)?;
+    if h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return Some("the endpoint refused the stream (REFUSED_STREAM)");
+    }
+    if h2.is_go_away() && h2.is_remote() {
+        return Some("the endpoint's GOAWAY came before the stream");
+    }
+    None
 }
 
 fn source_of<'a, T: std::error::Error + 'static>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {

@@ -13,6 +13,12 @@ use crate::api::config::{BudgetPolicy, PassiveCondition, PassiveHealth, RetryCon
 pub enum Failure {
     /// No connection: nothing was sent, any request may go elsewhere.
     Connect(String),
+    /// The endpoint took the request but did not process it (h2
+    /// `REFUSED_STREAM`, a stream above a GOAWAY's last stream id, a
+    /// connection that closed before the request went out): any request
+    /// may go elsewhere, and it does not spend the retry budget (Envoy's
+    /// `refused-stream`).
+    Refused(String),
     /// Connect or response timeout.
     Timeout,
     /// The connection failed after the request was (maybe) sent.
@@ -31,7 +37,7 @@ impl Failure {
     /// The `retry.on` condition this failure matches, if any.
     pub fn condition(&self) -> Option<RetryCondition> {
         Some(match self {
-            Failure::Connect(_) | Failure::Error(_) => RetryCondition::Error,
+            Failure::Connect(_) | Failure::Refused(_) | Failure::Error(_) => RetryCondition::Error,
             Failure::Timeout => RetryCondition::Timeout,
             Failure::InvalidHeader(_) => RetryCondition::InvalidHeader,
             Failure::Status(500) => RetryCondition::Http500,
@@ -48,7 +54,9 @@ impl Failure {
     /// Whether passive health counts this failure against the endpoint.
     pub fn counts_for_passive(&self, passive: &PassiveHealth) -> bool {
         let condition = match self {
-            Failure::Connect(_) | Failure::Error(_) | Failure::InvalidHeader(_) => PassiveCondition::Error,
+            Failure::Connect(_) | Failure::Refused(_) | Failure::Error(_) | Failure::InvalidHeader(_) => {
+                PassiveCondition::Error
+            }
             Failure::Timeout => PassiveCondition::Timeout,
             Failure::Status(500) => PassiveCondition::Http500,
             Failure::Status(502) => PassiveCondition::Http502,
@@ -105,7 +113,7 @@ pub fn decide(policy: &RetryPolicy, a: &Attempted<'_>) -> Result<RetryCondition,
     if !policy.retries_on(condition) {
         return Err(NoRetry::NotConfigured);
     }
-    let nothing_sent = matches!(a.failure, Failure::Connect(_));
+    let nothing_sent = matches!(a.failure, Failure::Connect(_) | Failure::Refused(_));
     if !nothing_sent && !is_idempotent(a.method) && !policy.retries_on(RetryCondition::NonIdempotent) {
         return Err(NoRetry::NonIdempotent);
     }
