@@ -7,7 +7,7 @@ mod support;
 
 use std::net::SocketAddr;
 
-use balanced::demo::backend::{Backend, Behavior, http_get};
+use balanced::demo::backend::http_get;
 use bytes::Bytes;
 use h2::Reason;
 use http_body_util::{BodyExt, Full};
@@ -56,15 +56,42 @@ async fn going_away_endpoint() -> SocketAddr {
     addr
 }
 
+/// An h2c endpoint that answers `200 fine` to requests that carry the
+/// client's `x-call` header, and `400` to those that lost it on the way.
+async fn header_checking_endpoint() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let ok = req.headers().contains_key("x-call");
+                    let resp = http::Response::builder()
+                        .status(if ok { 200 } else { 400 })
+                        .body(())
+                        .unwrap();
+                    if let Ok(mut body) = respond.send_response(resp, false) {
+                        let _ = body.send_data(Bytes::from_static(if ok { b"fine" } else { b"headers lost" }), true);
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_an_endpoint_never_processed_go_elsewhere_without_spending_the_budget() {
     let refusing = refusing_endpoint().await;
     let going = going_away_endpoint().await;
-    let fine = Backend::http("fine", Behavior::Status(200)).await;
+    let fine = header_checking_endpoint().await;
     // A budget of one retry per 10 s: any retry it had to pay for would
     // leave most of these requests failed.
     let p = proxy(
-        &[refusing, going, fine.addr],
+        &[refusing, going, fine],
         "HTTP, appProtocol: kubernetes.io/h2c",
         "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n  retry: {budget: {percent: 0, minRetryRate: {count: 1, interval: 10s}}}",
         3,
@@ -78,6 +105,7 @@ async fn streams_an_endpoint_never_processed_go_elsewhere_without_spending_the_b
     for i in 0..30 {
         // gRPC calls are POSTs: resent only because nothing was processed.
         let req = http::Request::post(format!("http://{}/call", p.listen))
+            .header("x-call", i.to_string())
             .body(Full::new(Bytes::from_static(b"payload")))
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();

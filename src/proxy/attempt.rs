@@ -136,7 +136,11 @@ impl<'a> Attempts<'a> {
                 .iter()
                 .any(|c| *c != crate::api::config::RetryCondition::NonIdempotent)
             && request.method.is_none_or(|m| {
-                super::retry::is_idempotent(m) || policy.retries_on(crate::api::config::RetryCondition::NonIdempotent)
+                super::retry::is_idempotent(m)
+                    || policy.retries_on(crate::api::config::RetryCondition::NonIdempotent)
+                    // A stream the endpoint refuses unprocessed goes elsewhere
+                    // whatever its method (`Failure::Refused`).
+                    || policy.retries_on(crate::api::config::RetryCondition::Error)
             })
     }
 
@@ -201,6 +205,7 @@ impl<'a> Attempts<'a> {
             }
         });
         let addr = member.spec.addr;
+        tracing::debug!(service = %self.service.key, endpoint = %addr, failure = ?failure, verdict = ?verdict, "attempt failed");
         if self.config.error_detail {
             self.errors.push((addr, failure.clone()));
         }
