@@ -72,6 +72,15 @@ pub enum Command {
     },
     /// Run local backends and a proxy, kill and revive a backend, show what clients saw.
     Demo,
+    /// A test backend (the demo's): answers every HTTP/1.1 or h2c request 200 with its name, until SIGTERM.
+    Backend {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080")]
+        listen: SocketAddr,
+        /// Name it answers with (body and `x-backend` header).
+        #[arg(long, default_value = "backend")]
+        name: String,
+    },
     /// Print the BalancedService CRD.
     Crd,
     /// Print the objects the controller would apply for the BalancedServices in a file.
@@ -257,6 +266,19 @@ pub async fn run(command: Command) -> Result<ExitCode, Error> {
             if crate::demo::run().await?.errors > 0 {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Backend { listen, name } => {
+            let shutdown = crate::signal::shutdown_token().map_err(Error::Signal)?;
+            let _backend =
+                crate::demo::backend::Backend::try_http_at(&name, crate::demo::backend::Behavior::Status(200), listen)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        addr: listen,
+                        flag: "--listen",
+                        source,
+                    })?;
+            tracing::info!(%listen, %name, "backend serving");
+            shutdown.cancelled().await;
         }
         Command::Render { file, image } => {
             let text = std::fs::read_to_string(&file).map_err(|source| Error::Read {

@@ -2,6 +2,7 @@
 //! Service, as a Kubernetes operator with a per-service proxy, or standalone.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod balance;
 pub mod cli;

@@ -2,13 +2,11 @@
 //! and [`run`] owns the data plane, the admin server, draining and shutdown.
 //!
 //! `balanced standalone` (a file and our own prober) and `balanced proxy` (one
-//! BalancedService watched in the cluster) are sources; tests use
-//! [`StaticSource`]. Whatever the source, shutdown is the same: `/readyz`
+//! BalancedService watched in the cluster) are sources (`crate::source`);
+//! tests use `StaticSource`. Whatever the source, shutdown is the same: `/readyz`
 //! fails for `drain_delay`, listeners stop accepting, and every connection,
 //! tunnel and TCP copy gets `grace` to finish before it is closed.
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,44 +15,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::config::Config;
-use crate::balance::MemberSpec;
+use crate::admin::{self, AdminView};
 use crate::metrics::Metrics;
-use crate::proxy::admin::{self, AdminView};
 use crate::proxy::dataplane::ListenError;
 use crate::proxy::{Dataplane, Serving};
-
-/// A change a source hands to the runtime.
-#[derive(Clone, Debug)]
-pub enum Change {
-    /// Every service now configured; services not in the list are removed,
-    /// listeners that stay keep their sockets.
-    Services(Vec<Arc<Config>>),
-    /// A service's endpoints and their health: a new snapshot for its balancer.
-    Endpoints(Arc<Config>, Vec<MemberSpec>),
-}
-
-/// Where configuration comes from: a file, the cluster, a fixed list.
-pub trait Source: Send + 'static {
-    /// Called once before the first change, with the data plane the changes go to.
-    fn attach(&mut self, _dataplane: &Arc<Dataplane>) {}
-    /// The next change; `None` when the source has ended for good.
-    fn next(&mut self) -> impl Future<Output = Option<Change>> + Send;
-    /// What `/status` and `/readyz` show of this source.
-    fn view(&self) -> Arc<dyn SourceView>;
-    /// Stops what the source runs (probes, watches), after the listeners drained.
-    fn stop(self) -> impl Future<Output = ()> + Send;
-}
-
-/// The admin server's view of a source.
-pub trait SourceView: Send + Sync + 'static {
-    /// The `/status` document.
-    fn status(&self, dataplane: &Dataplane) -> serde_json::Value;
-    /// Whether the source has given something worth serving (`/readyz`).
-    fn ready(&self) -> bool {
-        true
-    }
-}
+use crate::source::{Change, Source, SourceView};
 
 /// How the runtime serves.
 #[derive(Clone)]
@@ -206,49 +171,10 @@ impl AdminView for AdminState {
     }
 }
 
-/// A source that hands out a fixed list of changes, then waits: for tests and
-/// for embedding the proxy with a configuration built in code.
-#[derive(Debug, Default)]
-pub struct StaticSource {
-    changes: VecDeque<Change>,
-}
-
-impl StaticSource {
-    /// The services `configs`, each with its `members`.
-    pub fn new(services: Vec<(Arc<Config>, Vec<MemberSpec>)>) -> Self {
-        let mut changes = VecDeque::new();
-        changes.push_back(Change::Services(services.iter().map(|(c, _)| c.clone()).collect()));
-        changes.extend(services.into_iter().map(|(c, m)| Change::Endpoints(c, m)));
-        Self { changes }
-    }
-}
-
-struct StaticView;
-
-impl SourceView for StaticView {
-    fn status(&self, _: &Dataplane) -> serde_json::Value {
-        serde_json::json!({ "source": "static" })
-    }
-}
-
-impl Source for StaticSource {
-    async fn next(&mut self) -> Option<Change> {
-        match self.changes.pop_front() {
-            Some(c) => Some(c),
-            None => std::future::pending().await,
-        }
-    }
-
-    fn view(&self) -> Arc<dyn SourceView> {
-        Arc::new(StaticView)
-    }
-
-    async fn stop(self) {}
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::source::StaticSource;
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_waits_for_the_drain_delay_then_stops() {

@@ -1,26 +1,20 @@
 //! `balanced standalone`: the prober (and, with the proxy, the listeners) driven
 //! by a YAML file instead of the cluster.
 
-use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::config::Config;
 use crate::api::load::LoadErrors;
-use crate::balance::MemberSpec;
-use crate::health::report::report;
-use crate::health::{Health, HealthState};
-use crate::health::{Prober, Target, TlsClients, probe};
+use crate::health::{TlsClients, probe};
 use crate::metrics::Metrics;
-use crate::proxy::{Dataplane, Serving};
-use crate::shell::{self, Change, Source, SourceView};
-use crate::source::file;
+use crate::proxy::Serving;
+use crate::shell;
+use crate::source::file::{self, FileSource, OpenError};
 
 /// Options of `balanced standalone`.
 #[derive(Clone, Debug)]
@@ -84,23 +78,25 @@ pub enum Error {
 /// with the admin server on `admin_listener`.
 pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::new());
-    let source = FileSource::open(&opts.file, opts.poll, &metrics)?;
+    let source = FileSource::open(&opts.file, opts.poll, &metrics).map_err(|e| match e {
+        OpenError::Invalid(errors) => Error::InvalidConfig {
+            file: opts.file.display().to_string(),
+            errors,
+        },
+        OpenError::Signal(e) => Error::Signal(e),
+    })?;
     tracing::info!(
         file = %opts.file.display(),
         admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        services = source.view.configs.load().len(),
+        services = source.services(),
         "standalone running"
     );
     if let Some(addr) = opts.xds {
         let listener = crate::xds::bind(addr)
             .await
             .map_err(|source| Error::Xds { addr, source })?;
-        let view = source.view.clone();
-        let snapshots = crate::xds::publish(
-            move || Some(view.xds_services()),
-            source.prober.generation(),
-            shutdown.clone(),
-        );
+        let lookaside = source.lookaside();
+        let snapshots = crate::xds::publish(move || Some(lookaside()), source.health_generation(), shutdown.clone());
         tokio::spawn(crate::xds::serve(listener, snapshots, shutdown.clone()));
     }
     let shell_opts = shell::Options {
@@ -111,279 +107,6 @@ pub async fn run(opts: Options, admin_listener: TcpListener, shutdown: Cancellat
     };
     shell::run(source, shell_opts, admin_listener, shutdown).await?;
     Ok(())
-}
-
-/// A standalone file and our own prober: the configs come from the file, the
-/// endpoints' health from the probes.
-pub struct FileSource {
-    prober: Prober,
-    updates: tokio::sync::mpsc::Receiver<Result<Vec<Config>, LoadErrors>>,
-    health_changes: tokio::sync::watch::Receiver<u64>,
-    view: Arc<FileView>,
-    pending: VecDeque<Change>,
-    stop: CancellationToken,
-}
-
-struct FileView {
-    configs: ArcSwap<Vec<Arc<Config>>>,
-    prober: Prober,
-    // Why the file's newest content is not what serves (cleared by a good one).
-    rejected: std::sync::Mutex<Option<String>>,
-}
-
-impl FileSource {
-    /// Reads `file` (an invalid one is an error), starts probing its
-    /// endpoints and watching it for changes every `poll` and on SIGHUP.
-    pub fn open(file: &Path, poll: Duration, metrics: &Metrics) -> Result<Self, Error> {
-        let configs = file::read_configs(file).map_err(|errors| Error::InvalidConfig {
-            file: file.display().to_string(),
-            errors,
-        })?;
-        let stop = CancellationToken::new();
-        let updates = file::watch(file.to_path_buf(), poll, stop.clone()).map_err(Error::Signal)?;
-        let prober = Prober::new(metrics.probe.clone(), stop.clone());
-        let mut source = Self {
-            health_changes: prober.generation(),
-            view: Arc::new(FileView {
-                configs: ArcSwap::from_pointee(Vec::new()),
-                prober: prober.clone(),
-                rejected: std::sync::Mutex::new(None),
-            }),
-            prober,
-            updates,
-            pending: VecDeque::new(),
-            stop,
-        };
-        source.apply(configs);
-        Ok(source)
-    }
-
-    /// Probes what the new configs list (services and endpoints that stay
-    /// keep their state) and queues the services and all their snapshots.
-    fn apply(&mut self, configs: Vec<Config>) {
-        let configs: Vec<Arc<Config>> = configs.into_iter().map(Arc::new).collect();
-        let old = self.view.configs.load();
-        for gone in old.iter().filter(|o| !configs.iter().any(|c| c.key == o.key)) {
-            tracing::info!(service = %gone.key, "service removed");
-            self.prober.remove_service(&gone.key);
-        }
-        for cfg in &configs {
-            // Each endpoint once, whichever groups it is in.
-            let targets: Vec<Target> = cfg.static_members().iter().map(|(e, _)| Target::new(e.addr)).collect();
-            self.prober.update_service(&cfg.key, &cfg.health, &targets);
-        }
-        self.view.configs.store(Arc::new(configs.clone()));
-        self.prober.take_changed();
-        self.pending.push_back(Change::Services(configs.clone()));
-        for cfg in configs {
-            let members = self.members(&cfg);
-            self.pending.push_back(Change::Endpoints(cfg, members));
-        }
-    }
-
-    /// Queues new snapshots of the services whose health changed: a
-    /// transition in one of 500 services costs one rebuild, not 500.
-    fn refresh_changed(&mut self) {
-        let changed = self.prober.take_changed();
-        if changed.is_empty() {
-            return;
-        }
-        for cfg in self.view.configs.load().iter().filter(|c| changed.contains(&c.key)) {
-            let members = self.members(cfg);
-            self.pending.push_back(Change::Endpoints(cfg.clone(), members));
-        }
-    }
-
-    fn members(&self, cfg: &Config) -> Vec<MemberSpec> {
-        let states: std::collections::HashMap<SocketAddr, HealthState> =
-            self.prober.states(&cfg.key).into_iter().collect();
-        let unreported = HealthState::new();
-        let mut members = cfg
-            .static_members()
-            .into_iter()
-            .map(|(e, groups)| {
-                let state = states.get(&e.addr).unwrap_or(&unreported);
-                (e, groups, state)
-            })
-            .map(|(e, groups, state)| MemberSpec {
-                draining: state.agent.draining(),
-                addr: e.addr,
-                weight: state.agent.scale(e.weight),
-                backup: e.backup,
-                max_connections: e.max_connections,
-                healthy: state.health == Health::Healthy,
-                ports: Vec::new(),
-                groups,
-            })
-            .collect::<Vec<_>>();
-        crate::balance::apply_panic(cfg.panic_threshold, &mut members);
-        members
-    }
-}
-
-impl Source for FileSource {
-    fn attach(&mut self, dataplane: &Arc<Dataplane>) {
-        // A passing active probe ends a passive ejection at once.
-        let weak = Arc::downgrade(dataplane);
-        self.prober.on_pass(Arc::new(move |key, addr| {
-            if let Some(dataplane) = weak.upgrade() {
-                dataplane.lift_ejection(key, addr);
-            }
-        }));
-    }
-
-    async fn next(&mut self) -> Option<Change> {
-        loop {
-            if let Some(change) = self.pending.pop_front() {
-                return Some(change);
-            }
-            tokio::select! {
-                Some(update) = self.updates.recv() => {
-                    let rejected = update.as_ref().err().map(ToString::to_string);
-                    *self.view.rejected.lock().expect("rejected lock") = rejected;
-                    if let Ok(configs) = update {
-                        self.apply(configs);
-                    }
-                }
-                changed = self.health_changes.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                    self.refresh_changed();
-                }
-            }
-        }
-    }
-
-    fn view(&self) -> Arc<dyn SourceView> {
-        self.view.clone()
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.prober.stopped().await;
-    }
-}
-
-impl FileView {
-    /// Every service's `default` endpoints as the xDS server publishes them.
-    fn xds_services(&self) -> Vec<crate::xds::Service> {
-        self.configs
-            .load()
-            .iter()
-            .map(|cfg| {
-                let states: std::collections::HashMap<SocketAddr, HealthState> =
-                    self.prober.states(&cfg.key).into_iter().collect();
-                let unreported = HealthState::new();
-                let endpoints = cfg
-                    .static_members()
-                    .into_iter()
-                    .filter(|(_, groups)| groups & 1 != 0)
-                    .map(|(e, _)| {
-                        let state = states.get(&e.addr).unwrap_or(&unreported);
-                        crate::xds::Endpoint {
-                            addr: e.addr,
-                            ports: Vec::new(),
-                            zone: None,
-                            health: state.health,
-                            not_ready: false,
-                            draining: state.agent.draining(),
-                            weight: state.agent.scale(e.weight),
-                        }
-                    })
-                    .collect();
-                crate::xds::Service {
-                    config: cfg.clone(),
-                    endpoints,
-                }
-            })
-            .collect()
-    }
-}
-
-impl SourceView for FileView {
-    fn status(&self, dataplane: &Dataplane) -> serde_json::Value {
-        let keys: Vec<_> = self.configs.load().iter().map(|c| c.key.clone()).collect();
-        let mut status = report(&self.prober, &keys);
-        for (svc, key) in status.services.iter_mut().zip(&keys) {
-            let live = dataplane.live(key);
-            for ep in &mut svc.endpoints {
-                let addr = ep.address.parse().map(|ip| SocketAddr::new(ip, ep.port));
-                if let Some(l) = addr.ok().and_then(|a| live.get(&a)) {
-                    ep.active_connections = l.active;
-                    ep.ejected = l.ejected_for.is_some();
-                }
-            }
-        }
-        let mut value = serde_json::to_value(&status).unwrap_or_default();
-        add_requests(&mut value, &keys, dataplane);
-        add_routes(&mut value, &self.configs.load(), &self.prober);
-        if let Some(why) = self.rejected.lock().expect("rejected lock").clone() {
-            value["lastRejected"] = why.into();
-        }
-        value
-    }
-}
-
-/// Adds each service's `requestsInFlight` and `requestsWaiting` (overload
-/// protection) to a `/status` document whose `services` follow `keys`.
-pub(crate) fn add_requests(
-    value: &mut serde_json::Value,
-    keys: &[crate::api::config::ServiceKey],
-    dataplane: &Dataplane,
-) {
-    let Some(services) = value.get_mut("services").and_then(|s| s.as_array_mut()) else {
-        return;
-    };
-    for (svc, key) in services.iter_mut().zip(keys) {
-        if let Some(runtime) = dataplane.service(key) {
-            svc["requestsInFlight"] = runtime.gate.in_flight().into();
-            svc["requestsWaiting"] = runtime.gate.waiting().into();
-        }
-    }
-}
-
-/// Adds each service's groups (`backends`, ready x/y) and `routes` to a
-/// `/status` document whose `services` follow `configs`.
-fn add_routes(value: &mut serde_json::Value, configs: &[Arc<Config>], prober: &Prober) {
-    let Some(services) = value.get_mut("services").and_then(|s| s.as_array_mut()) else {
-        return;
-    };
-    for (svc, cfg) in services.iter_mut().zip(configs) {
-        if cfg.backends.is_empty() && cfg.routes.is_empty() {
-            continue;
-        }
-        let states: std::collections::HashMap<SocketAddr, Health> = prober
-            .states(&cfg.key)
-            .into_iter()
-            .map(|(a, s)| (a, s.health))
-            .collect();
-        let members = cfg.static_members();
-        let groups: Vec<serde_json::Value> = (0..=cfg.backends.len())
-            .map(|g| {
-                let in_group: Vec<_> = members.iter().filter(|(_, mask)| mask & (1 << g) != 0).collect();
-                let ready = in_group
-                    .iter()
-                    .filter(|(e, _)| states.get(&e.addr) == Some(&Health::Healthy))
-                    .count();
-                serde_json::json!({"name": cfg.group_name(g), "ready": format!("{ready}/{}", in_group.len())})
-            })
-            .collect();
-        let routes: Vec<serde_json::Value> = cfg
-            .routes
-            .iter()
-            .map(|r| {
-                let refs: Vec<_> = r
-                    .refs
-                    .iter()
-                    .map(|b| serde_json::json!({"name": cfg.group_name(b.group), "weight": b.weight}))
-                    .collect();
-                serde_json::json!({"name": r.name, "matches": r.matches.len(), "backendRefs": refs})
-            })
-            .collect();
-        svc["backends"] = groups.into();
-        svc["routes"] = routes.into();
-    }
 }
 
 /// One probe of one endpoint, as `--once` prints it.

@@ -219,6 +219,66 @@ async fn a_route_has_its_own_rate_limit_retries_and_response_timeout() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_follows_its_routes_rate_limit_and_response_timeout() {
+    let ws = Backend::http("ws", Behavior::Status(200)).await;
+    let stuck = Backend::hang().await;
+    let extra = format!(
+        "  backends: [{{name: stuck, endpoints: [{}]}}]\n  routes:\n\
+         \x20   - {{name: limited, matches: [{{path: {{value: /limited}}}}], backendRefs: [{{name: default}}],\n\
+         \x20      rateLimit: {{requests: 1, per: 1m, burst: 0, delay: false}}}}\n\
+         \x20   - {{name: hasty, matches: [{{path: {{value: /hasty}}}}], backendRefs: [{{name: stuck}}],\n\
+         \x20      timeouts: {{response: 200ms}}, retry: {{tries: 1}}}}",
+        endpoint(&stuck)
+    );
+    let p = proxy(&[ws.addr], "HTTP", &extra, 2).await;
+    assert_eq!(
+        upgrade(p.listen, "/limited").await,
+        101,
+        "the backend takes the WebSocket"
+    );
+    assert_eq!(
+        upgrade(p.listen, "/limited").await,
+        429,
+        "an upgrade is counted by its route's rate limit"
+    );
+    assert_eq!(
+        upgrade(p.listen, "/hasty").await,
+        504,
+        "an upgrade waits its route's 200 ms, not 60 s"
+    );
+    assert_eq!(upgrade(p.listen, "/other").await, 101);
+}
+
+/// A WebSocket upgrade of `target`; the status of the answer's head (a
+/// tunnel, once open, stays open: only the head is read).
+async fn upgrade(proxy: SocketAddr, target: &str) -> u16 {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert_eq!(n, 1, "closed before the head ended: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head)
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
 /// POST `body` as `content_type`; the status and the first body line.
 async fn post(proxy: SocketAddr, content_type: &str, body: &str) -> (u16, String) {
     let mut s = TcpStream::connect(proxy).await.unwrap();

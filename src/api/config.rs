@@ -7,6 +7,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+pub use super::policy::{BudgetPolicy, RateLimit, RateLimitKey, RetryPolicy};
 pub use super::spec::{HashSource, ListenerProtocol, PassiveCondition, RetryCondition};
 
 /// `namespace/name` of a BalancedService.
@@ -138,47 +139,6 @@ impl Config {
     }
 }
 
-/// A validated `spec.rateLimit`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RateLimit {
-    /// Requests per `per` (at least 1).
-    pub requests: u32,
-    /// The period.
-    pub per: Duration,
-    /// Requests beyond the rate held or let through.
-    pub burst: u32,
-    /// Hold the burst (leaky bucket) rather than pass it at once (token bucket).
-    pub delay: bool,
-    /// What requests are counted by.
-    pub key: RateLimitKey,
-}
-
-impl RateLimit {
-    /// The share one of `replicas` proxies enforces: the rate and burst divided
-    /// among them (at least one request, at least one replica).
-    pub fn per_replica(&self, replicas: u32) -> RateLimit {
-        let n = replicas.max(1);
-        RateLimit {
-            requests: (self.requests / n).max(1),
-            burst: self.burst / n,
-            ..self.clone()
-        }
-    }
-}
-
-/// What a rate limit counts requests by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RateLimitKey {
-    /// One bucket.
-    None,
-    /// The client IP.
-    SourceIp,
-    /// A header's value.
-    Header(http::HeaderName),
-    /// A cookie's value.
-    Cookie(String),
-}
-
 /// One listener.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerConfig {
@@ -194,6 +154,21 @@ pub struct ListenerConfig {
     pub app_protocol: Option<AppProtocol>,
     /// Keep the client's `X-Forwarded-Proto`.
     pub trust_forwarded_headers: bool,
+}
+
+impl ListenerConfig {
+    /// Where an endpoint at `addr` is reached through this listener: the
+    /// numeric target port, the port the controller resolved for this
+    /// listener in `ports` (a named target port), or the endpoint's own port.
+    pub fn target_of(&self, addr: std::net::SocketAddr, ports: &[(String, u16)]) -> std::net::SocketAddr {
+        match self.target_port {
+            Some(TargetPort::Number(port)) => std::net::SocketAddr::new(addr.ip(), port),
+            _ => match ports.iter().find(|(name, _)| *name == self.name) {
+                Some((_, port)) => std::net::SocketAddr::new(addr.ip(), *port),
+                None => addr,
+            },
+        }
+    }
 }
 
 /// What the endpoints speak on a listener's port (Kubernetes `appProtocol`).
@@ -436,53 +411,6 @@ pub struct PassiveHealth {
     pub on: Vec<PassiveCondition>,
 }
 
-/// Retry settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// Conditions that retry.
-    pub on: Vec<RetryCondition>,
-    /// Total attempts; 0 is one per endpoint.
-    pub tries: u32,
-    /// Overall retry deadline; `None` is no limit.
-    pub timeout: Option<Duration>,
-    /// Largest request body buffered for replay.
-    pub max_body_bytes: u64,
-    /// How many retries recent traffic allows.
-    pub budget: BudgetPolicy,
-}
-
-/// The retry budget: `percent` of the requests seen over `interval`, plus a
-/// floor of `min_count` retries per `min_interval`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BudgetPolicy {
-    /// Retries as a percentage of requests, 0..=100.
-    pub percent: u32,
-    /// Window over which requests and retries are counted.
-    pub interval: Duration,
-    /// Retries always allowed per `min_interval`.
-    pub min_count: u32,
-    /// The floor's interval.
-    pub min_interval: Duration,
-}
-
-impl Default for BudgetPolicy {
-    fn default() -> Self {
-        Self {
-            percent: 20,
-            interval: Duration::from_secs(10),
-            min_count: 10,
-            min_interval: Duration::from_secs(1),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// Whether `condition` is in `retry.on`.
-    pub fn retries_on(&self, condition: RetryCondition) -> bool {
-        self.on.contains(&condition)
-    }
-}
-
 /// Timeouts on both sides of the proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -532,20 +460,6 @@ pub struct Limits {
     pub max_requests: usize,
     /// Requests waiting for one of `max_requests`.
     pub max_pending_requests: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_connections: 10_000,
-            max_connections_per_client: 0,
-            max_request_headers_bytes: 16 * 1024,
-            max_request_headers: 100,
-            max_uri_bytes: 8 * 1024,
-            max_requests: 0,
-            max_pending_requests: 0,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,12 @@
-//! The BalancedService API: the CRD types (the contract), their defaults, and
-//! validation into a typed [`Config`].
+//! The BalancedService API: the CRD types (the contract) and their defaults
+//! (`spec`, the one place defaults are written), the shared policies
+//! (`policy`), routes (`route`), and validation (`validate`) into a typed
+//! [`Config`] (`config`).
 
 pub mod config;
 pub mod duration;
 pub mod load;
+pub mod policy;
 pub mod route;
 pub mod spec;
 pub mod validate;

@@ -306,11 +306,11 @@ pub struct Route {
     /// Where its requests go.
     pub refs: Vec<BackendRef>,
     /// Retry policy (the service's, with the route's fields over it).
-    pub retry: super::config::RetryPolicy,
+    pub retry: super::policy::RetryPolicy,
     /// `timeouts.response` for its requests.
     pub response_timeout: std::time::Duration,
     /// The route's own rate limit.
-    pub rate_limit: Option<super::config::RateLimit>,
+    pub rate_limit: Option<super::policy::RateLimit>,
 }
 
 impl Route {
@@ -347,7 +347,7 @@ pub fn first_match(routes: &[Route], req: &RequestView<'_>) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn base_retry() -> crate::api::config::RetryPolicy {
+    fn base_retry() -> crate::api::policy::RetryPolicy {
         let yaml = "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {name: t}\nspec:\n  endpoints: [{address: 127.0.0.1, port: 80}]\n  listeners: [{name: http, port: 8080}]\n";
         crate::api::load_configs(yaml).unwrap().remove(0).retry
     }

@@ -673,6 +673,26 @@ pub enum RetryCondition {
     NonIdempotent,
 }
 
+impl RetryCondition {
+    /// The name `retry.on` spells it with, for metrics and logs.
+    pub fn name(self) -> &'static str {
+        use RetryCondition::*;
+        match self {
+            Error => "Error",
+            Timeout => "Timeout",
+            InvalidHeader => "InvalidHeader",
+            Http500 => "Http500",
+            Http502 => "Http502",
+            Http503 => "Http503",
+            Http504 => "Http504",
+            Http403 => "Http403",
+            Http404 => "Http404",
+            Http429 => "Http429",
+            NonIdempotent => "NonIdempotent",
+        }
+    }
+}
+
 /// Timeouts on both sides of the proxy.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

@@ -1168,7 +1168,6 @@ mod tests {
             cfg.health.down_interval, cfg.health.interval,
             "HAProxy: downinter defaults to inter"
         );
-        assert_eq!(cfg.retry.budget, BudgetPolicy::default());
         assert_eq!(
             (
                 cfg.retry.budget.percent,
@@ -1312,7 +1311,18 @@ mod tests {
         assert_eq!(cfg.timeouts.request_body, Duration::from_secs(30));
         assert_eq!(cfg.timeouts.idle_for(ListenerProtocol::Http), Duration::from_secs(60));
         assert_eq!(cfg.timeouts.idle_for(ListenerProtocol::Tcp), Duration::from_secs(3600));
-        assert_eq!(cfg.limits, Limits::default());
+        assert_eq!(
+            cfg.limits,
+            Limits {
+                max_connections: 10_000,
+                max_connections_per_client: 0,
+                max_request_headers_bytes: 16 * 1024,
+                max_request_headers: 100,
+                max_uri_bytes: 8 * 1024,
+                max_requests: 0,
+                max_pending_requests: 0,
+            }
+        );
         assert_eq!(cfg.limits.max_request_headers_bytes, 16384);
         assert_error(
             |s| s.timeouts.request_header = "0".into(),

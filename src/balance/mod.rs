@@ -15,7 +15,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 
-use crate::api::config::Algorithm;
+use std::collections::HashMap;
+
+use crate::api::config::{Algorithm, Config, EndpointConfig};
+use crate::health::agent::AgentState;
 use crate::metrics::EndpointStats;
 pub use passive::{Passive, now_ms};
 
@@ -51,6 +54,25 @@ impl Endpoint {
     }
 }
 
+/// Counts a request or connection on an endpoint until dropped: what least
+/// connections reads and `balanced_upstream_active_requests` shows.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Endpoint>);
+
+impl ActiveGuard {
+    /// Starts counting on `endpoint`.
+    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.stats.active.inc();
+        Self(endpoint)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.stats.active.dec();
+    }
+}
+
 /// What a snapshot knows about one endpoint besides its live state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberSpec {
@@ -80,6 +102,59 @@ impl MemberSpec {
     pub fn serves(&self) -> bool {
         self.healthy && !self.draining
     }
+}
+
+/// What a source observed of one endpoint: what a member is built from
+/// besides the spec's static settings for its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Observed {
+    /// Identity.
+    pub addr: SocketAddr,
+    /// Active health checks (and, in a cluster, readiness) say it may serve.
+    pub healthy: bool,
+    /// No new requests or connections (agent drain, a draining pod).
+    pub draining: bool,
+    /// The agent's percent of the configured weight; 100 without an agent.
+    pub weight_percent: u32,
+    /// Per-listener ports (named target ports), by listener name.
+    pub ports: Vec<(String, u16)>,
+    /// The groups it belongs to, a bit each (bit 0 is `default`).
+    pub groups: u64,
+}
+
+/// The one way a source's endpoints become balancer members: each takes the
+/// static settings the spec gives its address (weight, backup,
+/// `maxConnections`; a discovered endpoint weighs 1), its weight scaled by
+/// its agent's percent; then the panic threshold applies.
+pub fn members(cfg: &Config, observed: impl IntoIterator<Item = Observed>) -> Vec<MemberSpec> {
+    let statics: HashMap<SocketAddr, &EndpointConfig> = cfg
+        .endpoints
+        .iter()
+        .chain(cfg.backends.iter().flat_map(|b| &b.endpoints))
+        .map(|e| (e.addr, e))
+        .collect();
+    let mut out: Vec<MemberSpec> = observed
+        .into_iter()
+        .map(|o| {
+            let st = statics.get(&o.addr);
+            let agent = AgentState {
+                weight_percent: o.weight_percent,
+                ..AgentState::default()
+            };
+            MemberSpec {
+                addr: o.addr,
+                weight: agent.scale(st.map_or(1, |s| s.weight)),
+                backup: st.is_some_and(|s| s.backup),
+                max_connections: st.map_or(0, |s| s.max_connections),
+                healthy: o.healthy,
+                draining: o.draining,
+                ports: o.ports,
+                groups: o.groups,
+            }
+        })
+        .collect();
+    apply_panic(cfg.panic_threshold, &mut out);
+    out
 }
 
 /// Envoy's panic threshold: fewer than `threshold` percent of `total`

@@ -192,3 +192,11 @@ pub fn hash_parts(parts: &[&[u8]]) -> u64 {
 pub fn hash_key(key: &[u8]) -> u64 {
     hash_parts(&[key])
 }
+
+/// Hash of a client's IP (its port left out, so a client sticks across connections).
+pub fn hash_ip(peer: SocketAddr) -> u64 {
+    match peer.ip() {
+        std::net::IpAddr::V4(v4) => hash_key(&v4.octets()),
+        std::net::IpAddr::V6(v6) => hash_key(&v6.octets()),
+    }
+}

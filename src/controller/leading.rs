@@ -92,20 +92,16 @@ impl Leading {
             views.get(key).and_then(|view| lookaside(&ctx, key, view))
         }
         .ok_or_else(|| (http::StatusCode::NOT_FOUND, format!("no BalancedService {key}\n")))?;
-        let members = svc
-            .endpoints
-            .iter()
-            .map(|e| crate::balance::MemberSpec {
-                addr: e.addr,
-                weight: e.weight,
-                backup: svc.config.endpoints.iter().any(|s| s.addr == e.addr && s.backup),
-                max_connections: 0,
-                healthy: e.health == Health::Healthy && !e.not_ready,
-                draining: e.draining,
-                ports: e.ports.clone(),
-                groups: 1,
-            })
-            .collect();
+        let states: HashMap<_, _> = ctx.prober.states(key).into_iter().collect();
+        let observed = svc.endpoints.iter().map(|e| crate::balance::Observed {
+            addr: e.addr,
+            healthy: e.health == Health::Healthy && !e.not_ready,
+            draining: e.draining,
+            weight_percent: states.get(&e.addr).map_or(100, |s| s.agent.weight_percent),
+            ports: e.ports.clone(),
+            groups: 1,
+        });
+        let members = crate::balance::members(&svc.config, observed);
         Ok((svc.config, members))
     }
 }
@@ -295,7 +291,7 @@ struct ControllerAdmin {
     balancers: Mutex<HashMap<ServiceKey, Arc<crate::balance::Balancer>>>,
 }
 
-impl crate::proxy::admin::AdminView for ControllerAdmin {
+impl crate::admin::AdminView for ControllerAdmin {
     /// Every endpoint of every BalancedService as the leader's prober sees
     /// it (state, last error, counts, agent weight): the full table that the
     /// objects' status, kept small, leaves out.
@@ -365,7 +361,7 @@ pub async fn serve(
         let snapshots = crate::xds::publish(move || l.xds_services(), leading.changes(), shutdown.clone());
         tokio::spawn(crate::xds::serve(listener, snapshots, shutdown.clone()));
     }
-    let admin_task = tokio::spawn(crate::proxy::admin::serve(admin, view, shutdown.clone()));
+    let admin_task = tokio::spawn(crate::admin::serve(admin, view, shutdown.clone()));
     loop {
         if let Some(cfg) = &opts.lease
             && !super::leader::acquire(client.clone(), cfg, &shutdown).await

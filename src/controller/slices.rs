@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 
 use super::discovery::SERVICE_NAME_LABEL;
 use crate::api::config::{Config, ServiceKey};
-use crate::balance::MemberSpec;
+use crate::balance::{MemberSpec, Observed};
 
 /// Kubernetes' default and ours (`--max-endpoints-per-slice`).
 pub const DEFAULT_MAX_PER_SLICE: usize = 100;
@@ -395,45 +395,32 @@ pub fn read(slices: &[&EndpointSlice]) -> Vec<SliceEndpoint> {
 /// healthy or not (so "all down, try all" still has somewhere to go), with
 /// weights and flags of matching static endpoints, then the panic threshold.
 pub fn members(cfg: &Config, slices: &[&EndpointSlice]) -> Vec<MemberSpec> {
-    let statics: HashMap<SocketAddr, _> = cfg.endpoints.iter().map(|e| (e.addr, e)).collect();
-    let mut out: Vec<MemberSpec> = read(slices)
+    let mut observed: Vec<Observed> = read(slices)
         .into_iter()
-        .map(|e| {
-            let st = statics.get(&e.addr);
-            let agent = crate::health::agent::AgentState {
-                weight_percent: e.weight_percent,
-                ..Default::default()
-            };
-            MemberSpec {
-                addr: e.addr,
-                weight: agent.scale(st.map_or(1, |s| s.weight)),
-                backup: st.is_some_and(|s| s.backup),
-                max_connections: st.map_or(0, |s| s.max_connections),
-                // A draining endpoint is not ready but still healthy: it
-                // finishes what it has and takes nothing new.
-                healthy: e.healthy && !e.terminating && (e.ready || e.draining),
-                draining: e.draining || e.weight_percent == 0,
-                ports: e.ports,
-                groups: group_mask(cfg, &e.groups),
-            }
+        .map(|e| Observed {
+            addr: e.addr,
+            // A draining endpoint is not ready but still healthy: it
+            // finishes what it has and takes nothing new.
+            healthy: e.healthy && !e.terminating && (e.ready || e.draining),
+            draining: e.draining || e.weight_percent == 0,
+            weight_percent: e.weight_percent,
+            ports: e.ports,
+            groups: group_mask(cfg, &e.groups),
         })
         .collect();
     // Before the controller's first slices, static endpoints are all there is.
-    let known: HashSet<SocketAddr> = out.iter().map(|m| m.addr).collect();
+    let known: HashSet<SocketAddr> = observed.iter().map(|o| o.addr).collect();
     for e in cfg.endpoints.iter().filter(|e| !known.contains(&e.addr)) {
-        out.push(MemberSpec {
-            draining: false,
+        observed.push(Observed {
             addr: e.addr,
-            weight: crate::health::agent::AgentState::default().scale(e.weight),
-            backup: e.backup,
-            max_connections: e.max_connections,
             healthy: false,
+            draining: false,
+            weight_percent: 100,
             ports: Vec::new(),
             groups: 1,
         });
     }
-    crate::balance::apply_panic(cfg.panic_threshold, &mut out);
-    out
+    crate::balance::members(cfg, observed)
 }
 
 /// The groups an endpoint belongs to: the ones named, or `default` when none.

@@ -131,15 +131,24 @@ impl Backend {
         Ok(())
     }
 
+    /// An HTTP backend on `addr` (`balanced backend`), or why it cannot listen there.
+    pub async fn try_http_at(name: &str, behavior: Behavior, addr: SocketAddr) -> std::io::Result<Backend> {
+        Self::try_start(name, behavior, Kind::Http, addr).await
+    }
+
     /// # Panics
     /// If `addr` cannot be bound within a second (a free loopback port always can).
     async fn start(name: &str, behavior: Behavior, kind: Kind, addr: SocketAddr) -> Backend {
-        let frozen = Arc::new(AtomicBool::new(false));
-        let (addr, kill, accepted) = match spawn(name, behavior.clone(), kind, addr, frozen.clone()).await {
-            Ok(started) => started,
+        match Self::try_start(name, behavior, kind, addr).await {
+            Ok(backend) => backend,
             Err(e) => panic!("backend {name}: cannot listen on {addr}: {e}"),
-        };
-        Backend {
+        }
+    }
+
+    async fn try_start(name: &str, behavior: Behavior, kind: Kind, addr: SocketAddr) -> std::io::Result<Backend> {
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (addr, kill, accepted) = spawn(name, behavior.clone(), kind, addr, frozen.clone()).await?;
+        Ok(Backend {
             addr,
             name: name.to_string(),
             behavior,
@@ -147,7 +156,7 @@ impl Backend {
             accepted,
             kill,
             frozen,
-        }
+        })
     }
 }
 

@@ -20,12 +20,14 @@
 use std::net::SocketAddr;
 
 use http::Method;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::retry::{Attempted, Failure, NoRetry, decide};
-use super::service::ServiceRuntime;
-use crate::api::config::Config;
-use crate::balance::{Snapshot, Tried, now_ms};
+use super::access::Flags;
+use super::retry::{self, Attempted, Failure, NoRetry, decide};
+use super::service::{Current, ServiceRuntime};
+use crate::api::config::{Config, RetryPolicy};
+use crate::balance::{ActiveGuard, Snapshot, Tried, now_ms};
 
 /// What the retry rules need to know about the request being attempted.
 #[derive(Clone, Copy, Debug)]
@@ -48,7 +50,7 @@ impl RequestFacts<'_> {
 pub struct Attempts<'a> {
     service: &'a ServiceRuntime,
     config: &'a Config,
-    retry: &'a crate::api::config::RetryPolicy,
+    retry: &'a RetryPolicy,
     snap: &'a Snapshot,
     key: Option<u64>,
     groups: u64,
@@ -94,7 +96,7 @@ impl<'a> Attempts<'a> {
 
     /// Retries by a route's policy instead of the service's (the budget stays
     /// the service's).
-    pub fn with_retry(mut self, retry: &'a crate::api::config::RetryPolicy) -> Self {
+    pub fn with_retry(mut self, retry: &'a RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
@@ -122,26 +124,20 @@ impl<'a> Attempts<'a> {
     }
 
     /// Whether a request that fails after being sent could still be retried
-    /// (so the caller keeps a copy of what it sends).
+    /// (so the caller keeps a copy of what it sends): [`retry::may_retry_after_send`].
     pub fn may_retry_after_send(&self, request: RequestFacts<'_>) -> bool {
-        let policy = self.retry;
-        let limit = match policy.tries {
-            0 => self.snap.members.len(),
-            n => n as usize,
-        };
-        request.replayable
-            && self.tried.len() < limit.min(self.snap.members.len())
-            && policy
-                .on
-                .iter()
-                .any(|c| *c != crate::api::config::RetryCondition::NonIdempotent)
-            && request.method.is_none_or(|m| {
-                super::retry::is_idempotent(m)
-                    || policy.retries_on(crate::api::config::RetryCondition::NonIdempotent)
-                    // A stream the endpoint refuses unprocessed goes elsewhere
-                    // whatever its method (`Failure::Refused`).
-                    || policy.retries_on(crate::api::config::RetryCondition::Error)
-            })
+        retry::may_retry_after_send(self.retry, &self.attempted(&Failure::Timeout, request))
+    }
+
+    fn attempted<'f>(&self, failure: &'f Failure, request: RequestFacts<'f>) -> Attempted<'f> {
+        Attempted {
+            failure,
+            method: request.method.unwrap_or(&Method::GET),
+            replayable: request.replayable,
+            attempts: self.tried.len() as u32,
+            endpoints: self.snap.members.len() as u32,
+            elapsed: self.started.elapsed(),
+        }
     }
 
     /// The attempt on endpoint `i` succeeded (a connection, or an answer that
@@ -179,17 +175,7 @@ impl<'a> Attempts<'a> {
             f => member.endpoint.stats.record_failure(*f == Failure::Timeout),
         }
         self.service.record_failure(self.config, member, &failure);
-        let decision = decide(
-            self.retry,
-            &Attempted {
-                failure: &failure,
-                method: request.method.unwrap_or(&Method::GET),
-                replayable: request.replayable,
-                attempts: self.tried.len() as u32,
-                endpoints: self.snap.members.len() as u32,
-                elapsed: self.started.elapsed(),
-            },
-        );
+        let decision = decide(self.retry, &self.attempted(&failure, request));
         let verdict = decision.and_then(|condition| {
             // A request the endpoint never processed is resent for free.
             if matches!(failure, Failure::Refused(_))
@@ -212,8 +198,8 @@ impl<'a> Attempts<'a> {
         self.last = Some((addr, failure));
         match verdict {
             Ok(condition) => {
-                self.service.record_retry(super::http::condition_name(condition));
-                tracing::debug!(service = %self.service.key, endpoint = %addr, reason = super::http::condition_name(condition), "retrying on another endpoint");
+                self.service.record_retry(condition.name());
+                tracing::debug!(service = %self.service.key, endpoint = %addr, reason = condition.name(), "retrying on another endpoint");
                 true
             }
             Err(why) => {
@@ -232,6 +218,69 @@ impl<'a> Attempts<'a> {
             refused: self.refused,
         }
     }
+}
+
+impl Exhausted {
+    /// Envoy's flags for attempts that ended without an answer: `UH` when no
+    /// endpoint passes its health checks (even if the unhealthy ones were
+    /// tried as a last resort), `UO` when the healthy ones were all at
+    /// `maxConnections`, then what the last attempt met.
+    pub fn flags(&self, snap: &Snapshot) -> Flags {
+        let mut flags = Flags::default();
+        let healthy = snap.members.iter().filter(|m| m.spec.serves()).count();
+        if healthy == 0 {
+            flags.set(Flags::NO_HEALTHY_UPSTREAM);
+        }
+        match &self.last {
+            None if healthy > 0 => flags.set(Flags::UPSTREAM_OVERFLOW),
+            Some((_, Failure::Connect(_))) => flags.set(Flags::UPSTREAM_CONNECT_FAILURE),
+            Some((_, Failure::Timeout)) => flags.set(Flags::UPSTREAM_TIMEOUT),
+            _ => {}
+        }
+        if self.tries > 1 {
+            flags.set(Flags::RETRIES_EXHAUSTED);
+        }
+        flags
+    }
+}
+
+/// A TCP connection to an endpoint, counted on it while held.
+pub struct Connected {
+    /// The connection.
+    pub stream: TcpStream,
+    /// Counts the connection on its endpoint.
+    pub guard: ActiveGuard,
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// Endpoints tried to get it.
+    pub tries: usize,
+}
+
+/// Connects through `listener`'s pools, one endpoint after another as
+/// `attempts` allows: what TCP listeners and upgrades share, so both get the
+/// tries, timeout, budget and passive accounting a request gets.
+pub async fn connect(mut attempts: Attempts<'_>, current: &Current, listener: usize) -> Result<Connected, Exhausted> {
+    while let Some(i) = attempts.next_endpoint() {
+        let member = &current.snap.members[i];
+        let guard = ActiveGuard::new(member.endpoint.clone());
+        match current.pool(listener, i).connect_tcp().await {
+            Ok(stream) => {
+                attempts.succeeded(i);
+                return Ok(Connected {
+                    stream,
+                    guard,
+                    endpoint: member.spec.addr,
+                    tries: attempts.tries(),
+                });
+            }
+            Err(failure) => {
+                if !attempts.failed(i, failure, RequestFacts::CONNECTION) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(attempts.exhausted())
 }
 
 #[cfg(test)]

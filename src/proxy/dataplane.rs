@@ -13,9 +13,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::http::HttpProxy;
-use super::listener::{Serving, serve_http, serve_tcp};
+use super::http::serve::serve_http;
+use super::listen::Serving;
 use super::service::ServiceRuntime;
 use super::tasks::Tasks;
+use super::tcp::serve_tcp;
 use crate::api::config::{Config, ListenerProtocol, ServiceKey};
 use crate::balance::{MemberSpec, now_ms};
 use crate::metrics::ProxyMetrics;

@@ -142,7 +142,9 @@ impl Limiter {
             RateLimitKey::None => Some(Key::All),
             RateLimitKey::SourceIp => Some(Key::Ip(client)),
             RateLimitKey::Header(name) => headers.get(name).map(|v| Key::Text(v.as_bytes().into())),
-            RateLimitKey::Cookie(name) => super::http::cookie(headers, name).map(|v| Key::Text(v.as_bytes().into())),
+            RateLimitKey::Cookie(name) => {
+                crate::api::route::cookie(headers, name).map(|v| Key::Text(v.as_bytes().into()))
+            }
         }
     }
 

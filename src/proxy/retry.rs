@@ -1,5 +1,9 @@
 //! Whether a failed attempt goes to another endpoint: nginx's
 //! `proxy_next_upstream` rules plus an Envoy-style retry budget. Pure.
+//!
+//! [`decide`] is the one place the rules live: the attempt loop asks it after
+//! every failure, and [`may_retry_after_send`] asks it in advance whether a
+//! copy of the request is worth keeping.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -68,6 +72,21 @@ impl Failure {
     }
 }
 
+impl std::fmt::Display for Failure {
+    /// The failure as one line of text, as answers and logs give it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Connect(e) => write!(f, "connect: {e}"),
+            Failure::Refused(e) => write!(f, "not processed: {e}"),
+            Failure::Timeout => f.write_str("timeout"),
+            Failure::Error(e) => f.write_str(e),
+            Failure::InvalidHeader(e) => write!(f, "invalid response header: {e}"),
+            Failure::Status(s) => write!(f, "status {s}"),
+            Failure::Local(e) => write!(f, "local: {e}"),
+        }
+    }
+}
+
 /// Methods nginx refuses to resend after they were sent (`non_idempotent`).
 pub fn is_idempotent(method: &Method) -> bool {
     !matches!(method.as_str(), "POST" | "PATCH" | "LOCK")
@@ -128,6 +147,36 @@ pub fn decide(policy: &RetryPolicy, a: &Attempted<'_>) -> Result<RetryCondition,
         return Err(NoRetry::TimeoutExceeded);
     }
     Ok(condition)
+}
+
+/// Whether a request could still go elsewhere if it fails after being sent
+/// (so the caller keeps a copy of what it sends): some failure that can
+/// follow a send passes [`decide`]. `a.failure` is ignored.
+pub fn may_retry_after_send(policy: &RetryPolicy, a: &Attempted<'_>) -> bool {
+    policy.on.iter().any(|&condition| {
+        after_send(condition)
+            .iter()
+            .any(|failure| decide(policy, &Attempted { failure, ..a.clone() }).is_ok())
+    })
+}
+
+/// Failures that can follow a send and match `condition`.
+fn after_send(condition: RetryCondition) -> &'static [Failure] {
+    use RetryCondition::*;
+    match condition {
+        // A refused stream is resent whatever the method; a reset is not.
+        Error => const { &[Failure::Refused(String::new()), Failure::Error(String::new())] },
+        Timeout => &[Failure::Timeout],
+        InvalidHeader => const { &[Failure::InvalidHeader(String::new())] },
+        Http500 => &[Failure::Status(500)],
+        Http502 => &[Failure::Status(502)],
+        Http503 => &[Failure::Status(503)],
+        Http504 => &[Failure::Status(504)],
+        Http403 => &[Failure::Status(403)],
+        Http404 => &[Failure::Status(404)],
+        Http429 => &[Failure::Status(429)],
+        NonIdempotent => &[],
+    }
 }
 
 /// Retries allowed by recent traffic (Gateway API GEP-3388 `retryConstraint`,
@@ -237,7 +286,7 @@ mod tests {
             tries,
             timeout: Some(Duration::from_secs(10)),
             max_body_bytes: 65536,
-            budget: BudgetPolicy::default(),
+            budget: budget(20, 10),
         }
     }
 

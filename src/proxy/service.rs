@@ -12,30 +12,13 @@ use arc_swap::ArcSwap;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
+use super::gate::RequestGate;
+use super::ratelimit::Limiter;
 use super::retry::{Failure, RetryBudget};
-use super::upstream::{Pool, PoolSettings};
-use crate::api::config::{Config, ListenerConfig, ServiceKey, TargetPort};
+use super::upstream::pool::{Pool, PoolSettings};
+use crate::api::config::{Config, ServiceKey};
 use crate::balance::{Balancer, Endpoint, Member, MemberSpec, Snapshot, now_ms};
 use crate::metrics::{ProxyMetrics, RetryLabels, ServiceLabels};
-
-/// Counts a request or connection on an endpoint until dropped: what least
-/// connections reads and `balanced_upstream_active_requests` shows.
-#[derive(Debug)]
-pub struct ActiveGuard(Arc<Endpoint>);
-
-impl ActiveGuard {
-    /// Starts counting on `endpoint`.
-    pub fn new(endpoint: Arc<Endpoint>) -> Self {
-        endpoint.stats.active.inc();
-        Self(endpoint)
-    }
-}
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.stats.active.dec();
-    }
-}
 
 /// What one request reads, swapped whole on every config or endpoint change:
 /// the config, the endpoint snapshot, and each listener's connection pools in
@@ -50,7 +33,7 @@ pub struct Current {
     /// `route_counters[route][status class]`, resolved once per config.
     route_counters: Vec<[Counter; 5]>,
     /// Each route's rate limiter and its refusal counter.
-    route_limits: Vec<Option<(Arc<super::ratelimit::Limiter>, Counter)>>,
+    route_limits: Vec<Option<(Arc<Limiter>, Counter)>>,
 }
 
 impl Current {
@@ -60,7 +43,7 @@ impl Current {
     }
 
     /// Route `route`'s rate limiter, if it has one.
-    pub fn route_limiter(&self, route: usize) -> Option<&Arc<super::ratelimit::Limiter>> {
+    pub fn route_limiter(&self, route: usize) -> Option<&Arc<Limiter>> {
         self.route_limits.get(route)?.as_ref().map(|(l, _)| l)
     }
 
@@ -101,14 +84,14 @@ pub struct ServiceRuntime {
     budget_refused: Counter,
     overflow: Counter,
     /// In-flight requests under `spec.limits.maxRequests`.
-    pub gate: Arc<super::gate::RequestGate>,
+    pub gate: Arc<RequestGate>,
     // The service's rateLimit; rebuilt only when the policy changes, so a
     // reload keeps every client's bucket.
-    limiter: ArcSwap<Option<Arc<super::ratelimit::Limiter>>>,
+    limiter: ArcSwap<Option<Arc<Limiter>>>,
     rate_limited: Counter,
     // Routes' limiters by route name, kept across updates while the policy
     // stays, so a reload or an endpoint change keeps every bucket.
-    route_limiters: Mutex<HashMap<String, Arc<super::ratelimit::Limiter>>>,
+    route_limiters: Mutex<HashMap<String, Arc<Limiter>>>,
     ejections_until: std::sync::OnceLock<Arc<AtomicU64>>,
 }
 
@@ -150,12 +133,7 @@ impl ServiceRuntime {
             budget_refused,
             overflow,
             gate: Arc::default(),
-            limiter: ArcSwap::from_pointee(
-                config
-                    .rate_limit
-                    .as_ref()
-                    .map(|r| Arc::new(super::ratelimit::Limiter::new(r))),
-            ),
+            limiter: ArcSwap::from_pointee(config.rate_limit.as_ref().map(|r| Arc::new(Limiter::new(r)))),
             rate_limited,
             route_limiters: Mutex::new(HashMap::new()),
             ejections_until: std::sync::OnceLock::new(),
@@ -198,11 +176,6 @@ impl ServiceRuntime {
         self.current.load_full()
     }
 
-    /// The config in force.
-    pub fn config(&self) -> Arc<Config> {
-        self.current.load().config.clone()
-    }
-
     /// Data-plane metrics.
     pub fn metrics(&self) -> &ProxyMetrics {
         &self.metrics
@@ -221,12 +194,8 @@ impl ServiceRuntime {
         let previous = self.current.load_full();
         let limiter = self.limiter.load();
         if limiter.as_ref().as_ref().map(|l| l.policy()) != config.rate_limit.as_ref() {
-            self.limiter.store(Arc::new(
-                config
-                    .rate_limit
-                    .as_ref()
-                    .map(|r| Arc::new(super::ratelimit::Limiter::new(r))),
-            ));
+            self.limiter
+                .store(Arc::new(config.rate_limit.as_ref().map(|r| Arc::new(Limiter::new(r)))));
         }
         let now = now_ms();
         for m in members.iter().filter(|m| m.healthy) {
@@ -247,10 +216,7 @@ impl ServiceRuntime {
             self.metrics.forget_endpoint(&self.label, &addr.to_string());
         }
         let snap = self.balancer.snapshot();
-        let settings = PoolSettings {
-            connect_timeout: config.timeouts.connect,
-            ..PoolSettings::default()
-        };
+        let settings = PoolSettings::new(config.timeouts.connect);
         let mut pools = self.pools.lock().expect("pools lock poisoned");
         let mut wanted: HashMap<SocketAddr, Arc<Pool>> = HashMap::new();
         let tables = config
@@ -260,7 +226,7 @@ impl ServiceRuntime {
                 snap.members
                     .iter()
                     .map(|m| {
-                        let target = Self::target(m, l);
+                        let target = l.target_of(m.spec.addr, &m.spec.ports);
                         wanted
                             .entry(target)
                             .or_insert_with(|| match pools.get(&target) {
@@ -300,7 +266,7 @@ impl ServiceRuntime {
                     let policy = r.rate_limit.as_ref()?;
                     let limiter = match kept.get(&r.name) {
                         Some(l) if l.policy() == policy => l.clone(),
-                        _ => Arc::new(super::ratelimit::Limiter::new(policy)),
+                        _ => Arc::new(Limiter::new(policy)),
                     };
                     let counter = self
                         .metrics
@@ -344,15 +310,8 @@ impl ServiceRuntime {
         }
     }
 
-    /// Where `member` is reached for `listener`: its address with the
-    /// listener's numeric target port, the port the controller resolved for
-    /// this listener (a named target port), or its own port.
-    pub fn target(member: &Member, listener: &ListenerConfig) -> SocketAddr {
-        target_of(member.spec.addr, &member.spec.ports, listener)
-    }
-
     /// The service's rate limiter, if it has a `rateLimit`.
-    pub fn limiter(&self) -> Option<Arc<super::ratelimit::Limiter>> {
+    pub fn limiter(&self) -> Option<Arc<Limiter>> {
         self.limiter.load().as_ref().clone()
     }
 
@@ -406,35 +365,7 @@ impl ServiceRuntime {
     pub fn record_budget_refusal(&self) {
         self.budget_refused.inc();
     }
-
-    /// The consistent-hash key of a client, when the algorithm hashes.
-    pub fn hash_source_ip(config: &Config, peer: SocketAddr) -> Option<u64> {
-        match &config.algorithm {
-            crate::api::config::Algorithm::ConsistentHash(_) => Some(crate::balance::picker::hash_key(&ip_bytes(peer))),
-            _ => None,
-        }
-    }
 }
 
 /// How often idle upstream connections past their timeout are closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
-
-/// Bytes of a peer's IP, for hashing.
-pub fn ip_bytes(peer: SocketAddr) -> Vec<u8> {
-    match peer.ip() {
-        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
-        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
-    }
-}
-
-/// Where an endpoint at `addr`, with the per-listener `ports` the controller
-/// resolved, is reached for `listener` (see [`ServiceRuntime::target`]).
-pub fn target_of(addr: SocketAddr, ports: &[(String, u16)], listener: &ListenerConfig) -> SocketAddr {
-    match listener.target_port {
-        Some(TargetPort::Number(port)) => SocketAddr::new(addr.ip(), port),
-        _ => match ports.iter().find(|(name, _)| *name == listener.name) {
-            Some((_, port)) => SocketAddr::new(addr.ip(), *port),
-            None => addr,
-        },
-    }
-}

@@ -20,11 +20,12 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::{Change, Source, SourceView};
 use crate::api::config::{Config, ServiceKey};
 use crate::api::{BalancedService, validate};
 use crate::metrics::Metrics;
 use crate::proxy::{Dataplane, Serving};
-use crate::shell::{self, Change, Source, SourceView};
+use crate::shell;
 
 /// Settings of `balanced proxy`.
 #[derive(Clone, Debug)]
@@ -203,28 +204,17 @@ impl Source for ClusterSource {
 
 impl SourceView for ClusterView {
     fn status(&self, dataplane: &Dataplane) -> serde_json::Value {
-        let live = dataplane.live(&self.key);
-        let endpoints: Vec<_> = live
-            .iter()
-            .map(|(addr, l)| {
-                serde_json::json!({
-                    "address": addr.ip().to_string(), "port": addr.port(),
-                    "activeConnections": l.active, "ejected": l.ejected_for.is_some(),
-                })
-            })
-            .collect();
-        let (in_flight, waiting) = dataplane
-            .service(&self.key)
-            .map_or((0, 0), |r| (r.gate.in_flight(), r.gate.waiting()));
-        serde_json::json!({
+        let mut value = serde_json::json!({
             "services": [{
-                "namespace": self.key.namespace, "name": self.key.name, "endpoints": endpoints,
-                "requestsInFlight": in_flight, "requestsWaiting": waiting,
+                "namespace": self.key.namespace, "name": self.key.name, "endpoints": [],
+                "requestsInFlight": 0, "requestsWaiting": 0,
             }],
             "lastApplied": self.last.lock().expect("last lock").clone(),
             "lastRejected": self.rejected.lock().expect("rejected lock").clone(),
             "watchError": self.watch_error.lock().expect("watch error lock").clone(),
-        })
+        });
+        super::add_live(&mut value, std::slice::from_ref(&self.key), dataplane);
+        value
     }
 
     fn ready(&self) -> bool {

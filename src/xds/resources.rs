@@ -121,7 +121,7 @@ pub fn build(services: &[Service]) -> Resources {
             let endpoints: Vec<(SocketAddr, &Endpoint)> = svc
                 .endpoints
                 .iter()
-                .map(|e| (crate::proxy::service::target_of(e.addr, &e.ports, l), e))
+                .map(|e| (l.target_of(e.addr, &e.ports), e))
                 .collect();
             out.insert(ENDPOINTS, name.clone(), pack_any(load_assignment(&name, &endpoints)));
         }

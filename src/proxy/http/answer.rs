@@ -8,9 +8,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 
-use super::attempt::Exhausted;
 use super::body::{ProxyBody, full};
-use super::retry::{Failure, NoRetry};
+use crate::api::config::RateLimit;
+use crate::proxy::attempt::Exhausted;
+use crate::proxy::gate::Overflow;
+use crate::proxy::ratelimit::{Limited, policy_header, remaining_header, retry_secs};
+use crate::proxy::retry::{Failure, NoRetry};
 
 /// A text/plain answer.
 pub fn plain(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
@@ -42,8 +45,7 @@ pub fn request_timeout(after: std::time::Duration) -> Response<ProxyBody> {
 
 /// 429 for a request over a rate limit, with `Retry-After` and the IETF
 /// `RateLimit-Policy` / `RateLimit` headers.
-pub fn rate_limited(limited: super::ratelimit::Limited, policy: &crate::api::config::RateLimit) -> Response<ProxyBody> {
-    use super::ratelimit::{policy_header, remaining_header, retry_secs};
+pub fn rate_limited(limited: Limited, policy: &RateLimit) -> Response<ProxyBody> {
     let mut resp = plain(
         StatusCode::TOO_MANY_REQUESTS,
         format!(
@@ -66,12 +68,12 @@ pub fn rate_limited(limited: super::ratelimit::Limited, policy: &crate::api::con
 }
 
 /// 503 for a request refused by overload protection (`spec.limits`).
-pub fn overflow(why: super::gate::Overflow, max: usize, max_pending: usize) -> Response<ProxyBody> {
+pub fn overflow(why: Overflow, max: usize, max_pending: usize) -> Response<ProxyBody> {
     let text = match why {
-        super::gate::Overflow::QueueFull => format!(
+        Overflow::QueueFull => format!(
             "503 Service Unavailable: overloaded: {max} requests in flight (spec.limits.maxRequests) and {max_pending} waiting (spec.limits.maxPendingRequests)\n"
         ),
-        super::gate::Overflow::Waited(d) => format!(
+        Overflow::Waited(d) => format!(
             "503 Service Unavailable: overloaded: no request slot freed within {d:?} (spec.limits.maxRequests {max}; waits up to timeouts.connect)\n"
         ),
     };
@@ -94,11 +96,7 @@ pub fn exhausted(end: &Exhausted, detail: bool) -> Response<ProxyBody> {
         ),
         Some((_, f)) => (
             StatusCode::BAD_GATEWAY,
-            format!(
-                "no endpoint answered ({tries} {}; last: {})",
-                tries_word(tries),
-                failure_text(f)
-            ),
+            format!("no endpoint answered ({tries} {}; last: {})", tries_word(tries), f),
         ),
     };
     if end.refused == Some(NoRetry::BudgetExhausted) {
@@ -111,7 +109,7 @@ pub fn exhausted(end: &Exhausted, detail: bool) -> Response<ProxyBody> {
     );
     if detail {
         for (addr, e) in &end.errors {
-            let _ = writeln!(body, "  {addr}: {}", failure_text(e));
+            let _ = writeln!(body, "  {addr}: {}", e);
         }
     }
     plain(status, body)
@@ -119,19 +117,6 @@ pub fn exhausted(end: &Exhausted, detail: bool) -> Response<ProxyBody> {
 
 fn tries_word(n: usize) -> &'static str {
     if n == 1 { "try" } else { "tries" }
-}
-
-/// A failure as one line of text.
-pub fn failure_text(f: &Failure) -> String {
-    match f {
-        Failure::Connect(e) => format!("connect: {e}"),
-        Failure::Refused(e) => format!("not processed: {e}"),
-        Failure::Timeout => "timeout".into(),
-        Failure::Error(e) => e.clone(),
-        Failure::InvalidHeader(e) => format!("invalid response header: {e}"),
-        Failure::Status(s) => format!("status {s}"),
-        Failure::Local(e) => format!("local: {e}"),
-    }
 }
 
 #[cfg(test)]

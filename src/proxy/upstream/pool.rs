@@ -2,7 +2,9 @@
 //! `http-reuse`): idle HTTP/1.1 connections are kept most-recently-used first,
 //! capped and closed after an idle timeout; HTTP/2 connections are shared by
 //! requests up to the stream limit the endpoint announced, and another one is
-//! opened when they are full or gone.
+//! opened when they are full or gone. An answer's body ([`Tracked`]) holds
+//! its connection and its endpoint's active count until its last byte, then
+//! gives them back.
 //!
 //! A checkout never waits on another request: it takes an idle connection or
 //! connects. The small mutexes here guard a push or a pop and are never held
@@ -23,9 +25,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::body::{BoxError, Upload};
-use super::retry::Failure;
+use super::body::{BoxError, UpBody};
+use crate::balance::ActiveGuard;
 use crate::health::probe::{io_text, is_local_exhaustion};
+use crate::proxy::retry::Failure;
 
 /// The most an upstream HTTP/1.1 connection reads ahead of its client.
 const UPSTREAM_READ_BUFFER: usize = 8 * 1024;
@@ -46,10 +49,12 @@ pub struct PoolSettings {
     pub max_idle: usize,
 }
 
-impl Default for PoolSettings {
-    fn default() -> Self {
+impl PoolSettings {
+    /// Connections made within `connect_timeout` (`timeouts.connect`), kept
+    /// idle 60 s, at most 128 idle per endpoint.
+    pub fn new(connect_timeout: Duration) -> Self {
         Self {
-            connect_timeout: Duration::from_secs(1),
+            connect_timeout,
             idle_timeout: Duration::from_secs(60),
             max_idle: 128,
         }
@@ -124,11 +129,6 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             h2: Mutex::new(Vec::new()),
         }
-    }
-
-    /// The endpoint address.
-    pub fn target(&self) -> SocketAddr {
-        self.target
     }
 
     /// The settings it was made with.
@@ -309,66 +309,73 @@ impl Pool {
     }
 }
 
-/// A request body sent upstream: no box, so each attempt costs no allocation
-/// for the body itself.
-#[derive(Debug)]
-pub enum UpBody {
-    /// No body.
-    Empty,
-    /// A buffered body (replayable).
-    Full(Option<Bytes>),
-    /// Bytes already read, then the rest of the client's body.
-    Stream {
-        /// What was read before the buffer limit was passed.
-        head: Option<Bytes>,
-        /// The rest, as it arrives.
-        rest: Incoming,
-        /// The client's side of the upload: its body timeout and its end.
-        upload: Upload,
-    },
+/// What a response body gives back when it ends.
+pub enum Release {
+    /// Nothing (a tunnel's answer, an unpooled connection).
+    None,
+    /// An HTTP/1.1 connection that goes back to its pool after a clean end.
+    H1(Arc<Pool>, http1::SendRequest<UpBody>),
+    /// A stream slot on a shared HTTP/2 connection.
+    H2(StreamSlot),
 }
 
-impl Body for UpBody {
+/// An upstream response body that holds its endpoint's active count, and its
+/// connection, until it ends.
+pub struct Tracked {
+    inner: Incoming,
+    guard: Option<ActiveGuard>,
+    release: Release,
+}
+
+impl Tracked {
+    /// Wraps `inner`, releasing `guard` and `release` at end of stream or drop.
+    pub fn new(inner: Incoming, guard: ActiveGuard, release: Release) -> Self {
+        Self {
+            inner,
+            guard: Some(guard),
+            release,
+        }
+    }
+
+    fn finish(&mut self, clean: bool) {
+        self.guard = None;
+        match std::mem::replace(&mut self.release, Release::None) {
+            Release::H1(pool, sender) if clean => pool.release(sender),
+            // A connection whose response was cut short is dropped: hyper closes it.
+            _ => {}
+        }
+    }
+}
+
+impl Body for Tracked {
     type Data = Bytes;
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut *self {
-            UpBody::Empty => Poll::Ready(None),
-            UpBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            UpBody::Stream { head, rest, upload } => {
-                if let Some(b) = head.take() {
-                    upload.count(b.len());
-                    return Poll::Ready(Some(Ok(Frame::data(b))));
-                }
-                upload.poll_next(Pin::new(rest), cx)
-            }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(true),
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            _ => {}
         }
+        polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            UpBody::Empty => true,
-            UpBody::Full(b) => b.is_none(),
-            UpBody::Stream { head, rest, .. } => head.is_none() && rest.is_end_stream(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            UpBody::Empty => SizeHint::with_exact(0),
-            UpBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            UpBody::Stream { head, rest, .. } => {
-                let extra = head.as_ref().map_or(0, |b| b.len() as u64);
-                let inner = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(inner.lower() + extra);
-                if let Some(upper) = inner.upper() {
-                    hint.set_upper(upper + extra);
-                }
-                hint
-            }
-        }
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        // hyper may drop a body it knows is empty (HEAD, 204, Content-Length: 0)
+        // without polling it: that is still a clean end for the connection.
+        let clean = self.inner.is_end_stream();
+        self.finish(clean);
     }
 }
 
@@ -398,7 +405,7 @@ mod tests {
             backend.addr,
             PoolSettings {
                 max_idle: 2,
-                ..PoolSettings::default()
+                ..PoolSettings::new(Duration::from_secs(1))
             },
         );
         let first = pool.checkout(Protocol::Http1).await.unwrap();
@@ -430,7 +437,7 @@ mod tests {
             backend.addr,
             PoolSettings {
                 idle_timeout: Duration::from_millis(200),
-                ..PoolSettings::default()
+                ..PoolSettings::new(Duration::from_secs(1))
             },
         );
         let (_, sender) = get(pool.checkout(Protocol::Http1).await.unwrap()).await;
@@ -447,7 +454,7 @@ mod tests {
     #[tokio::test]
     async fn h2_streams_share_one_connection() {
         let backend = Backend::http("a", Behavior::Status(200)).await;
-        let pool = Pool::new(backend.addr, PoolSettings::default());
+        let pool = Pool::new(backend.addr, PoolSettings::new(Duration::from_secs(1)));
         let mut held = Vec::new();
         for _ in 0..10 {
             held.push(pool.checkout(Protocol::H2c).await.unwrap());

@@ -1,17 +1,15 @@
-//! Header work on the request path: framing checks, hop-by-hop stripping,
-//! forwarding headers, and shaping a request for the upstream protocol
-//! (origin-form and `Host` for HTTP/1.1, `:authority` and no `Host` for h2).
-
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! Header work on the request path: framing and `Host` checks, hop-by-hop
+//! stripping, forwarding headers, the endpoint's protocol, and shaping a
+//! request for it (origin-form and `Host` for HTTP/1.1, `:authority` and no
+//! `Host` for h2).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
 
-use super::conn::ConnState;
-use super::tasks::Tasks;
-use super::upstream::Protocol;
+use crate::api::config::AppProtocol;
+use crate::proxy::client::Downstream;
+use crate::proxy::upstream::pool::Protocol;
 
 /// Rejects framing that proxies and backends could read differently (request
 /// smuggling): Content-Length with Transfer-Encoding, repeated or non-chunked
@@ -35,6 +33,29 @@ pub fn check_framing(headers: &HeaderMap) -> Result<(), &'static str> {
         && cl.any(|v| v != first)
     {
         return Err("conflicting Content-Length");
+    }
+    Ok(())
+}
+
+/// RFC 9112 3.2: exactly one `Host` (none at all is allowed only for HTTP/1.0
+/// and for an absolute-form target, whose authority then stands for it, and
+/// replaces `Host` upstream: [`shape_for`]). RFC 9113 8.3.1: an h2 request
+/// whose `Host` differs from its `:authority` is malformed (nginx answers 400
+/// too).
+pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    if req.version() == Version::HTTP_2
+        && let (Some(host), Some(authority)) = (first, req.uri().authority())
+        && !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Err("Host disagrees with :authority");
+    }
+    if first.is_none() && req.version() == Version::HTTP_11 && req.uri().authority().is_none() {
+        return Err("HTTP/1.1 request without a Host header");
     }
     Ok(())
 }
@@ -69,6 +90,17 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The protocol to speak to the endpoints: the listener's `appProtocol`, else
+/// HTTP/1.1 for everything but gRPC, which needs HTTP/2.
+pub fn upstream_protocol(app: Option<AppProtocol>, headers: &HeaderMap) -> Protocol {
+    match app {
+        Some(AppProtocol::Http1) => Protocol::Http1,
+        Some(AppProtocol::H2c) => Protocol::H2c,
+        None if is_grpc(headers) => Protocol::H2c,
+        None => Protocol::Http1,
+    }
 }
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1) and those `Connection` names.
@@ -126,50 +158,16 @@ fn is_standard_connection_token(v: &[u8]) -> bool {
     v.eq_ignore_ascii_case(b"keep-alive") || v.eq_ignore_ascii_case(b"close")
 }
 
-/// What the proxy says about one client connection in forwarding headers,
-/// formatted once per connection rather than once per request.
-#[derive(Clone, Debug)]
-pub struct Downstream {
-    /// The client's address.
-    pub peer: SocketAddr,
-    /// The connection's shared state (its clock, its in-flight requests).
-    pub conn: Arc<ConnState>,
-    /// Where the connection's tunnels are spawned, so shutdown waits for them.
-    pub tasks: Tasks,
-    ip: HeaderValue,
-    forwarded: HeaderValue,
-}
-
-impl Downstream {
-    /// The facts of a connection from `peer`.
-    pub fn new(peer: SocketAddr, conn: Arc<ConnState>, tasks: Tasks) -> Self {
-        let ip = peer.ip().to_string();
-        let node = if peer.is_ipv6() {
-            format!("\"[{ip}]\"")
-        } else {
-            ip.clone()
-        };
-        Self {
-            peer,
-            conn,
-            tasks,
-            ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            forwarded: HeaderValue::from_str(&format!("for={node};proto=http"))
-                .unwrap_or_else(|_| HeaderValue::from_static("for=unknown;proto=http")),
-        }
-    }
-}
-
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets
 /// `X-Forwarded-Proto` to what the client spoke to us, keeping the client's
 /// own only when the listener trusts it (`trustForwardedHeaders`: an outer
 /// proxy that terminated TLS says `https`; anyone else could lie).
 pub fn add_forwarding(headers: &mut HeaderMap, client: &Downstream, trust: bool) {
-    append_list(headers, HeaderName::from_static("x-forwarded-for"), &client.ip);
+    append_list(headers, HeaderName::from_static("x-forwarded-for"), client.ip_header());
     if !(trust && headers.contains_key("x-forwarded-proto")) {
         headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
-    append_list(headers, header::FORWARDED, &client.forwarded);
+    append_list(headers, header::FORWARDED, client.forwarded_header());
 }
 
 /// Sets `name` to `value`, or appends `, value` to what an outer proxy wrote.
@@ -241,7 +239,12 @@ pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
     use super::*;
+    use crate::proxy::client::conn::ConnState;
+    use crate::proxy::tasks::Tasks;
 
     fn downstream(addr: &str) -> Downstream {
         let peer: SocketAddr = addr.parse().unwrap();
@@ -372,5 +375,15 @@ mod tests {
     fn grpc_is_recognised_by_content_type() {
         assert!(is_grpc(&headers(&[("content-type", "application/grpc+proto")])));
         assert!(!is_grpc(&headers(&[("content-type", "application/json")])));
+    }
+
+    #[test]
+    fn the_upstream_protocol_is_the_listeners_not_the_clients() {
+        let grpc = headers(&[("content-type", "application/grpc")]);
+        let plain = HeaderMap::new();
+        assert_eq!(upstream_protocol(None, &plain), Protocol::Http1);
+        assert_eq!(upstream_protocol(None, &grpc), Protocol::H2c, "gRPC needs HTTP/2");
+        assert_eq!(upstream_protocol(Some(AppProtocol::H2c), &plain), Protocol::H2c);
+        assert_eq!(upstream_protocol(Some(AppProtocol::Http1), &grpc), Protocol::Http1);
     }
 }

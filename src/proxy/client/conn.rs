@@ -25,7 +25,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -160,8 +160,6 @@ pub struct ConnCounters {
     pub open: Gauge,
     /// Closed at `requestHeader`.
     pub header_timeout: Counter,
-    /// Closed at `requestBody`.
-    pub body_timeout: Counter,
     /// Closed at `idle`.
     pub idle_timeout: Counter,
     /// Closed at `responseWrite`: the client left what it was sent unread.
@@ -195,7 +193,6 @@ impl ConnCounters {
                 })
                 .clone(),
             header_timeout: get(&metrics.closed, "requestHeader"),
-            body_timeout: get(&metrics.closed, "requestBody"),
             idle_timeout: get(&metrics.closed, "idle"),
             write_timeout: get(&metrics.closed, "responseWrite"),
             evicted: get(&metrics.closed, "maxConnections"),
@@ -567,14 +564,10 @@ struct TableInner {
     per_ip: HashMap<IpAddr, usize>,
 }
 
-/// Why a connection could not be admitted.
+/// A client already has its share of connections (`maxConnectionsPerClient`);
+/// the total is kept by waiting for room before accepting.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Admit {
-    /// The listener is full.
-    Full,
-    /// This client has its share.
-    ClientFull,
-}
+pub struct ClientFull;
 
 impl ConnTable {
     /// Open connections.
@@ -592,20 +585,12 @@ impl ConnTable {
     }
 
     /// Registers a connection unless a limit says no.
-    pub fn admit(
-        self: &Arc<Self>,
-        state: &Arc<ConnState>,
-        max: usize,
-        per_client: usize,
-    ) -> Result<Registration, Admit> {
+    pub fn admit(self: &Arc<Self>, state: &Arc<ConnState>, per_client: usize) -> Result<Registration, ClientFull> {
         let mut t = self.lock();
-        if t.conns.len() >= max {
-            return Err(Admit::Full);
-        }
         let ip = state.peer.ip();
         let mine = t.per_ip.get(&ip).copied().unwrap_or(0);
         if per_client > 0 && mine >= per_client {
-            return Err(Admit::ClientFull);
+            return Err(ClientFull);
         }
         t.per_ip.insert(ip, mine + 1);
         t.next += 1;
@@ -665,103 +650,6 @@ impl Drop for Registration {
         }
         drop(t);
         self.table.freed.notify_one();
-    }
-}
-
-/// When bytes last moved on a connection, either way, for its idle timeout.
-#[derive(Debug)]
-pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-    // Bytes from the client, and to it.
-    moved: [AtomicU64; 2],
-}
-
-impl Default for Activity {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Activity {
-    /// Activity starting now.
-    pub fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
-            moved: [AtomicU64::new(0), AtomicU64::new(0)],
-        }
-    }
-
-    /// `n` bytes moved from the client (`to_client` false) or to it.
-    pub fn moved(&self, to_client: bool, n: usize) {
-        self.moved[usize::from(to_client)].fetch_add(n as u64, Ordering::Relaxed);
-        self.touch();
-    }
-
-    /// Bytes from the client and to it so far.
-    pub fn totals(&self) -> (u64, u64) {
-        (
-            self.moved[0].load(Ordering::Relaxed),
-            self.moved[1].load(Ordering::Relaxed),
-        )
-    }
-
-    /// Bytes moved.
-    pub fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// Resolves once nothing moved for `idle`.
-    pub async fn idle_for(&self, idle: Duration) {
-        loop {
-            let at = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle;
-            if Instant::now() >= at {
-                return;
-            }
-            tokio::time::sleep_until(at).await;
-        }
-    }
-}
-
-/// The client's stream, telling an [`Activity`] of every byte through it.
-pub struct Touching<'a, S> {
-    inner: &'a mut S,
-    activity: &'a Activity,
-}
-
-impl<'a, S> Touching<'a, S> {
-    /// Wraps `inner`.
-    pub fn new(inner: &'a mut S, activity: &'a Activity) -> Self {
-        Self { inner, activity }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Touching<'_, S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.moved(false, buf.filled().len() - before);
-        }
-        polled
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Touching<'_, S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.activity.moved(true, n);
-        }
-        polled
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
@@ -879,13 +767,10 @@ mod tests {
         let busy = Arc::new(ConnState::new(peer));
         let old = Arc::new(ConnState::new(peer));
         let young = Arc::new(ConnState::new("10.0.0.2:1000".parse().unwrap()));
-        let _b = table.admit(&busy, 10, 2).unwrap();
-        let _o = table.admit(&old, 10, 2).unwrap();
-        assert_eq!(
-            table.admit(&Arc::new(ConnState::new(peer)), 10, 2).unwrap_err(),
-            Admit::ClientFull
-        );
-        let _y = table.admit(&young, 10, 2).unwrap();
+        let _b = table.admit(&busy, 2).unwrap();
+        let _o = table.admit(&old, 2).unwrap();
+        assert_eq!(table.admit(&Arc::new(ConnState::new(peer)), 2).unwrap_err(), ClientFull);
+        let _y = table.admit(&young, 2).unwrap();
         let _flight = busy.begin();
         assert!(table.evict_oldest_idle());
         assert!(old.closing.load(Relaxed), "the oldest idle one goes first");

@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::conn::{Activity, Touching};
+use super::activity::{Activity, Touching};
 
 /// Bytes moved per splice call, and the pipe capacity asked for (Linux's
 /// default pipe is 64 KiB; a larger one means fewer calls per megabyte).

@@ -1,0 +1,2 @@
+pub struct Thing;
+fn f() { let _ = crate::a::g; }
