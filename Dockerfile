@@ -3,8 +3,13 @@
 # Build: docker build -t balanced:dev .
 # The toolchain is pinned to Cargo.toml's rust-version (and rust-toolchain.toml);
 # dependencies come from Cargo.lock as committed (--locked).
+# Without a registry, tests/image/build.sh makes stand-ins for both base images
+# and passes them as --build-arg BUILDER_IMAGE=... --build-arg RUNTIME_IMAGE=...
 
-FROM rust:1.95.0-bookworm AS build
+ARG BUILDER_IMAGE=rust:1.95.0-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${BUILDER_IMAGE} AS build
 WORKDIR /src
 # Dependencies first, in their own layer: a source change does not rebuild them.
 # Every [[bench]] in Cargo.toml gets a stub, or cargo refuses the manifest.
@@ -20,7 +25,7 @@ COPY src ./src
 COPY benches ./benches
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin balanced
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="balanced" \
       org.opencontainers.image.description="Kubernetes operator and proxy: active health checks, least connections, retries" \

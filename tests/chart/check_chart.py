@@ -7,11 +7,17 @@ the examples against the CRD schema.
   rendered object validates against the Kubernetes schemas (kubernetes-validate,
   strict: unknown fields fail);
 - values.schema.json rejects bad values;
-- every example validates against the CRD's openAPIV3Schema.
+- every example validates against the CRD's openAPIV3Schema;
+- the `docker run` flags tests/image/run.sh runs the image with say what the
+  chart's controller pod and the controller's proxy pods (`balanced render`)
+  ask of their containers, neither more nor less.
 Exits non-zero on any failure; prints 'N passed, N failed'.
 """
 import json
 import pathlib
+import re
+import shlex
+import subprocess
 import sys
 
 import helm_python
@@ -141,6 +147,52 @@ def examples_match_crd():
     raise AssertionError("the CRD schema accepted port 70000")
 
 
+def docker_flags(pod_spec):
+    """The `docker run` flags that impose what `pod_spec` asks of its first container."""
+    container = pod_spec["containers"][0]
+    pod_sc = pod_spec.get("securityContext", {})
+    sc = container.get("securityContext", {})
+    flags = []
+    if sc.get("readOnlyRootFilesystem"):
+        flags.append("--read-only")
+    user = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    group = sc.get("runAsGroup", pod_sc.get("runAsGroup"))
+    if user is not None:
+        flags += ["--user", f"{user}:{group if group is not None else user}"]
+    for cap in sc.get("capabilities", {}).get("drop", []):
+        flags += ["--cap-drop", cap]
+    if sc.get("allowPrivilegeEscalation") is False:
+        flags += ["--security-opt", "no-new-privileges"]
+    # A writable place the pod mounts is a tmpfs for `docker run`.
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        if "emptyDir" in volumes.get(m["name"], {}):
+            flags += ["--tmpfs", m["mountPath"]]
+    return flags
+
+
+def image_test_flags():
+    text = (ROOT / "tests" / "image" / "run.sh").read_text()
+    m = re.search(r"^POD_FLAGS=\((.*)\)$", text, re.M)
+    assert m, "tests/image/run.sh defines no POD_FLAGS=(...)"
+    return shlex.split(m.group(1))
+
+
+def image_test_runs_as_the_pods_do():
+    flags = image_test_flags()
+    docs, _ = render(None)
+    controller = next(d for _, d in docs if d["kind"] == "Deployment")
+    want = docker_flags(controller["spec"]["template"]["spec"])
+    assert flags == want, f"tests/image/run.sh runs with {flags}, the chart's pod asks for {want}"
+    binary = ROOT / "target" / "debug" / "balanced"
+    assert binary.exists(), f"{binary} is missing: build it first (cargo build)"
+    out = subprocess.run([str(binary), "render", "-f", str(ROOT / "examples" / "web.yaml")],
+                         check=True, capture_output=True, text=True).stdout
+    proxy = next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "Deployment")
+    want = docker_flags(proxy["spec"]["template"]["spec"])
+    assert flags == want, f"tests/image/run.sh runs with {flags}, the proxy pods ask for {want}"
+
+
 check("helm lint (strict) reports no errors", lint)
 check("default values render valid Kubernetes objects",
       lambda: validate_objects(None, ["Deployment", "ServiceAccount", "ClusterRole", "ClusterRoleBinding",
@@ -151,6 +203,7 @@ check("defaults: restricted container, proxy image and resources passed, NOTES",
 check("values.schema.json rejects bad values", bad_values_rejected)
 check("examples validate against the CRD schema", examples_match_crd)
 check("xds.enabled adds the flag, the container port and a Service", xds_renders)
+check("tests/image/run.sh runs the image as the chart's and the proxies' pods", image_test_runs_as_the_pods_do)
 
 failed = [n for n, e in results if e]
 print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
