@@ -232,3 +232,75 @@ async fn once_prints_a_table_and_exits_by_whether_every_service_is_served() {
     let out = run(bad.0.clone()).await.unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// GET `path` from the admin server as a browser asks; the head and the body.
+async fn get_as_browser(admin: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/html,application/xhtml+xml,*/*;q=0.8\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.to_lowercase(), body.to_string())
+}
+
+/// Splits one CSV record (RFC 4180 quoting).
+fn csv_record(line: &str) -> Vec<String> {
+    let (mut fields, mut cur, mut quoted, mut chars) = (Vec::new(), String::new(), false, line.chars().peekable());
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => fields.push(std::mem::take(&mut cur)),
+            (c, _) => cur.push(c),
+        }
+    }
+    fields.push(cur);
+    fields
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_a_page_for_a_browser_and_csv_on_request() {
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let dead = refusing_addr().await;
+    let file = temp_file("page", &support::standalone_yaml("web", &[a.addr, dead], FAST));
+    let run = start(&file.0).await;
+    wait_state(run.admin, a.addr.port(), "Healthy", Duration::from_secs(2)).await;
+    wait_state(run.admin, dead.port(), "Unhealthy", Duration::from_secs(2)).await;
+
+    let (head, page) = get_as_browser(run.admin, "/status").await;
+    assert!(head.contains("content-type: text/html"), "{head}");
+    assert!(page.starts_with("<!doctype html>"), "{page}");
+    assert!(
+        page.contains("<h2>default/web</h2>") && page.contains("1/2 serving"),
+        "{page}"
+    );
+    assert_eq!(page.matches("<tr class=\"down\">").count(), 1, "{page}");
+    assert!(page.contains(&format!("<td>{dead}</td>")), "{page}");
+
+    let (code, text) = http_get(run.admin, "/status?format=csv").await.unwrap();
+    assert_eq!(code, 200);
+    let records: Vec<Vec<String>> = text.lines().filter(|l| !l.is_empty()).map(csv_record).collect();
+    assert_eq!(records.len(), 3, "a header and one row per endpoint: {text}");
+    assert!(records.iter().all(|r| r.len() == 9), "{records:?}");
+    let down = records
+        .iter()
+        .find(|r| r[1] == dead.to_string())
+        .expect("the dead endpoint's row");
+    assert_eq!(down[2], "Unhealthy");
+    assert!(!down[3].is_empty(), "its last error: {down:?}");
+
+    let (code, json) = http_get(run.admin, "/status").await.unwrap();
+    assert_eq!(code, 200);
+    serde_json::from_str::<Value>(&json).expect("JSON stays the default");
+
+    run.shutdown.cancel();
+    run.task.await.unwrap().unwrap();
+}

@@ -261,8 +261,10 @@ fn extension_name(type_url: &str) -> String {
 }
 
 /// The endpoint's health for xDS clients: gRPC and Envoy use HEALTHY and
-/// UNKNOWN endpoints and skip the rest. Passive ejections are this proxy's
-/// own and are not published.
+/// UNKNOWN endpoints and skip the rest, so an endpoint never checked yet is
+/// published UNHEALTHY: held back until its first check passes, as the
+/// proxies and the assign API hold it (envoy/gateway#8597). Passive
+/// ejections are this proxy's own and are not published.
 fn health_status(e: &Endpoint) -> core::HealthStatus {
     if e.not_ready {
         return core::HealthStatus::Unhealthy;
@@ -272,8 +274,7 @@ fn health_status(e: &Endpoint) -> core::HealthStatus {
     }
     match e.health {
         Health::Healthy => core::HealthStatus::Healthy,
-        Health::Unhealthy => core::HealthStatus::Unhealthy,
-        Health::Unknown => core::HealthStatus::Unknown,
+        Health::Unhealthy | Health::Unknown => core::HealthStatus::Unhealthy,
     }
 }
 

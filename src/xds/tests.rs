@@ -140,6 +140,33 @@ fn decode<M: Message + Default>(any: &Any, type_url: &str) -> M {
 }
 
 #[test]
+fn an_endpoint_never_checked_is_not_published_usable() {
+    let mut services = sample();
+    services[0].endpoints[0].health = Health::Unknown;
+    let built = resources::build(&services);
+    let a = built
+        .select(ENDPOINTS, None)
+        .iter()
+        .map(|(_, any)| decode::<endpoint::ClusterLoadAssignment>(any, ENDPOINTS))
+        .find(|a| a.cluster_name == "web.default:8080")
+        .expect("the grpc listener's assignment");
+    let first = a
+        .endpoints
+        .iter()
+        .flat_map(|z| &z.lb_endpoints)
+        .find(|e| {
+            matches!(&e.host_identifier, Some(endpoint::lb_endpoint::HostIdentifier::Endpoint(ep))
+                if format!("{:?}", ep.address).contains("10.0.0.1"))
+        })
+        .expect("10.0.0.1 is listed");
+    assert_eq!(
+        first.health_status,
+        core::HealthStatus::Unhealthy as i32,
+        "UNKNOWN would be used by gRPC and Envoy"
+    );
+}
+
+#[test]
 fn resources_for_a_sample_spec_match_the_golden_file() {
     let got = serde_json::to_string_pretty(&to_json(&resources::build(&sample()))).unwrap() + "\n";
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/xds.json");

@@ -1,7 +1,10 @@
-//! The admin HTTP server: `/status`, `/metrics`, `/healthz`, `/readyz`.
+//! The admin HTTP server: `/status` (JSON, or a page for people: [`page`]),
+//! `/metrics`, `/healthz`, `/readyz`, and the assign API.
 //!
 //! Kept apart from the listeners so a flood of client traffic cannot hide the
 //! process's own view of itself, and bound to loopback by default.
+
+pub mod page;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -91,9 +94,21 @@ fn route(view: &dyn AdminView, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match req.uri().path() {
         "/status" => {
+            let accept = req.headers().get(header::ACCEPT).and_then(|a| a.to_str().ok());
             let body = view.status();
+            let (content_type, body) = match page::Format::of(req.uri().query(), accept) {
+                page::Format::Json => ("application/json", body),
+                other => {
+                    let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    match other {
+                        page::Format::Csv => ("text/csv; charset=utf-8", page::csv(&doc)),
+                        _ => ("text/html; charset=utf-8", page::html(&doc, STATUS_REFRESH_SECS)),
+                    }
+                }
+            };
             Response::builder()
-                .header(header::CONTENT_TYPE, "application/json")
+                .header(header::CONTENT_TYPE, content_type)
+                .header(header::VARY, "accept")
                 .body(Full::new(Bytes::from(body)))
                 .expect("static response parts are valid")
         }
@@ -131,6 +146,9 @@ fn route(view: &dyn AdminView, req: Request<Incoming>) -> Response<Full<Bytes>> 
         },
     }
 }
+
+/// How often the HTML status page reloads itself.
+const STATUS_REFRESH_SECS: u32 = 5;
 
 /// `NS/NAME` from `/v1/namespaces/NS/balancedservices/NAME/pick`.
 fn pick_path(path: &str) -> Option<crate::api::config::ServiceKey> {
