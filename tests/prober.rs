@@ -230,3 +230,124 @@ async fn inherited_state_is_served_without_waiting_for_rise() {
     );
     assert_eq!(health_of(&prober, &key, backend.addr), Some(Health::Healthy));
 }
+
+fn payload(send: &[u8], expect: balanced::api::config::Expect) -> ProbeKind {
+    ProbeKind::TcpPayload(balanced::api::config::TcpPayload {
+        send: send.to_vec(),
+        expect,
+    })
+}
+
+fn regex(source: &str) -> balanced::api::config::Expect {
+    balanced::api::config::Expect::Regex(balanced::api::config::AnchoredRegex::new(source).unwrap())
+}
+
+/// A server that speaks first (an SMTP-like banner) to every connection.
+async fn banner(text: &'static [u8]) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // Dribbled, to check the probe reads until it can decide.
+                for b in text.chunks(3) {
+                    let _ = s.write_all(b).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_tcp_check_expects_a_banner_by_prefix_hex_or_regex_and_names_what_came() {
+    use balanced::api::config::Expect;
+    let tls = TlsClients::default();
+    let smtp = banner(b"220 mail.example ESMTP ready\r\n").await;
+    let by_text = payload(b"", Expect::Prefix(b"220 ".to_vec()));
+    assert_eq!(probe(&by_text, smtp, SECOND, &tls).await, Ok(()));
+    let by_hex = payload(b"", Expect::Prefix(vec![0x32, 0x32, 0x30]));
+    assert_eq!(probe(&by_hex, smtp, SECOND, &tls).await, Ok(()));
+    assert_eq!(
+        probe(&payload(b"", regex(r"2\d\d [a-z.]+ ESMTP")), smtp, SECOND, &tls).await,
+        Ok(())
+    );
+
+    let err = probe(&payload(b"", Expect::Prefix(b"+PONG".to_vec())), smtp, SECOND, &tls)
+        .await
+        .unwrap_err();
+    assert_eq!(err.message, "expect: got \"220\", want an answer starting \"+PONG\"");
+    assert!(!err.timed_out, "a wrong first byte fails at once");
+    let err = probe(&payload(b"", regex("554 ")), smtp, Duration::from_millis(300), &tls)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message, "expect: got \"220 mail.example ESMTP ready\\r\\n\", want an answer matching /554 /",
+        "a regex that never matches fails near the timeout with what came"
+    );
+}
+
+/// Real Redis (Debian's `redis-server`): `PING` gets `+PONG` until the server
+/// is stopped (SIGSTOP), then the check times out. Needs redis-server on the
+/// PATH; `.ci/run` installs it and runs the ignored tests of this file.
+#[tokio::test]
+#[ignore = "needs redis-server (apt-get install redis-server); .ci/run runs it"]
+async fn a_redis_ping_check_passes_and_fails_while_redis_is_stopped() {
+    use balanced::api::config::Expect;
+    let tls = TlsClients::default();
+    let port = balanced::testing::free_port();
+    struct Redis(std::process::Child);
+    impl Drop for Redis {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-CONT", &self.0.id().to_string()])
+                .status();
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let redis = Redis(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on the PATH (apt-get install redis-server)"),
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let ping = payload(b"PING\r\n", Expect::Prefix(b"+PONG\r\n".to_vec()));
+    eventually(Duration::from_secs(5), "redis to answer PING", || {
+        let ping = ping.clone();
+        let tls = tls.clone();
+        async move { probe(&ping, addr, SECOND, &tls).await.ok() }
+    })
+    .await;
+    let err = probe(&payload(b"PING\r\n", regex(r"\+OK")), addr, SECOND, &tls)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message,
+        "expect: got \"+PONG\\r\\n\", want an answer matching /\\+OK/"
+    );
+
+    let pid = redis.0.id().to_string();
+    let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status().unwrap();
+    signal("-STOP");
+    let err = probe(&ping, addr, Duration::from_millis(300), &tls).await.unwrap_err();
+    assert!(err.timed_out, "{err:?}");
+    assert_eq!(err.message, "timeout: no response after 300ms");
+    signal("-CONT");
+    assert_eq!(probe(&ping, addr, SECOND, &tls).await, Ok(()));
+}

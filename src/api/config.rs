@@ -292,6 +292,8 @@ pub struct AgentCheck {
 pub enum ProbeKind {
     /// TCP connect.
     Tcp,
+    /// TCP connect, then bytes sent and the answer checked.
+    TcpPayload(TcpPayload),
     /// HTTP/1.1 request with an expected status.
     Http(HttpProbe),
     /// TLS handshake.
@@ -302,12 +304,71 @@ impl ProbeKind {
     /// `TCP`, `HTTP` or `TLS`.
     pub fn name(&self) -> &'static str {
         match self {
-            ProbeKind::Tcp => "TCP",
+            ProbeKind::Tcp | ProbeKind::TcpPayload(_) => "TCP",
             ProbeKind::Http(_) => "HTTP",
             ProbeKind::Tls(_) => "TLS",
         }
     }
 }
+
+/// What a speaking TCP check sends and expects.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpPayload {
+    /// Sent once connected (may be empty).
+    pub send: Vec<u8>,
+    /// What the answer must be.
+    pub expect: Expect,
+}
+
+/// The most a speaking TCP check reads of an answer.
+pub const MAX_EXPECT_READ: usize = 4096;
+
+/// An answer's expectation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The answer starts with these bytes.
+    Prefix(Vec<u8>),
+    /// The answer matches from its first byte.
+    Regex(AnchoredRegex),
+}
+
+/// A regex matched at the start of the input, compared by its source.
+#[derive(Clone, Debug)]
+pub struct AnchoredRegex {
+    source: String,
+    re: regex::bytes::Regex,
+}
+
+impl AnchoredRegex {
+    /// Compiles `source`, anchored at the start of the input.
+    pub fn new(source: &str) -> Result<Self, regex::Error> {
+        let re = regex::bytes::RegexBuilder::new(&format!("^(?:{source})"))
+            .size_limit(1 << 20)
+            .build()?;
+        Ok(Self {
+            source: source.to_string(),
+            re,
+        })
+    }
+
+    /// The regex as written.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Whether `bytes` match from their first byte.
+    pub fn is_match(&self, bytes: &[u8]) -> bool {
+        self.re.is_match(bytes)
+    }
+}
+
+impl PartialEq for AnchoredRegex {
+    fn eq(&self, other: &Self) -> bool {
+        self.source == other.source
+    }
+}
+
+impl Eq for AnchoredRegex {}
 
 /// The HTTP probe's request and expectation.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -458,6 +458,10 @@ pub struct HealthCheckSpec {
     /// TLS probe settings (protocol TLS).
     #[serde(default)]
     pub tls: TlsCheckSpec,
+    /// Bytes to send and the answer to expect (protocol TCP; HAProxy
+    /// `tcp-check send/expect`): Redis `PING`/`+PONG`, a banner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheckSpec>,
     /// Load and state reported by the endpoint on its own port, in HAProxy
     /// `agent-check` words (`75%`, `drain`, `ready`, `down`, `up`, `maint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -539,6 +543,50 @@ pub struct HttpCheckSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub agent_header: Option<String>,
+}
+
+/// A TCP check that speaks: what to send once connected, and what the
+/// endpoint's first bytes must be.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpCheckSpec {
+    /// Sent once connected; none for a server that speaks first (a banner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send: Option<PayloadSpec>,
+    /// What the answer must start with (`text`, `hex`) or match from its first byte (`regex`).
+    pub expect: ExpectSpec,
+}
+
+/// Bytes, as text or hex (one of the two).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PayloadSpec {
+    /// The bytes as text (YAML escapes such as `"PING\r\n"` apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub text: Option<String>,
+    /// The bytes in hex (`50494e470d0a`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub hex: Option<String>,
+}
+
+/// The expected answer: a prefix as text or hex, or a regex anchored at its start (one of the three).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpectSpec {
+    /// The answer starts with these bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub text: Option<String>,
+    /// The answer starts with these bytes, in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 8192))]
+    pub hex: Option<String>,
+    /// The answer matches this regex from its first byte (within the first 4 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub regex: Option<String>,
 }
 
 /// TLS probe settings.
@@ -1070,6 +1118,7 @@ impl Default for HealthCheckSpec {
             port: None,
             http: HttpCheckSpec::default(),
             tls: TlsCheckSpec::default(),
+            tcp: None,
             agent: None,
             panic_threshold: 0,
         }

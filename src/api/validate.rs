@@ -743,6 +743,71 @@ fn interval_and_timeout(
     (i, t)
 }
 
+fn tcp_payload(errs: &mut Errors, tcp: &spec::TcpCheckSpec) -> TcpPayload {
+    let path = "spec.healthCheck.tcp";
+    let send = match &tcp.send {
+        None => Vec::new(),
+        Some(p) => match (&p.text, &p.hex) {
+            (Some(text), None) => text.as_bytes().to_vec(),
+            (None, Some(hex)) => hex_bytes(errs, &format!("{path}.send.hex"), hex),
+            _ => {
+                errs.add(format!("{path}.send"), "needs exactly one of text and hex".to_string());
+                Vec::new()
+            }
+        },
+    };
+    let e = &tcp.expect;
+    let expect = match (&e.text, &e.hex, &e.regex) {
+        (Some(text), None, None) => Expect::Prefix(text.as_bytes().to_vec()),
+        (None, Some(hex), None) => Expect::Prefix(hex_bytes(errs, &format!("{path}.expect.hex"), hex)),
+        (None, None, Some(re)) => match AnchoredRegex::new(re) {
+            Ok(re) => Expect::Regex(re),
+            Err(why) => {
+                let why = why.to_string().lines().last().unwrap_or("").trim().to_string();
+                errs.add(
+                    format!("{path}.expect.regex"),
+                    format!("not a regex ({why}), got {re:?}"),
+                );
+                Expect::Prefix(Vec::new())
+            }
+        },
+        _ => {
+            errs.add(
+                format!("{path}.expect"),
+                "needs exactly one of text, hex and regex".to_string(),
+            );
+            Expect::Prefix(Vec::new())
+        }
+    };
+    if let Expect::Prefix(p) = &expect
+        && p.len() > MAX_EXPECT_READ
+    {
+        errs.add(
+            format!("{path}.expect"),
+            format!("must be at most {MAX_EXPECT_READ} bytes, got {}", p.len()),
+        );
+    }
+    TcpPayload { send, expect }
+}
+
+/// `hex` as bytes (pairs of hex digits; spaces allowed between bytes).
+fn hex_bytes(errs: &mut Errors, path: &str, hex: &str) -> Vec<u8> {
+    let digits: String = hex.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    // Hex digits only, before slicing: a multi-byte character must not split.
+    let parsed = (digits.len().is_multiple_of(2) && digits.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| {
+            (0..digits.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&digits[i..i + 2], 16).ok())
+                .collect::<Option<Vec<u8>>>()
+        })
+        .flatten();
+    parsed.unwrap_or_else(|| {
+        errs.add(path, format!("must be pairs of hex digits, got {hex:?}"));
+        Vec::new()
+    })
+}
+
 fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
     let (interval, timeout) = interval_and_timeout(errs, "spec.healthCheck", "interval", &hc.interval, &hc.timeout);
     let rise = errs.at_least("spec.healthCheck.rise", hc.rise, 1);
@@ -755,7 +820,10 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
     };
     let port = hc.port.map(|p| errs.port("spec.healthCheck.port", p));
     let probe = match hc.protocol {
-        spec::ProbeProtocol::Tcp => ProbeKind::Tcp,
+        spec::ProbeProtocol::Tcp => match &hc.tcp {
+            Some(tcp) => ProbeKind::TcpPayload(tcp_payload(errs, tcp)),
+            None => ProbeKind::Tcp,
+        },
         spec::ProbeProtocol::Http => ProbeKind::Http(http_probe(errs, &hc.http)),
         spec::ProbeProtocol::Tls => {
             let name = &hc.tls.server_name;
@@ -786,6 +854,15 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
             timeout,
         }
     });
+    if hc.tcp.is_some() && hc.protocol != spec::ProbeProtocol::Tcp {
+        errs.add(
+            "spec.healthCheck.tcp",
+            format!(
+                "sends and expects bytes on a TCP check: needs protocol TCP, got {}",
+                hc.protocol.name()
+            ),
+        );
+    }
     if hc.http.agent_header.is_some() && hc.protocol != spec::ProbeProtocol::Http {
         errs.add(
             "spec.healthCheck.http.agentHeader",
@@ -970,6 +1047,90 @@ mod tests {
         assert!(
             errors.iter().any(|e| e == expected),
             "expected {expected:?} in {errors:#?}"
+        );
+    }
+
+    #[test]
+    fn tcp_send_and_expect_are_checked_and_named() {
+        let tcp = |send: Option<spec::PayloadSpec>, expect: spec::ExpectSpec| {
+            move |s: &mut BalancedServiceSpec| s.health_check.tcp = Some(spec::TcpCheckSpec { send, expect })
+        };
+        let text = |t: &str| spec::PayloadSpec {
+            text: Some(t.into()),
+            hex: None,
+        };
+        let ok = validate(ServiceKey::new("default", "web"), &{
+            let mut s = base();
+            tcp(
+                Some(text("PING\r\n")),
+                spec::ExpectSpec {
+                    hex: Some("2b 50 4f 4e 47".into()),
+                    ..Default::default()
+                },
+            )(&mut s);
+            s
+        })
+        .unwrap();
+        assert_eq!(
+            ok.health.probe,
+            ProbeKind::TcpPayload(TcpPayload {
+                send: b"PING\r\n".to_vec(),
+                expect: Expect::Prefix(b"+PONG".to_vec()),
+            })
+        );
+        assert_error(
+            tcp(
+                Some(spec::PayloadSpec {
+                    text: Some("a".into()),
+                    hex: Some("61".into()),
+                }),
+                spec::ExpectSpec {
+                    text: Some("+OK".into()),
+                    ..Default::default()
+                },
+            ),
+            "spec.healthCheck.tcp.send: needs exactly one of text and hex",
+        );
+        assert_error(
+            tcp(
+                None,
+                spec::ExpectSpec {
+                    hex: Some("2bé".into()),
+                    ..Default::default()
+                },
+            ),
+            "spec.healthCheck.tcp.expect.hex: must be pairs of hex digits, got \"2bé\"",
+        );
+        assert_error(
+            tcp(None, spec::ExpectSpec::default()),
+            "spec.healthCheck.tcp.expect: needs exactly one of text, hex and regex",
+        );
+        let errors = errors_of(tcp(
+            None,
+            spec::ExpectSpec {
+                regex: Some("(unclosed".into()),
+                ..Default::default()
+            },
+        ));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("spec.healthCheck.tcp.expect.regex: not a regex (")
+                    && e.ends_with("got \"(unclosed\"")),
+            "{errors:#?}"
+        );
+        assert_error(
+            |s| {
+                s.health_check.protocol = spec::ProbeProtocol::Http;
+                tcp(
+                    None,
+                    spec::ExpectSpec {
+                        text: Some("x".into()),
+                        ..Default::default()
+                    },
+                )(s);
+            },
+            "spec.healthCheck.tcp: sends and expects bytes on a TCP check: needs protocol TCP, got HTTP",
         );
     }
 

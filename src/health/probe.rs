@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::tls::TlsClients;
-use crate::api::config::{HttpProbe, ProbeKind, TlsProbe};
+use crate::api::config::{Expect, HttpProbe, MAX_EXPECT_READ, ProbeKind, TcpPayload, TlsProbe};
 use crate::api::duration::format_duration;
 
 /// Why a probe failed.
@@ -105,7 +105,10 @@ pub async fn probe_with(
     request: Option<&mut HttpScratch>,
 ) -> Result<AgentLine, ProbeError> {
     let mut phase = Phase::Connect;
-    match tokio::time::timeout(timeout, run(kind, addr, tls, request, &mut phase)).await {
+    // An answer that came but is still undecided near the end (a regex that
+    // never matched) fails as what it is, not as "no response".
+    let undecided_at = tokio::time::Instant::now() + timeout * 9 / 10;
+    match tokio::time::timeout(timeout, run(kind, addr, tls, request, &mut phase, undecided_at)).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError {
             timed_out: true,
@@ -129,6 +132,7 @@ async fn run(
     tls: &TlsClients,
     request: Option<&mut HttpScratch>,
     phase: &mut Phase,
+    undecided_at: tokio::time::Instant,
 ) -> Result<AgentLine, ProbeError> {
     let stream = connect(addr, matches!(kind, ProbeKind::Tcp))
         .await
@@ -138,6 +142,10 @@ async fn run(
         })?;
     match kind {
         ProbeKind::Tcp => Ok(None),
+        ProbeKind::TcpPayload(payload) => {
+            *phase = Phase::Response;
+            tcp_payload_probe(stream, payload, undecided_at).await.map(|()| None)
+        }
         ProbeKind::Http(http) => {
             *phase = Phase::Response;
             http_probe(stream, addr, http, request).await
@@ -149,6 +157,78 @@ async fn run(
             Box::pin(tls_probe(stream, addr, settings, tls)).await.map(|()| None)
         }
     }
+}
+
+/// Sends the check's bytes and reads until the answer is decided: a prefix
+/// as soon as that many bytes came (or one differs), a regex as soon as it
+/// matches; at most [`MAX_EXPECT_READ`] bytes are read, and the end of the
+/// stream, an answer still undecided at `undecided_at`, or the probe's
+/// timeout fails it.
+async fn tcp_payload_probe(
+    mut stream: TcpStream,
+    payload: &TcpPayload,
+    undecided_at: tokio::time::Instant,
+) -> Result<(), ProbeError> {
+    if !payload.send.is_empty() {
+        stream
+            .write_all(&payload.send)
+            .await
+            .map_err(|e| ProbeError::failed(format!("send: {}", io_text(&e))))?;
+    }
+    let mut got = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        match &payload.expect {
+            Expect::Prefix(want) => {
+                let n = got.len().min(want.len());
+                if got[..n] != want[..n] {
+                    return Err(unexpected(&got, &format!("starting {}", shown(want))));
+                }
+                if n == want.len() {
+                    return Ok(());
+                }
+            }
+            Expect::Regex(re) => {
+                if re.is_match(&got) {
+                    return Ok(());
+                }
+                if got.len() >= MAX_EXPECT_READ {
+                    return Err(unexpected(&got, &format!("matching /{}/", re.source())));
+                }
+            }
+        }
+        let room = chunk.len().min(MAX_EXPECT_READ.saturating_sub(got.len())).max(1);
+        let want = || match &payload.expect {
+            Expect::Prefix(want) => format!("starting {}", shown(want)),
+            Expect::Regex(re) => format!("matching /{}/", re.source()),
+        };
+        let read = stream.read(&mut chunk[..room]);
+        let n = if got.is_empty() {
+            read.await
+        } else {
+            match tokio::time::timeout_at(undecided_at, read).await {
+                Ok(r) => r,
+                Err(_) => return Err(unexpected(&got, &want())),
+            }
+        }
+        .map_err(|e| ProbeError::failed(format!("read: {}", io_text(&e))))?;
+        if n == 0 {
+            return Err(unexpected(&got, &format!("{} before the connection closed", want())));
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn unexpected(got: &[u8], want: &str) -> ProbeError {
+    ProbeError::failed(format!(
+        "expect: got {}, want an answer {want}",
+        shown(&got[..got.len().min(64)])
+    ))
+}
+
+/// Bytes as a quoted, escaped string (`"+PONG\r\n"`).
+fn shown(bytes: &[u8]) -> String {
+    format!("\"{}\"", bytes.escape_ascii())
 }
 
 /// Opens the probe's connection. It closes with RST, not FIN: thousands of
