@@ -29,6 +29,7 @@ fn main() {
                     not_ready: false,
                     draining: false,
                     weight: 100,
+                    ramping: false,
                 })
                 .collect();
             Service { config, endpoints }

@@ -2,10 +2,13 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use balanced::api::config::{HealthCheck, HttpProbe, ProbeKind, ServiceKey, StatusMatch, TlsProbe};
+use balanced::api::config::{GrpcProbe, HealthCheck, HttpProbe, ProbeKind, ServiceKey, StatusMatch, TlsProbe};
 use balanced::demo::backend::{Backend, Behavior};
 use balanced::health::{Health, Prober, Target, TlsClients, probe};
 use balanced::metrics::Metrics;
@@ -19,6 +22,7 @@ fn http_kind(expect: &[(bool, u16)]) -> ProbeKind {
         host: None,
         expect: StatusMatch::from_rules(expect),
         agent_header: None,
+        keep_alive_requests: 1,
     })
 }
 
@@ -350,4 +354,330 @@ async fn a_redis_ping_check_passes_and_fails_while_redis_is_stopped() {
     assert_eq!(err.message, "timeout: no response after 300ms");
     signal("-CONT");
     assert_eq!(probe(&ping, addr, SECOND, &tls).await, Ok(()));
+}
+
+fn http_keep_alive(requests: u32) -> ProbeKind {
+    match http_kind(DEFAULT_EXPECT) {
+        ProbeKind::Http(h) => ProbeKind::Http(HttpProbe {
+            keep_alive_requests: requests,
+            ..h
+        }),
+        _ => unreachable!(),
+    }
+}
+
+/// An HTTP/1.1 server that counts the connections it accepts and answers
+/// each request alternately with a sized and a chunked body, closing a
+/// connection without a word after `close_after` answers (as nginx does at
+/// its `keepalive_requests`).
+async fn counting_server(close_after: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut answered = 0;
+                let mut chunk = [0u8; 1024];
+                while answered < close_after {
+                    let Ok(n) = s.read(&mut chunk).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer: &[u8] = if answered % 2 == 0 {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+                        };
+                        if s.write_all(answer).await.is_err() {
+                            return;
+                        }
+                        answered += 1;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_keep_alive_http_check_reuses_its_connection_and_shrugs_off_a_closed_one() {
+    use balanced::health::probe::{HttpScratch, probe_with};
+    let tls = TlsClients::default();
+    let run = |kind: ProbeKind, addr: SocketAddr| {
+        let tls = tls.clone();
+        async move {
+            let ProbeKind::Http(http) = &kind else { unreachable!() };
+            let mut scratch = HttpScratch::new(http, addr);
+            for i in 0..12 {
+                let result = probe_with(&kind, addr, SECOND, &tls, Some(&mut scratch)).await;
+                assert_eq!(result, Ok(None), "check {i}");
+            }
+        }
+    };
+
+    // Ten checks a connection: twelve checks take two.
+    let (addr, accepted) = counting_server(usize::MAX).await;
+    run(http_keep_alive(10), addr).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+    // One check a connection, as before keepAliveRequests.
+    let (addr, accepted) = counting_server(usize::MAX).await;
+    run(http_keep_alive(1), addr).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 12);
+
+    // The endpoint closes every connection after four answers: the fifth
+    // check finds it closed, is sent again on a new one, and passes.
+    let (addr, accepted) = counting_server(4).await;
+    run(http_keep_alive(100), addr).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_keep_alive_check_that_fails_still_fails_and_its_connection_is_kept() {
+    use balanced::health::probe::{HttpScratch, probe_with};
+    let tls = TlsClients::default();
+    let (addr, accepted) = counting_server(usize::MAX).await;
+    let kind = match http_keep_alive(5) {
+        ProbeKind::Http(h) => ProbeKind::Http(HttpProbe {
+            expect: StatusMatch::from_rules(&[(false, 204)]),
+            ..h
+        }),
+        _ => unreachable!(),
+    };
+    let ProbeKind::Http(http) = &kind else { unreachable!() };
+    let mut scratch = HttpScratch::new(http, addr);
+    for _ in 0..5 {
+        let err = probe_with(&kind, addr, SECOND, &tls, Some(&mut scratch))
+            .await
+            .unwrap_err();
+        assert_eq!(err.message, "http: status 200, expected 204");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+}
+
+/// Real nginx (Debian's): ten keep-alive checks open one connection, counted
+/// by nginx's own `stub_status`; ten plain checks open ten. Needs nginx on the
+/// PATH; `.ci/run` installs it and runs the ignored tests of this file.
+#[tokio::test]
+#[ignore = "needs nginx (apt-get install nginx); .ci/run runs it"]
+async fn keep_alive_checks_open_one_nginx_connection_for_ten_checks() {
+    use balanced::health::probe::{HttpScratch, probe_with};
+    let dir = std::env::temp_dir().join(format!("balanced-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = balanced::testing::free_port();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
+events {{ worker_connections 64; }}
+http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};
+  uwsgi_temp_path {d}; scgi_temp_path {d};
+  server {{ listen 127.0.0.1:{port}; keepalive_requests 1000;
+    location = /healthz {{ return 200 ok; }}
+    location = /nginx_status {{ stub_status; }} }} }}
+",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    struct Nginx(std::process::Child);
+    impl Drop for Nginx {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _nginx = Nginx(
+        std::process::Command::new("nginx")
+            .args(["-p", dir.to_str().unwrap(), "-c", "nginx.conf", "-e", "stderr"])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nginx on the PATH (apt-get install nginx)"),
+    );
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    // stub_status: "Active connections: N \nserver accepts handled requests\n A H R \n".
+    let accepts = || async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /nginx_status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.ok()?;
+        let line = text.lines().skip_while(|l| !l.starts_with("server accepts")).nth(1)?;
+        line.split_whitespace().next()?.parse::<u64>().ok()
+    };
+    eventually(Duration::from_secs(5), "nginx to answer", accepts).await;
+    let tls = TlsClients::default();
+    for (requests, connections) in [(10, 1), (1, 10)] {
+        let before = accepts().await.unwrap();
+        let kind = http_keep_alive(requests);
+        let ProbeKind::Http(http) = &kind else { unreachable!() };
+        let mut scratch = HttpScratch::new(http, addr);
+        for _ in 0..10 {
+            assert_eq!(
+                probe_with(&kind, addr, SECOND, &tls, Some(&mut scratch)).await,
+                Ok(None)
+            );
+        }
+        drop(scratch);
+        // The status request itself is one connection more.
+        let opened = accepts().await.unwrap() - before - 1;
+        assert_eq!(opened, connections, "keepAliveRequests {requests}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn grpc_kind(service: &str) -> ProbeKind {
+    ProbeKind::Grpc(GrpcProbe {
+        service: service.into(),
+        authority: None,
+    })
+}
+
+/// A gRPC health server written on hyper's h2 server, holding one status per
+/// service name; a name it does not hold gets `NOT_FOUND`, as grpc-go's does.
+async fn grpc_health_server(statuses: Arc<std::sync::Mutex<HashMap<String, u8>>>) -> SocketAddr {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let statuses = statuses.clone();
+            let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let statuses = statuses.clone();
+                async move {
+                    assert_eq!(req.uri().path(), "/grpc.health.v1.Health/Check");
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    // [flag, len x4, 0x0a, name len, name...]: names here are short.
+                    let name = String::from_utf8(body.get(7..).unwrap_or_default().to_vec()).unwrap();
+                    let found = statuses.lock().unwrap().get(&name).copied();
+                    let mut trailers = http::HeaderMap::new();
+                    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = match found {
+                        Some(status) => {
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            vec![
+                                Ok(Frame::data(Bytes::from(vec![0, 0, 0, 0, 2, 0x08, status]))),
+                                Ok(Frame::trailers(trailers)),
+                            ]
+                        }
+                        None => {
+                            trailers.insert("grpc-status", "5".parse().unwrap());
+                            trailers.insert("grpc-message", "unknown service".parse().unwrap());
+                            vec![Ok(Frame::trailers(trailers))]
+                        }
+                    };
+                    let response = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(StreamBody::new(futures::stream::iter(frames)))
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service),
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_grpc_check_passes_on_serving_and_names_any_other_answer() {
+    let tls = TlsClients::default();
+    let statuses = Arc::new(std::sync::Mutex::new(HashMap::from([
+        (String::new(), 1u8),
+        ("db".to_string(), 2u8),
+    ])));
+    let addr = grpc_health_server(statuses.clone()).await;
+    assert_eq!(probe(&grpc_kind(""), addr, SECOND, &tls).await, Ok(()));
+    let err = probe(&grpc_kind("db"), addr, SECOND, &tls).await.unwrap_err();
+    assert_eq!(err.message, "grpc: service \"db\" is NOT_SERVING");
+    let err = probe(&grpc_kind("cache"), addr, SECOND, &tls).await.unwrap_err();
+    assert_eq!(err.message, "grpc: status NOT_FOUND: unknown service");
+    statuses.lock().unwrap().insert("db".into(), 1);
+    assert_eq!(probe(&grpc_kind("db"), addr, SECOND, &tls).await, Ok(()));
+
+    // An HTTP/1.1 server is not a gRPC endpoint.
+    let http1 = Backend::http("b", Behavior::Status(200)).await;
+    let err = probe(&grpc_kind(""), http1.addr, SECOND, &tls).await.unwrap_err();
+    assert!(err.message.starts_with("grpc: "), "{err:?}");
+}
+
+/// grpcio's own health service (grpcio-health-checking), switched between
+/// `SERVING` and `NOT_SERVING`, turns the endpoint Unhealthy and back through
+/// fall and rise. Needs python3 with grpcio-health-checking; `.ci/run`
+/// installs it and runs the ignored tests of this file.
+#[tokio::test]
+#[ignore = "needs python3 -m pip install grpcio-health-checking; .ci/run runs it"]
+async fn a_grpcio_health_server_turns_the_endpoint_unhealthy_and_back() {
+    use std::io::{BufRead, BufReader, Write};
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Server(
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/health/grpc_health_server.py"
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 on the PATH"),
+    );
+    let mut out = BufReader::new(server.0.stdout.take().unwrap());
+    let mut stdin = server.0.stdin.take().unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port: u16 = line
+        .trim()
+        .parse()
+        .expect("the server's port (is grpcio-health-checking installed?)");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut set = |status: &str| {
+        writeln!(stdin, "orders {status}").unwrap();
+        let mut ok = String::new();
+        out.read_line(&mut ok).unwrap();
+        assert_eq!(ok.trim(), "ok");
+    };
+    set("SERVING");
+
+    let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
+    let mut transitions = prober.subscribe();
+    let key = ServiceKey::new("default", "orders");
+    prober.update_service(&key, &check(grpc_kind("orders"), 100, 2, 2), &[Target::new(addr)]);
+    let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
+    assert_eq!((t.from, t.to), (Health::Unknown, Health::Healthy));
+
+    set("NOT_SERVING");
+    let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
+    assert_eq!((t.from, t.to), (Health::Healthy, Health::Unhealthy));
+    assert_eq!(t.error.as_deref(), Some("grpc: service \"orders\" is NOT_SERVING"));
+
+    set("SERVING");
+    let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
+    assert_eq!((t.from, t.to), (Health::Unhealthy, Health::Healthy));
+
+    // grpcio sends no grpc-message with it.
+    let err = probe(&grpc_kind("payments"), addr, SECOND, &TlsClients::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.message, "grpc: status NOT_FOUND");
 }

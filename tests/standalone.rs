@@ -289,7 +289,7 @@ async fn status_is_a_page_for_a_browser_and_csv_on_request() {
     assert_eq!(code, 200);
     let records: Vec<Vec<String>> = text.lines().filter(|l| !l.is_empty()).map(csv_record).collect();
     assert_eq!(records.len(), 3, "a header and one row per endpoint: {text}");
-    assert!(records.iter().all(|r| r.len() == 9), "{records:?}");
+    assert!(records.iter().all(|r| r.len() == 10), "{records:?}");
     let down = records
         .iter()
         .find(|r| r[1] == dead.to_string())
@@ -301,6 +301,48 @@ async fn status_is_a_page_for_a_browser_and_csv_on_request() {
     assert_eq!(code, 200);
     serde_json::from_str::<Value>(&json).expect("JSON stays the default");
 
+    run.shutdown.cancel();
+    run.task.await.unwrap().unwrap();
+}
+
+/// `spec.slowStart` reaches the proxy: an endpoint that comes back ramps up
+/// (shown in `/status` and on the page) and is at full weight after the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_comes_back_ramps_up_over_the_slow_start_window() {
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let mut b = Backend::http("b", Behavior::Status(200)).await;
+    b.kill();
+    let yaml =
+        support::standalone_yaml("web", &[a.addr, b.addr], FAST) + "  slowStart: {window: 4s, minWeightPercent: 5}\n";
+    let file = temp_file("slow", &yaml);
+    let run = start(&file.0).await;
+    wait_state(run.admin, b.addr.port(), "Unhealthy", Duration::from_secs(2)).await;
+
+    b.revive().await.unwrap();
+    wait_state(run.admin, b.addr.port(), "Healthy", Duration::from_secs(2)).await;
+    let ramp_of = |doc: Value| {
+        doc["services"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["port"] == b.addr.port())
+            .map(|e| e["slowStartPercent"].as_u64())
+            .unwrap()
+    };
+    let ramp = ramp_of(status(run.admin).await).expect("ramping just after it turned healthy");
+    assert!((5..100).contains(&ramp), "{ramp}");
+    let (_, page) = get_as_browser(run.admin, "/status").await;
+    assert!(page.contains("(slow start: "), "{page}");
+
+    eventually(Duration::from_secs(6), "the ramp to end", || async {
+        ramp_of(status(run.admin).await).is_none().then_some(())
+    })
+    .await;
+    let first = status(run.admin).await;
+    assert!(
+        first["services"][0]["endpoints"][0].get("slowStartPercent").is_none(),
+        "{first}"
+    );
     run.shutdown.cancel();
     run.task.await.unwrap().unwrap();
 }

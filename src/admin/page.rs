@@ -45,6 +45,8 @@ struct Row<'a> {
     last_error: &'a str,
     last_change: &'a str,
     weight: String,
+    /// The percent of its weight it takes while slow start ramps it up.
+    ramp: String,
     in_flight: String,
     ejected: bool,
     draining: bool,
@@ -82,6 +84,7 @@ fn rows(service: &Value) -> Vec<Row<'_>> {
                         last_error: e["lastError"].as_str().unwrap_or(""),
                         last_change: e["lastTransitionTime"].as_str().unwrap_or(""),
                         weight: e["weightPercent"].as_u64().map(|w| format!("{w}%")).unwrap_or_default(),
+                        ramp: text(e, "slowStartPercent"),
                         in_flight: text(e, "activeConnections"),
                         ejected: e["ejected"].as_bool().unwrap_or(false),
                         draining: e["draining"].as_bool().unwrap_or(false),
@@ -106,8 +109,9 @@ fn services(doc: &Value) -> &[Value] {
 
 /// The document as CSV (RFC 4180), one row per endpoint.
 pub fn csv(doc: &Value) -> String {
-    let mut out =
-        String::from("service,endpoint,state,last_error,last_change,weight_percent,in_flight,ejected,draining\r\n");
+    let mut out = String::from(
+        "service,endpoint,state,last_error,last_change,weight_percent,in_flight,ejected,draining,slow_start_percent\r\n",
+    );
     for service in services(doc) {
         let name = service_name(service);
         for r in rows(service) {
@@ -121,6 +125,7 @@ pub fn csv(doc: &Value) -> String {
                 &r.in_flight,
                 if r.ejected { "true" } else { "false" },
                 if r.draining { "true" } else { "false" },
+                &r.ramp,
             ];
             let line: Vec<String> = fields.iter().map(|f| csv_field(f)).collect();
             out.push_str(&line.join(","));
@@ -185,6 +190,11 @@ pub fn html(doc: &Value, refresh: u32) -> String {
             if r.draining {
                 state.push_str(" (draining)");
             }
+            let weight = if r.ramp.is_empty() {
+                r.weight.clone()
+            } else {
+                format!("{} (slow start: {}%)", r.weight, r.ramp)
+            };
             let _ = write!(
                 out,
                 "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
@@ -193,7 +203,7 @@ pub fn html(doc: &Value, refresh: u32) -> String {
                 escape(&state),
                 escape(r.last_error),
                 escape(r.last_change),
-                escape(&r.weight),
+                escape(&weight),
                 escape(&r.in_flight),
                 if r.ejected { "ejected" } else { "" }
             );

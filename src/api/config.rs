@@ -60,6 +60,8 @@ pub struct Config {
     pub limits: Limits,
     /// The service's request rate limit.
     pub rate_limit: Option<RateLimit>,
+    /// The ramp of an endpoint that turns healthy.
+    pub slow_start: Option<SlowStart>,
     /// Named endpoint groups; group 0 is `default` (`service` and
     /// `endpoints` above), group `i` is `backends[i - 1]`.
     pub backends: Vec<Backend>,
@@ -75,6 +77,30 @@ pub struct Config {
     pub endpoint_header: bool,
     /// Name endpoints and errors in the proxy's error bodies.
     pub error_detail: bool,
+}
+
+/// Slow start: an endpoint's weight ramps over `window` after it turns healthy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlowStart {
+    /// How long the ramp lasts.
+    pub window: Duration,
+    /// The curve's exponent is `1000 / aggression_milli` (1000: linear).
+    pub aggression_milli: u32,
+    /// The share of its weight an endpoint starts with, 1..=100.
+    pub min_weight_percent: u32,
+}
+
+impl SlowStart {
+    /// The share of its weight an endpoint that turned healthy `elapsed` ago
+    /// takes, in (0, 1]; 1 once the window is over.
+    pub fn factor(&self, elapsed: Duration) -> f64 {
+        if elapsed >= self.window {
+            return 1.0;
+        }
+        let progress = elapsed.as_secs_f64() / self.window.as_secs_f64();
+        let curve = progress.powf(1000.0 / f64::from(self.aggression_milli.max(1)));
+        curve.max(f64::from(self.min_weight_percent) / 100.0).min(1.0)
+    }
 }
 
 /// An endpoint and how it takes part in balancing.
@@ -298,6 +324,17 @@ pub enum ProbeKind {
     Http(HttpProbe),
     /// TLS handshake.
     Tls(TlsProbe),
+    /// `grpc.health.v1.Health/Check` over h2c.
+    Grpc(GrpcProbe),
+}
+
+/// The gRPC health check's question.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrpcProbe {
+    /// The service asked about; empty is the whole server.
+    pub service: String,
+    /// `:authority`; `None` sends the endpoint's address.
+    pub authority: Option<String>,
 }
 
 impl ProbeKind {
@@ -307,6 +344,7 @@ impl ProbeKind {
             ProbeKind::Tcp | ProbeKind::TcpPayload(_) => "TCP",
             ProbeKind::Http(_) => "HTTP",
             ProbeKind::Tls(_) => "TLS",
+            ProbeKind::Grpc(_) => "GRPC",
         }
     }
 }
@@ -383,6 +421,8 @@ pub struct HttpProbe {
     pub expect: StatusMatch,
     /// A response header carrying agent words.
     pub agent_header: Option<http::HeaderName>,
+    /// Checks sent over one connection (1: a connection per check).
+    pub keep_alive_requests: u32,
 }
 
 /// The TLS probe's settings.

@@ -104,6 +104,12 @@ pub struct BalancedServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
 
+    /// An endpoint that turns healthy takes a share that ramps up over a
+    /// window instead of all it can get at once (Envoy `slow_start_config`,
+    /// HAProxy `slowstart`, nginx `slow_start`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<SlowStartSpec>,
+
     /// The proxy Deployment made for this BalancedService.
     #[serde(default)]
     pub proxy: ProxySpec,
@@ -115,6 +121,25 @@ pub struct BalancedServiceSpec {
     /// Debugging aids that reveal endpoint addresses to clients; off by default.
     #[serde(default)]
     pub debug: DebugSpec,
+}
+
+/// Slow start, in Envoy's words: over `window` after an endpoint turns
+/// healthy its weight is scaled by `max(minWeightPercent/100,
+/// (elapsed/window)^(1/aggression))`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SlowStartSpec {
+    /// How long the ramp lasts.
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub window: String,
+    /// The ramp's curve: 1.0 is linear, larger values give more traffic early.
+    #[serde(default = "default_aggression")]
+    #[schemars(range(min = 0.0, max = 10.0))]
+    pub aggression: f64,
+    /// The share of its weight an endpoint starts with, in percent.
+    #[serde(default = "default_min_weight_percent")]
+    #[schemars(range(min = 1, max = 100))]
+    pub min_weight_percent: i32,
 }
 
 /// Debugging aids; both reveal internal addresses to clients.
@@ -425,7 +450,8 @@ pub enum HashSource {
      "message": "healthCheck.timeout must be less than healthCheck.interval"}
 ]))]
 pub struct HealthCheckSpec {
-    /// TCP (connect), HTTP (request, expected status) or TLS (handshake).
+    /// TCP (connect), HTTP (request, expected status), GRPC (the gRPC health
+    /// protocol over h2c) or TLS (handshake).
     #[serde(default)]
     pub protocol: ProbeProtocol,
     /// Time between probes of an endpoint that is up or coming up.
@@ -462,6 +488,10 @@ pub struct HealthCheckSpec {
     /// `tcp-check send/expect`): Redis `PING`/`+PONG`, a banner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpCheckSpec>,
+    /// The service asked about and the authority sent (protocol GRPC;
+    /// `grpc.health.v1.Health/Check`, as Kubernetes' `grpc:` probes and Envoy ask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcCheckSpec>,
     /// Load and state reported by the endpoint on its own port, in HAProxy
     /// `agent-check` words (`75%`, `drain`, `ready`, `down`, `up`, `maint`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -504,6 +534,9 @@ pub enum ProbeProtocol {
     /// A TLS handshake completes.
     #[serde(rename = "TLS")]
     Tls,
+    /// `grpc.health.v1.Health/Check` over h2c answers `SERVING`.
+    #[serde(rename = "GRPC")]
+    Grpc,
 }
 
 impl ProbeProtocol {
@@ -513,6 +546,7 @@ impl ProbeProtocol {
             ProbeProtocol::Tcp => "TCP",
             ProbeProtocol::Http => "HTTP",
             ProbeProtocol::Tls => "TLS",
+            ProbeProtocol::Grpc => "GRPC",
         }
     }
 }
@@ -543,6 +577,25 @@ pub struct HttpCheckSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]
     pub agent_header: Option<String>,
+    /// Checks sent over one connection before it is closed (Tengine
+    /// `check_keepalive_requests`); 1 opens a connection per check.
+    #[serde(default = "default_keep_alive_requests")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub keep_alive_requests: i32,
+}
+
+/// The gRPC health check's question.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcCheckSpec {
+    /// The service name asked about; empty asks about the server as a whole.
+    #[serde(default)]
+    #[schemars(length(max = 256))]
+    pub service: String,
+    /// The `:authority` sent; empty sends the endpoint's address.
+    #[serde(default)]
+    #[schemars(length(max = 253))]
+    pub authority: String,
 }
 
 /// A TCP check that speaks: what to send once connected, and what the
@@ -1039,6 +1092,15 @@ fn default_method() -> String {
 fn default_path() -> String {
     "/healthz".into()
 }
+fn default_keep_alive_requests() -> i32 {
+    1
+}
+fn default_aggression() -> f64 {
+    1.0
+}
+fn default_min_weight_percent() -> i32 {
+    10
+}
 fn default_expect_status() -> Vec<String> {
     vec!["2xx".into(), "3xx".into()]
 }
@@ -1119,6 +1181,7 @@ impl Default for HealthCheckSpec {
             http: HttpCheckSpec::default(),
             tls: TlsCheckSpec::default(),
             tcp: None,
+            grpc: None,
             agent: None,
             panic_threshold: 0,
         }
@@ -1133,6 +1196,7 @@ impl Default for HttpCheckSpec {
             host: String::new(),
             expect_status: default_expect_status(),
             agent_header: None,
+            keep_alive_requests: default_keep_alive_requests(),
         }
     }
 }

@@ -73,6 +73,15 @@ impl Errors {
         value.max(0) as u32
     }
 
+    fn in_range(&mut self, path: &str, value: i32, min: i32, max: i32) -> u32 {
+        if value < min {
+            self.add(path, format!("must be >= {min}, got {value}"));
+        } else if value > max {
+            self.add(path, format!("must be <= {max}, got {value}"));
+        }
+        value.clamp(min, max) as u32
+    }
+
     fn duration(&mut self, path: &str, text: &str) -> Duration {
         parse_duration(text).unwrap_or_else(|e| {
             self.add(path, e.to_string());
@@ -144,6 +153,7 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         );
     }
     let panic_threshold = panic_threshold.clamp(0, 100) as u32;
+    let slow_start = spec.slow_start.as_ref().map(|s| slow_start(&mut errs, s));
 
     if service.is_none() && spec.endpoints.is_empty() {
         errs.add(
@@ -167,6 +177,7 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         timeouts,
         limits,
         rate_limit,
+        slow_start,
         backends,
         routes,
         replicas,
@@ -175,6 +186,29 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         endpoint_header: spec.debug.endpoint_header,
         error_detail: spec.debug.error_detail,
     })
+}
+
+fn slow_start(errs: &mut Errors, s: &spec::SlowStartSpec) -> SlowStart {
+    let window = errs.positive_duration("spec.slowStart.window", &s.window);
+    // Past an hour a ramp is a deployment strategy, not a warm-up.
+    if window > Duration::from_secs(3600) {
+        errs.add(
+            "spec.slowStart.window",
+            format!("must be at most 1h, got {:?}", s.window),
+        );
+    }
+    if !(s.aggression > 0.0 && s.aggression <= 10.0) {
+        errs.add(
+            "spec.slowStart.aggression",
+            format!("must be more than 0 and at most 10, got {}", s.aggression),
+        );
+    }
+    let min_weight_percent = errs.in_range("spec.slowStart.minWeightPercent", s.min_weight_percent, 1, 100);
+    SlowStart {
+        window,
+        aggression_milli: (s.aggression.clamp(0.001, 10.0) * 1000.0).round() as u32,
+        min_weight_percent,
+    }
 }
 
 fn rate_limit(errs: &mut Errors, path: &str, spec: &spec::RateLimitSpec) -> RateLimit {
@@ -825,6 +859,7 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
             None => ProbeKind::Tcp,
         },
         spec::ProbeProtocol::Http => ProbeKind::Http(http_probe(errs, &hc.http)),
+        spec::ProbeProtocol::Grpc => ProbeKind::Grpc(grpc_probe(errs, hc.grpc.as_ref())),
         spec::ProbeProtocol::Tls => {
             let name = &hc.tls.server_name;
             if !name.is_empty() && rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
@@ -859,6 +894,24 @@ fn health_check(errs: &mut Errors, hc: &spec::HealthCheckSpec) -> HealthCheck {
             "spec.healthCheck.tcp",
             format!(
                 "sends and expects bytes on a TCP check: needs protocol TCP, got {}",
+                hc.protocol.name()
+            ),
+        );
+    }
+    if hc.grpc.is_some() && hc.protocol != spec::ProbeProtocol::Grpc {
+        errs.add(
+            "spec.healthCheck.grpc",
+            format!(
+                "asks the gRPC health service: needs protocol GRPC, got {}",
+                hc.protocol.name()
+            ),
+        );
+    }
+    if hc.http.keep_alive_requests != 1 && hc.protocol != spec::ProbeProtocol::Http {
+        errs.add(
+            "spec.healthCheck.http.keepAliveRequests",
+            format!(
+                "reuses the HTTP probe's connection: needs protocol HTTP, got {}",
                 hc.protocol.name()
             ),
         );
@@ -936,12 +989,44 @@ fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
             })
             .ok()
     });
+    let keep_alive_requests = errs.in_range(
+        "spec.healthCheck.http.keepAliveRequests",
+        h.keep_alive_requests,
+        1,
+        10_000,
+    );
     HttpProbe {
         method,
         path: h.path.clone(),
         host: (!h.host.is_empty()).then(|| h.host.clone()),
         expect: StatusMatch::from_rules(&rules),
         agent_header,
+        keep_alive_requests,
+    }
+}
+
+fn grpc_probe(errs: &mut Errors, g: Option<&spec::GrpcCheckSpec>) -> GrpcProbe {
+    let g = g.cloned().unwrap_or_default();
+    // The service name travels in a protobuf string and the authority in a
+    // header: both must be printable text (gRPC service names are dotted).
+    if g.service.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        errs.add(
+            "spec.healthCheck.grpc.service",
+            format!(
+                "must be a service name without spaces or control characters, got {:?}",
+                g.service
+            ),
+        );
+    }
+    if !g.authority.is_empty() && g.authority.parse::<http::uri::Authority>().is_err() {
+        errs.add(
+            "spec.healthCheck.grpc.authority",
+            format!("must be a host or host:port, got {:?}", g.authority),
+        );
+    }
+    GrpcProbe {
+        service: g.service,
+        authority: (!g.authority.is_empty()).then_some(g.authority),
     }
 }
 
@@ -1132,6 +1217,137 @@ mod tests {
             },
             "spec.healthCheck.tcp: sends and expects bytes on a TCP check: needs protocol TCP, got HTTP",
         );
+    }
+
+    #[test]
+    fn grpc_checks_and_keep_alive_checks_are_checked_and_named() {
+        let grpc = |service: &str, authority: &str| {
+            let g = spec::GrpcCheckSpec {
+                service: service.into(),
+                authority: authority.into(),
+            };
+            move |s: &mut BalancedServiceSpec| {
+                s.health_check.protocol = spec::ProbeProtocol::Grpc;
+                s.health_check.grpc = Some(g);
+            }
+        };
+        let spec = {
+            let mut s = base();
+            grpc("orders.v1.Orders", "orders.internal:8443")(&mut s);
+            s
+        };
+        let cfg = validate(ServiceKey::new("default", "web"), &spec).unwrap();
+        assert_eq!(
+            cfg.health.probe,
+            ProbeKind::Grpc(GrpcProbe {
+                service: "orders.v1.Orders".into(),
+                authority: Some("orders.internal:8443".into()),
+            })
+        );
+        assert_error(
+            grpc("orders v1", ""),
+            "spec.healthCheck.grpc.service: must be a service name without spaces or control characters, got \"orders v1\"",
+        );
+        assert_error(
+            grpc("", "a b"),
+            "spec.healthCheck.grpc.authority: must be a host or host:port, got \"a b\"",
+        );
+        assert_error(
+            |s| {
+                grpc("", "")(s);
+                s.health_check.protocol = spec::ProbeProtocol::Http;
+            },
+            "spec.healthCheck.grpc: asks the gRPC health service: needs protocol GRPC, got HTTP",
+        );
+
+        let keep_alive = |n: i32, protocol| {
+            move |s: &mut BalancedServiceSpec| {
+                s.health_check.protocol = protocol;
+                s.health_check.http.keep_alive_requests = n;
+            }
+        };
+        assert_error(
+            keep_alive(0, spec::ProbeProtocol::Http),
+            "spec.healthCheck.http.keepAliveRequests: must be >= 1, got 0",
+        );
+        assert_error(
+            keep_alive(10_001, spec::ProbeProtocol::Http),
+            "spec.healthCheck.http.keepAliveRequests: must be <= 10000, got 10001",
+        );
+        assert_error(
+            keep_alive(10, spec::ProbeProtocol::Tcp),
+            "spec.healthCheck.http.keepAliveRequests: reuses the HTTP probe's connection: needs protocol HTTP, got TCP",
+        );
+        let mut s = base();
+        keep_alive(10, spec::ProbeProtocol::Http)(&mut s);
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        assert!(matches!(
+            cfg.health.probe,
+            ProbeKind::Http(HttpProbe {
+                keep_alive_requests: 10,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn slow_start_is_checked_and_named() {
+        let ss = |window: &str, aggression: f64, min: i32| {
+            let spec = spec::SlowStartSpec {
+                window: window.into(),
+                aggression,
+                min_weight_percent: min,
+            };
+            move |s: &mut BalancedServiceSpec| s.slow_start = Some(spec)
+        };
+        let mut s = base();
+        ss("30s", 2.0, 10)(&mut s);
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        assert_eq!(
+            cfg.slow_start,
+            Some(SlowStart {
+                window: Duration::from_secs(30),
+                aggression_milli: 2000,
+                min_weight_percent: 10,
+            })
+        );
+        assert_error(
+            ss("0", 1.0, 10),
+            "spec.slowStart.window: must be more than 0, got \"0\"",
+        );
+        assert_error(
+            ss("2h", 1.0, 10),
+            "spec.slowStart.window: must be at most 1h, got \"2h\"",
+        );
+        assert_error(
+            ss("30s", 0.0, 10),
+            "spec.slowStart.aggression: must be more than 0 and at most 10, got 0",
+        );
+        assert_error(
+            ss("30s", 1.0, 0),
+            "spec.slowStart.minWeightPercent: must be >= 1, got 0",
+        );
+    }
+
+    #[test]
+    fn slow_start_ramps_from_its_floor_to_full_weight() {
+        let linear = SlowStart {
+            window: Duration::from_secs(10),
+            aggression_milli: 1000,
+            min_weight_percent: 10,
+        };
+        let at = |ss: &SlowStart, secs: f64| ss.factor(Duration::from_secs_f64(secs));
+        assert_eq!(at(&linear, 0.0), 0.1);
+        assert_eq!(at(&linear, 0.5), 0.1);
+        assert!((at(&linear, 5.0) - 0.5).abs() < 1e-9);
+        assert_eq!(at(&linear, 10.0), 1.0);
+        assert_eq!(at(&linear, 60.0), 1.0);
+        // Aggression 2 is a square root: more traffic early.
+        let eager = SlowStart {
+            aggression_milli: 2000,
+            ..linear
+        };
+        assert!((at(&eager, 2.5) - 0.5).abs() < 1e-9);
     }
 
     #[test]

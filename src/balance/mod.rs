@@ -11,13 +11,13 @@ pub mod picker;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 
 use std::collections::HashMap;
 
-use crate::api::config::{Algorithm, Config, EndpointConfig};
+use crate::api::config::{Algorithm, Config, EndpointConfig, SlowStart};
 use crate::health::agent::AgentState;
 use crate::metrics::EndpointStats;
 pub use passive::{Passive, now_ms};
@@ -31,6 +31,9 @@ pub struct Endpoint {
     pub passive: Passive,
     /// Counters and the active-requests gauge.
     pub stats: EndpointStats,
+    /// When it last began to serve ([`now_ms`]; 0 while it does not): where
+    /// its slow-start ramp starts.
+    serving_since: AtomicU64,
 }
 
 impl Endpoint {
@@ -45,6 +48,7 @@ impl Endpoint {
             addr,
             passive: Passive::default(),
             stats,
+            serving_since: AtomicU64::new(0),
         }
     }
 
@@ -203,6 +207,10 @@ pub struct Snapshot {
     pub algorithm: Algorithm,
     rr_sequence: Vec<u32>,
     ring: Vec<(u64, u32)>,
+    slow_start: Option<SlowStart>,
+    /// When the last ramp in this snapshot ends ([`now_ms`]; 0: none): until
+    /// then picks weigh members by their ramp, after it they take the plain path.
+    ramp_until: u64,
 }
 
 /// Per-request record of the members already tried (never the same one twice).
@@ -270,24 +278,32 @@ impl Balancer {
     }
 
     /// Swaps in a new endpoint set. Endpoints that stay keep their live counters
-    /// and ejection state; `make` creates the state of new ones. Returns the
-    /// addresses that left.
+    /// and ejection state; `make` creates the state of new ones. An endpoint
+    /// that begins to serve here (new, or back from down or draining) starts
+    /// its `slow_start` ramp now. Returns the addresses that left.
     pub fn update(
         &self,
         algorithm: Algorithm,
+        slow_start: Option<SlowStart>,
         specs: Vec<MemberSpec>,
         make: impl Fn(SocketAddr) -> Endpoint,
     ) -> Vec<SocketAddr> {
         let old = self.snapshot.load_full();
+        let now = now_ms();
         let members = specs
             .into_iter()
             .map(|spec| {
-                let endpoint = old
-                    .members
-                    .iter()
-                    .find(|m| m.spec.addr == spec.addr)
-                    .map(|m| m.endpoint.clone())
-                    .unwrap_or_else(|| Arc::new(make(spec.addr)));
+                let before = old.members.iter().find(|m| m.spec.addr == spec.addr);
+                let endpoint = match before {
+                    Some(m) => m.endpoint.clone(),
+                    None => Arc::new(make(spec.addr)),
+                };
+                let served = before.is_some_and(|m| m.spec.serves());
+                if !spec.serves() {
+                    endpoint.serving_since.store(0, Ordering::Relaxed);
+                } else if !served {
+                    endpoint.serving_since.store(now, Ordering::Relaxed);
+                }
                 Member { endpoint, spec }
             })
             .collect::<Vec<Member>>();
@@ -297,7 +313,8 @@ impl Balancer {
             .filter(|o| !members.iter().any(|m| m.spec.addr == o.spec.addr))
             .map(|o| o.spec.addr)
             .collect();
-        self.snapshot.store(Arc::new(Snapshot::build(algorithm, members)));
+        self.snapshot
+            .store(Arc::new(Snapshot::build(algorithm, slow_start, members, now)));
         removed
     }
 
@@ -316,14 +333,14 @@ impl Balancer {
             let m = &members[i];
             !m.spec.backup && live(m) && !tried.contains(i) && !m.full()
         };
-        if let Some(i) = self.pick_among(snap, key, &primaries) {
+        if let Some(i) = self.pick_among(snap, key, now, &primaries) {
             return Some(i);
         }
         let backups = |i: usize| {
             let m = &members[i];
             m.spec.backup && live(m) && !tried.contains(i) && !m.full()
         };
-        if let Some(i) = self.pick_among(snap, key, &backups) {
+        if let Some(i) = self.pick_among(snap, key, now, &backups) {
             return Some(i);
         }
         // Every endpoint down (probes or ejections) or already tried: try the
@@ -338,8 +355,8 @@ impl Balancer {
             m.spec.groups & groups != 0 && !m.spec.draining && !tried.contains(i) && !m.full()
         };
         let primary_any = |i: usize| !members[i].spec.backup && any(i);
-        self.pick_among(snap, key, &primary_any)
-            .or_else(|| self.pick_among(snap, key, &any))
+        self.pick_among(snap, key, now, &primary_any)
+            .or_else(|| self.pick_among(snap, key, now, &any))
     }
 
     /// The serving member of `groups` with the most capacity left: the
@@ -350,9 +367,10 @@ impl Balancer {
     pub fn pick_least_loaded(&self, snap: &Snapshot, now: u64, groups: u64) -> Option<usize> {
         let members = &snap.members;
         let ok = |m: &Member| m.spec.serves() && m.spec.groups & groups != 0 && !m.endpoint.passive.is_ejected(now);
-        let best = members.iter().filter(|m| ok(m)).map(|m| m.spec.weight).max()?;
+        let weight = |i: usize| snap.weight_at(i, now);
+        let best = (0..members.len()).filter(|&i| ok(&members[i])).map(weight).max()?;
         let ties: Vec<usize> = (0..members.len())
-            .filter(|&i| ok(&members[i]) && members[i].spec.weight == best)
+            .filter(|&i| ok(&members[i]) && weight(i) == best)
             .collect();
         Some(ties[self.tie_cursor.fetch_add(1, Ordering::Relaxed) % ties.len()])
     }
@@ -369,8 +387,11 @@ impl Balancer {
         picked.filter(|&i| snap.members[i].spec.serves() && !snap.members[i].endpoint.passive.is_ejected(now))
     }
 
-    fn pick_among(&self, snap: &Snapshot, key: Option<u64>, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+    fn pick_among(&self, snap: &Snapshot, key: Option<u64>, now: u64, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
         let members = &snap.members;
+        if snap.ramp_until > now {
+            return self.pick_ramping(snap, key, now, ok);
+        }
         match &snap.algorithm {
             Algorithm::LeastConnections => {
                 picker::least_connections(members, self.tie_cursor.fetch_add(1, Ordering::Relaxed), ok)
@@ -393,13 +414,94 @@ impl Balancer {
     }
 }
 
+impl Balancer {
+    /// [`Balancer::pick_among`] while some member ramps up. A ramping
+    /// member takes part in a pick with the probability its ramp gives (so at
+    /// low load, when every count is 0, it gets that share of picks and not a
+    /// fair one), and the pickers that weigh members weigh it by its ramped
+    /// weight (so under load it holds that share of the requests in flight,
+    /// as HAProxy's `leastconn` does under `slowstart`, and not all it can
+    /// take because it has none). Round robin and the hash ring move to it
+    /// gradually the same way: a key maps to it with its ramp's probability.
+    fn pick_ramping(&self, snap: &Snapshot, key: Option<u64>, now: u64, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let members = &snap.members;
+        let weight = |i: usize| snap.weight_at(i, now);
+        let admitted = |i: usize| {
+            let factor = snap.factor_at(i, now);
+            factor >= 1.0 || rand::random::<f64>() < factor
+        };
+        let least_request = |ok: &dyn Fn(usize) -> bool| {
+            let start = self.tie_cursor.fetch_add(1, Ordering::Relaxed);
+            picker::least_connections_by(members, start, ok, &weight)
+        };
+        let ramped = |ok: &dyn Fn(usize) -> bool| match &snap.algorithm {
+            Algorithm::LeastConnections => least_request(ok),
+            // Two admitted candidates, the one with fewer requests per unit
+            // of ramped weight; not P2C's "+1", which would never choose a
+            // ramping member while every count is 0.
+            Algorithm::PowerOfTwoChoices => {
+                let a = picker::weighted_random(members, ok)?;
+                let Some(b) = picker::weighted_random(members, &|i| i != a && ok(i)) else {
+                    return Some(a);
+                };
+                let (la, lb) = (members[a].endpoint.active(), members[b].endpoint.active());
+                Some(if la * weight(b) <= lb * weight(a) { a } else { b })
+            }
+            Algorithm::Random => picker::weighted_random_by(members, ok, &weight),
+            Algorithm::RoundRobin => {
+                if snap.rr_sequence.is_empty() {
+                    picker::weighted_random_by(members, ok, &weight)
+                } else {
+                    let start = self.rr_cursor.fetch_add(1, Ordering::Relaxed);
+                    picker::round_robin(&snap.rr_sequence, start, ok)
+                }
+            }
+            Algorithm::ConsistentHash(_) => match key {
+                Some(k) => picker::ring_lookup(&snap.ring, k, ok),
+                None => least_request(ok),
+            },
+        };
+        // Random weighs by weight already: admission on top would count the ramp twice.
+        if matches!(snap.algorithm, Algorithm::Random) {
+            return ramped(ok);
+        }
+        ramped(&|i| ok(i) && admitted(i)).or_else(|| ramped(ok))
+    }
+}
+
 impl Snapshot {
     /// A snapshot with no endpoints.
     pub fn empty() -> Self {
-        Self::build(Algorithm::LeastConnections, Vec::new())
+        Self::build(Algorithm::LeastConnections, None, Vec::new(), 0)
     }
 
-    fn build(algorithm: Algorithm, members: Vec<Member>) -> Self {
+    /// The share of its weight member `i` takes at `now`: below 1 while it ramps.
+    pub fn factor_at(&self, i: usize, now: u64) -> f64 {
+        let since = self.members[i].endpoint.serving_since.load(Ordering::Relaxed);
+        match self.slow_start {
+            Some(ss) if since > 0 => ss.factor(std::time::Duration::from_millis(now.saturating_sub(since))),
+            _ => 1.0,
+        }
+    }
+
+    /// Member `i`'s weight at `now` in thousandths, its ramp applied (at least 1).
+    pub fn weight_at(&self, i: usize, now: u64) -> u64 {
+        let full = u64::from(self.members[i].spec.weight.max(1)) * 1000;
+        ((full as f64 * self.factor_at(i, now)) as u64).max(1)
+    }
+
+    fn build(algorithm: Algorithm, slow_start: Option<SlowStart>, members: Vec<Member>, now: u64) -> Self {
+        let ramp_until = match slow_start {
+            Some(ss) => members
+                .iter()
+                .map(|m| m.endpoint.serving_since.load(Ordering::Relaxed))
+                .filter(|&since| since > 0)
+                .map(|since| since + ss.window.as_millis() as u64)
+                .filter(|&until| until > now)
+                .max()
+                .unwrap_or(0),
+            None => 0,
+        };
         let weights: Vec<u32> = members.iter().map(|m| m.spec.weight.max(1)).collect();
         let rr_sequence = match algorithm {
             Algorithm::RoundRobin => picker::smooth_sequence(&weights),
@@ -417,6 +519,8 @@ impl Snapshot {
             algorithm,
             rr_sequence,
             ring,
+            slow_start,
+            ramp_until,
         }
     }
 

@@ -11,6 +11,16 @@ use super::Member;
 /// `least_conn`). The scan starts at a rotating offset and keeps the first
 /// minimum, so equal members share ties round-robin.
 pub fn least_connections(members: &[Member], start: usize, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+    least_connections_by(members, start, ok, &|i| u64::from(members[i].spec.weight.max(1)))
+}
+
+/// [`least_connections`] with each member's `weight` given (a ramp applied).
+pub fn least_connections_by(
+    members: &[Member],
+    start: usize,
+    ok: &dyn Fn(usize) -> bool,
+    weight: &dyn Fn(usize) -> u64,
+) -> Option<usize> {
     let n = members.len();
     let mut best: Option<(usize, u64, u64)> = None;
     for step in 0..n {
@@ -18,7 +28,7 @@ pub fn least_connections(members: &[Member], start: usize, ok: &dyn Fn(usize) ->
         if !ok(i) {
             continue;
         }
-        let (active, weight) = (members[i].endpoint.active(), u64::from(members[i].spec.weight.max(1)));
+        let (active, weight) = (members[i].endpoint.active(), weight(i).max(1));
         // active_i / weight_i < active_b / weight_b, without division.
         match best {
             Some((_, ba, bw)) if active * bw >= ba * weight => {}
@@ -49,19 +59,25 @@ pub fn power_of_two(members: &[Member], ok: &dyn Fn(usize) -> bool) -> Option<us
 
 /// Weighted random over the members `ok` allows.
 pub fn weighted_random(members: &[Member], ok: &dyn Fn(usize) -> bool) -> Option<usize> {
-    let total: u64 = (0..members.len())
-        .filter(|&i| ok(i))
-        .map(|i| u64::from(members[i].spec.weight.max(1)))
-        .sum();
+    weighted_random_by(members, ok, &|i| u64::from(members[i].spec.weight.max(1)))
+}
+
+/// Random over the members `ok` allows, each as likely as its `weight`.
+pub fn weighted_random_by(
+    members: &[Member],
+    ok: &dyn Fn(usize) -> bool,
+    weight: &dyn Fn(usize) -> u64,
+) -> Option<usize> {
+    let total: u64 = (0..members.len()).filter(|&i| ok(i)).map(|i| weight(i).max(1)).sum();
     if total == 0 {
         return None;
     }
     let mut r = rand::rng().random_range(0..total);
-    for (i, m) in members.iter().enumerate() {
+    for i in 0..members.len() {
         if !ok(i) {
             continue;
         }
-        let w = u64::from(m.spec.weight.max(1));
+        let w = weight(i).max(1);
         if r < w {
             return Some(i);
         }

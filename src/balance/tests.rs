@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::*;
-use crate::api::config::HashKey;
+use crate::api::config::{HashKey, SlowStart};
 
 fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([10, 0, 0, i as u8], 8080))
@@ -24,7 +24,7 @@ fn spec(i: usize, weight: u32) -> MemberSpec {
 
 fn balancer(algorithm: Algorithm, specs: Vec<MemberSpec>) -> Balancer {
     let b = Balancer::new();
-    b.update(algorithm, specs, Endpoint::new);
+    b.update(algorithm, None, specs, Endpoint::new);
     b
 }
 
@@ -127,12 +127,12 @@ fn backups_serve_only_while_no_primary_is_available() {
 
     specs[0].healthy = false;
     specs[1].healthy = false;
-    b.update(Algorithm::LeastConnections, specs.clone(), Endpoint::new);
+    b.update(Algorithm::LeastConnections, None, specs.clone(), Endpoint::new);
     assert_eq!(counts(&b, 10, false), vec![0, 0, 10]);
 
     // An ejected primary counts as unavailable too.
     specs[0].healthy = true;
-    b.update(Algorithm::LeastConnections, specs, Endpoint::new);
+    b.update(Algorithm::LeastConnections, None, specs, Endpoint::new);
     let snap = b.snapshot();
     snap.members[0]
         .endpoint
@@ -208,7 +208,7 @@ fn consistent_hash_moves_few_keys_when_one_endpoint_leaves() {
         "unbalanced ring: {per:?}"
     );
 
-    b.update(algorithm, (0..n - 1).map(|i| spec(i, 1)).collect(), Endpoint::new);
+    b.update(algorithm, None, (0..n - 1).map(|i| spec(i, 1)).collect(), Endpoint::new);
     let after = owner(&b);
     let moved = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     assert!(
@@ -232,7 +232,7 @@ fn consistent_hash_is_stable_for_a_key_and_skips_down_endpoints() {
         assert_eq!(b.pick(&snap, &Tried::default(), Some(key), now_ms()), Some(first));
     }
     specs[first].healthy = false;
-    b.update(algorithm, specs, Endpoint::new);
+    b.update(algorithm, None, specs, Endpoint::new);
     let snap = b.snapshot();
     let next = b.pick(&snap, &Tried::default(), Some(key), now_ms()).unwrap();
     assert_ne!(next, first);
@@ -247,7 +247,7 @@ fn live_counters_survive_a_snapshot_swap() {
         .endpoint
         .passive
         .record_failure(now_ms(), 1, Duration::from_secs(10));
-    let removed = b.update(Algorithm::RoundRobin, vec![spec(0, 3), spec(2, 1)], Endpoint::new);
+    let removed = b.update(Algorithm::RoundRobin, None, vec![spec(0, 3), spec(2, 1)], Endpoint::new);
     assert_eq!(removed, vec![addr(1)]);
     let after = b.snapshot();
     assert_eq!(after.members[0].endpoint.active(), 7);
@@ -284,4 +284,110 @@ fn panic_threshold_serves_every_member_below_it_and_only_then() {
     assert!(members.iter().all(|m| m.healthy));
     assert!(!members[9].serves(), "a draining member still takes nothing new");
     assert!(in_panic(1, 0, 5) && !in_panic(1, 0, 0));
+}
+
+/// One of three endpoints turns healthy under 2,000 least-connections
+/// requests spread over its 10 s ramp, eight in flight at a time; its share
+/// per quarter of the window, as a fraction of a fair third.
+async fn ramp_shares(algorithm: Algorithm, concurrency: usize) -> Vec<f64> {
+    use std::collections::VecDeque;
+    let ss = SlowStart {
+        window: Duration::from_secs(10),
+        aggression_milli: 1000,
+        min_weight_percent: 10,
+    };
+    let b = Balancer::new();
+    let mut specs: Vec<MemberSpec> = (0..3).map(|i| spec(i, 1)).collect();
+    specs[2].healthy = false;
+    b.update(algorithm.clone(), Some(ss), specs.clone(), Endpoint::new);
+    tokio::time::advance(Duration::from_secs(60)).await;
+    specs[2].healthy = true;
+    b.update(algorithm, Some(ss), specs, Endpoint::new);
+    let snap = b.snapshot();
+    let mut in_flight = VecDeque::new();
+    let mut quarters = [0usize; 4];
+    for n in 0..2000usize {
+        let i = b
+            .pick(
+                &snap,
+                &Tried::default(),
+                Some(picker::hash_key(&n.to_le_bytes())),
+                now_ms(),
+            )
+            .unwrap();
+        if i == 2 {
+            quarters[n / 500] += 1;
+        }
+        in_flight.push_back(ActiveGuard::new(snap.members[i].endpoint.clone()));
+        if in_flight.len() > concurrency {
+            in_flight.pop_front();
+        }
+        tokio::time::advance(Duration::from_millis(5)).await;
+    }
+    // The ramp is over: every endpoint is back on the plain path.
+    assert!(snap.ramp_until <= now_ms());
+    quarters.iter().map(|&q| q as f64 / (500.0 / 3.0)).collect()
+}
+
+/// The mean of `runs` runs of [`ramp_shares`]: picks are random, and one
+/// run of 2,000 puts about 35 on the newcomer in the first quarter.
+async fn mean_ramp_shares(algorithm: &Algorithm, concurrency: usize, runs: usize) -> Vec<f64> {
+    let mut sum = vec![0.0; 4];
+    for _ in 0..runs {
+        for (s, q) in sum.iter_mut().zip(ramp_shares(algorithm.clone(), concurrency).await) {
+            *s += q / runs as f64;
+        }
+    }
+    sum
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_turns_healthy_ramps_up_under_least_connections() {
+    // Seen: about [0.15, 0.43, 0.70, 0.92] whatever the concurrency; a
+    // linear ramp from 10% would give [0.15, 0.38, 0.63, 0.88].
+    for concurrency in [0, 8, 32] {
+        let shares = mean_ramp_shares(&Algorithm::LeastConnections, concurrency, 5).await;
+        assert!(shares[0] <= 0.25, "at {concurrency} in flight: {shares:?}");
+        assert!(shares[3] >= 0.75, "at {concurrency} in flight: {shares:?}");
+        assert!(
+            shares[0] < shares[1] && shares[1] < shares[2],
+            "at {concurrency} in flight: {shares:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_that_turns_healthy_ramps_up_under_every_other_picker() {
+    for algorithm in [
+        Algorithm::PowerOfTwoChoices,
+        Algorithm::RoundRobin,
+        Algorithm::Random,
+        Algorithm::ConsistentHash(HashKey::SourceIp),
+    ] {
+        for concurrency in [0, 8] {
+            let shares = mean_ramp_shares(&algorithm, concurrency, 3).await;
+            assert!(shares[0] <= 0.3, "{algorithm:?} at {concurrency}: {shares:?}");
+            assert!(shares[3] >= 0.7, "{algorithm:?} at {concurrency}: {shares:?}");
+            assert!(shares[0] < shares[2], "{algorithm:?} at {concurrency}: {shares:?}");
+        }
+    }
+}
+
+#[test]
+fn without_slow_start_least_connections_floods_the_newcomer() {
+    // What slow start is for: plain least connections sends a new endpoint
+    // every request until it holds as many as the others.
+    let b = Balancer::new();
+    let mut specs: Vec<MemberSpec> = (0..3).map(|i| spec(i, 1)).collect();
+    specs[2].healthy = false;
+    b.update(Algorithm::LeastConnections, None, specs.clone(), Endpoint::new);
+    let snap = b.snapshot();
+    for i in [0, 1] {
+        for _ in 0..8 {
+            snap.members[i].endpoint.stats.active.inc();
+        }
+    }
+    specs[2].healthy = true;
+    b.update(Algorithm::LeastConnections, None, specs, Endpoint::new);
+    assert_eq!(counts(&b, 8, true), vec![0, 0, 8]);
 }

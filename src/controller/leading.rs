@@ -120,12 +120,15 @@ fn lookaside(ctx: &Ctx, key: &ServiceKey, view: &View) -> Option<crate::xds::Ser
     // Below the panic threshold every endpoint is published as serving, as
     // the proxies and the healthy slices treat them.
     let panic = crate::balance::in_panic(config.panic_threshold, serving, view.endpoints.len());
+    let now = std::time::SystemTime::now();
     let endpoints = view
         .endpoints
         .iter()
         .filter(|d| d.backends.is_empty() || d.backends.iter().any(|b| b == "default"))
         .map(|d| {
             let state = states.get(&d.addr).cloned().unwrap_or_default();
+            let configured = statics.get(&d.addr).copied().unwrap_or(1);
+            let (weight, ramping) = state.published_weight(configured, config.slow_start, now);
             if panic {
                 return crate::xds::Endpoint {
                     addr: d.addr,
@@ -134,7 +137,8 @@ fn lookaside(ctx: &Ctx, key: &ServiceKey, view: &View) -> Option<crate::xds::Ser
                     health: Health::Healthy,
                     not_ready: d.terminating,
                     draining: state.agent.draining(),
-                    weight: state.agent.scale(statics.get(&d.addr).copied().unwrap_or(1)),
+                    weight,
+                    ramping,
                 };
             }
             crate::xds::Endpoint {
@@ -144,7 +148,8 @@ fn lookaside(ctx: &Ctx, key: &ServiceKey, view: &View) -> Option<crate::xds::Ser
                 health: state.health,
                 not_ready: !d.ready || d.terminating,
                 draining: state.agent.draining(),
-                weight: state.agent.scale(statics.get(&d.addr).copied().unwrap_or(1)),
+                weight,
+                ramping,
             }
         })
         .collect();
@@ -322,7 +327,12 @@ impl crate::admin::AdminView for ControllerAdmin {
             .entry(key.clone())
             .or_default()
             .clone();
-        balancer.update(config.algorithm.clone(), members, crate::balance::Endpoint::new);
+        balancer.update(
+            config.algorithm.clone(),
+            config.slow_start,
+            members,
+            crate::balance::Endpoint::new,
+        );
         let snap = balancer.snapshot();
         let hash = match (&config.algorithm, hash) {
             (crate::api::config::Algorithm::ConsistentHash(_), Some(k)) => {

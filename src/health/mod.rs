@@ -2,6 +2,7 @@
 //! scheduler that runs one probe loop per endpoint.
 
 pub mod agent;
+mod grpc;
 pub mod probe;
 pub mod prober;
 pub mod report;

@@ -59,12 +59,16 @@ pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &
 pub type AgentLine = Option<String>;
 
 /// What an HTTP check keeps between probes of one endpoint: its request,
-/// built once, and a buffer for the status line (on the heap, so a task that
-/// probes over TCP does not carry it).
+/// built once, a buffer for the answer's head (on the heap, so a task that
+/// probes over TCP does not carry it), and with `keepAliveRequests` the
+/// connection the next check reuses.
 #[derive(Debug)]
 pub struct HttpScratch {
     request: Vec<u8>,
     buf: Box<[u8]>,
+    kept: Option<TcpStream>,
+    /// Checks already sent on `kept`.
+    used: u32,
 }
 
 impl HttpScratch {
@@ -74,12 +78,18 @@ impl HttpScratch {
             Some(h) => h.clone(),
             None => addr.to_string(),
         };
+        let connection = if http.keep_alive_requests > 1 {
+            "keep-alive"
+        } else {
+            "close"
+        };
         let request = format!(
-            "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balanced-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+            "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: balanced-health-check\r\nAccept: */*\r\nConnection: {connection}\r\n\r\n",
             http.method, http.path
         );
-        // With an agent header the whole head is read, not just the status line.
-        let size = if http.agent_header.is_some() {
+        // With an agent header or a kept connection the whole head is read,
+        // not just the status line.
+        let size = if http.agent_header.is_some() || http.keep_alive_requests > 1 {
             HEAD_MAX
         } else {
             STATUS_LINE_MAX
@@ -87,6 +97,8 @@ impl HttpScratch {
         Self {
             request: request.into_bytes(),
             buf: vec![0; size].into_boxed_slice(),
+            kept: None,
+            used: 0,
         }
     }
 }
@@ -95,6 +107,9 @@ impl HttpScratch {
 const STATUS_LINE_MAX: usize = 1024;
 /// The longest response head read when looking for an agent header.
 const HEAD_MAX: usize = 8192;
+/// The most body a kept-alive check reads past to reuse its connection; a
+/// longer answer closes it instead.
+const DRAIN_MAX: usize = 64 * 1024;
 
 /// [`probe`], reusing `scratch` for an endpoint probed again and again.
 pub async fn probe_with(
@@ -130,16 +145,18 @@ async fn run(
     kind: &ProbeKind,
     addr: SocketAddr,
     tls: &TlsClients,
-    request: Option<&mut HttpScratch>,
+    mut request: Option<&mut HttpScratch>,
     phase: &mut Phase,
     undecided_at: tokio::time::Instant,
 ) -> Result<AgentLine, ProbeError> {
+    if let (ProbeKind::Http(http), Some(scratch)) = (kind, request.as_deref_mut())
+        && http.keep_alive_requests > 1
+    {
+        return http_kept_alive(addr, http, scratch, phase).await;
+    }
     let stream = connect(addr, matches!(kind, ProbeKind::Tcp))
         .await
-        .map_err(|e| ProbeError {
-            local: is_local_exhaustion(&e),
-            ..ProbeError::failed(format!("connect: {}", io_text(&e)))
-        })?;
+        .map_err(connect_error)?;
     match kind {
         ProbeKind::Tcp => Ok(None),
         ProbeKind::TcpPayload(payload) => {
@@ -156,6 +173,262 @@ async fn run(
             // endpoint's task would carry that much even for TCP checks.
             Box::pin(tls_probe(stream, addr, settings, tls)).await.map(|()| None)
         }
+        ProbeKind::Grpc(grpc) => {
+            *phase = Phase::Response;
+            // Boxed for the same reason: an h2 connection's state.
+            Box::pin(super::grpc::grpc_probe(stream, addr, grpc))
+                .await
+                .map(|()| None)
+        }
+    }
+}
+
+fn connect_error(e: io::Error) -> ProbeError {
+    ProbeError {
+        local: is_local_exhaustion(&e),
+        ..ProbeError::failed(format!("connect: {}", io_text(&e)))
+    }
+}
+
+/// An HTTP check over the connection the last one left open, if any: one
+/// that the endpoint closed meanwhile (its keep-alive timeout) is no verdict
+/// on the endpoint, so the check is sent again once on a new connection.
+async fn http_kept_alive(
+    addr: SocketAddr,
+    http: &HttpProbe,
+    scratch: &mut HttpScratch,
+    phase: &mut Phase,
+) -> Result<AgentLine, ProbeError> {
+    if let Some(stream) = scratch.kept.take() {
+        *phase = Phase::Response;
+        match exchange_kept_alive(stream, http, scratch).await {
+            Err(Exchange::Broken(_)) => {}
+            Err(Exchange::Failed(e)) => return Err(e),
+            Ok(line) => return Ok(line),
+        }
+    }
+    *phase = Phase::Connect;
+    let stream = connect(addr, false).await.map_err(connect_error)?;
+    scratch.used = 0;
+    *phase = Phase::Response;
+    exchange_kept_alive(stream, http, scratch).await.map_err(|e| match e {
+        Exchange::Broken(e) | Exchange::Failed(e) => e,
+    })
+}
+
+/// How a check on a kept-alive connection went wrong.
+enum Exchange {
+    /// Nothing of an answer came: the connection was already closed.
+    Broken(ProbeError),
+    /// The endpoint answered, wrongly or not at all in time.
+    Failed(ProbeError),
+}
+
+/// Sends the check on `stream`, reads the whole answer, and keeps the
+/// connection in `scratch` when the answer's framing allows another check
+/// on it and fewer than `keepAliveRequests` were sent.
+async fn exchange_kept_alive(
+    mut stream: TcpStream,
+    http: &HttpProbe,
+    scratch: &mut HttpScratch,
+) -> Result<AgentLine, Exchange> {
+    if let Err(e) = stream.write_all(&scratch.request).await {
+        return Err(Exchange::Broken(ProbeError::failed(format!(
+            "http: send: {}",
+            io_text(&e)
+        ))));
+    }
+    let mut len = 0;
+    let end = loop {
+        let n = match stream.read(&mut scratch.buf[len..]).await {
+            Ok(n) => n,
+            Err(e) => {
+                let e = ProbeError::failed(format!("http: read: {}", io_text(&e)));
+                return Err(if len == 0 {
+                    Exchange::Broken(e)
+                } else {
+                    Exchange::Failed(e)
+                });
+            }
+        };
+        if n == 0 {
+            let e = ProbeError::failed("http: connection closed before the end of the headers");
+            return Err(if len == 0 {
+                Exchange::Broken(e)
+            } else {
+                Exchange::Failed(e)
+            });
+        }
+        len += n;
+        if let Some(end) = scratch.buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+            break end;
+        }
+        if len == scratch.buf.len() {
+            return Err(Exchange::Failed(ProbeError::failed(format!(
+                "http: response headers longer than {HEAD_MAX} bytes"
+            ))));
+        }
+    };
+    let head = parse_head(
+        &scratch.buf[..end],
+        http.agent_header.as_ref(),
+        http.method == http::Method::HEAD,
+    )
+    .map_err(Exchange::Failed)?;
+    let verdict = if http.expect.matches(head.status) {
+        Ok(head.agent)
+    } else {
+        Err(Exchange::Failed(ProbeError::failed(format!(
+            "http: status {}, expected {}",
+            head.status, http.expect
+        ))))
+    };
+    let already = scratch.buf[end + 4..len].to_vec();
+    scratch.used += 1;
+    if !head.close && scratch.used < http.keep_alive_requests && drain(&mut stream, head.body, already).await {
+        scratch.kept = Some(stream);
+    }
+    verdict
+}
+
+/// A response head, as far as a check needs it.
+struct Head {
+    status: u16,
+    agent: AgentLine,
+    body: Framing,
+    /// The endpoint will close the connection after this answer.
+    close: bool,
+}
+
+/// How the body after a head ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Only by the connection closing: nothing can follow on it.
+    Close,
+}
+
+fn parse_head(head: &[u8], agent: Option<&http::HeaderName>, head_request: bool) -> Result<Head, ProbeError> {
+    let mut lines = head.split(|b| *b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let status_line = lines.next().unwrap_or_default();
+    let status = parse_status_line(status_line)?;
+    let mut parsed = Head {
+        status,
+        agent: None,
+        body: Framing::Close,
+        close: status_line.starts_with(b"HTTP/1.0"),
+    };
+    let (mut length, mut chunked) = (None, false);
+    for line in lines {
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if agent.is_some_and(|a| name.eq_ignore_ascii_case(a.as_str().as_bytes())) && parsed.agent.is_none() {
+            parsed.agent = Some(String::from_utf8_lossy(value).into_owned());
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            length = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            chunked = value.to_ascii_lowercase().ends_with(b"chunked");
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            let value = value.to_ascii_lowercase();
+            if value.split(|b| *b == b',').any(|t| t.trim_ascii() == b"close") {
+                parsed.close = true;
+            }
+        }
+    }
+    parsed.body = if head_request || status < 200 || status == 204 || status == 304 {
+        Framing::None
+    } else if chunked {
+        Framing::Chunked
+    } else {
+        match length {
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    if parsed.body == Framing::Close {
+        parsed.close = true;
+    }
+    Ok(parsed)
+}
+
+/// Reads past the body of an answer (`already` is what came with its head),
+/// so the connection can carry another check; false when it cannot: a body
+/// longer than [`DRAIN_MAX`], malformed chunks, or the connection closed.
+async fn drain(stream: &mut TcpStream, body: Framing, mut already: Vec<u8>) -> bool {
+    match body {
+        Framing::None => already.is_empty(),
+        Framing::Close => false,
+        Framing::Length(n) => {
+            if n > DRAIN_MAX as u64 || already.len() as u64 > n {
+                return false;
+            }
+            let mut left = n as usize - already.len();
+            let mut chunk = [0u8; 4096];
+            while left > 0 {
+                match stream.read(&mut chunk[..left.min(4096)]).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(k) => left -= k,
+                }
+            }
+            true
+        }
+        Framing::Chunked => {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match chunked_end(&already) {
+                    Ok(Some(end)) => return end == already.len(),
+                    Ok(None) if already.len() < DRAIN_MAX => {}
+                    _ => return false,
+                }
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(k) => already.extend_from_slice(&chunk[..k]),
+                }
+            }
+        }
+    }
+}
+
+/// Where a chunked body that starts at `buf[0]` ends, if all of it is in `buf`.
+fn chunked_end(buf: &[u8]) -> Result<Option<usize>, ()> {
+    let mut at = 0;
+    loop {
+        let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let line = &buf[at..at + eol];
+        let digits = line.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
+        let size = std::str::from_utf8(digits)
+            .ok()
+            .and_then(|d| usize::from_str_radix(d, 16).ok())
+            .ok_or(())?;
+        at += eol + 2;
+        if size == 0 {
+            // Trailer fields, then an empty line.
+            loop {
+                let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(None);
+                };
+                at += eol + 2;
+                if eol == 0 {
+                    return Ok(Some(at));
+                }
+            }
+        }
+        if size > DRAIN_MAX {
+            return Err(());
+        }
+        if buf.len() < at + size + 2 {
+            return Ok(None);
+        }
+        if &buf[at + size..at + size + 2] != b"\r\n" {
+            return Err(());
+        }
+        at += size + 2;
     }
 }
 
@@ -331,19 +604,8 @@ async fn read_head(
             )));
         }
     };
-    let mut lines = buf[..end]
-        .split(|b| *b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let status = parse_status_line(lines.next().unwrap_or_default())?;
-    let value = lines
-        .filter_map(|l| {
-            let colon = l.iter().position(|b| *b == b':')?;
-            l[..colon]
-                .eq_ignore_ascii_case(name.as_str().as_bytes())
-                .then(|| String::from_utf8_lossy(&l[colon + 1..]).trim().to_string())
-        })
-        .next();
-    Ok((status, value))
+    let head = parse_head(&buf[..end], Some(name), false)?;
+    Ok((head.status, head.agent))
 }
 
 fn parse_status_line(line: &[u8]) -> Result<u16, ProbeError> {
@@ -417,6 +679,35 @@ pub fn io_text(e: &io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_bodies_are_found_whole_or_not_yet() {
+        assert_eq!(chunked_end(b"0\r\n\r\n"), Ok(Some(5)));
+        assert_eq!(chunked_end(b"2\r\nok\r\n0\r\n\r\n"), Ok(Some(12)));
+        assert_eq!(chunked_end(b"2;x=y\r\nok\r\n0\r\nA: b\r\n\r\n"), Ok(Some(22)));
+        assert_eq!(chunked_end(b"2\r\nok\r\n0\r\n"), Ok(None));
+        assert_eq!(chunked_end(b"2\r\no"), Ok(None));
+        assert_eq!(chunked_end(b"zz\r\n"), Err(()));
+        assert_eq!(chunked_end(b"2\r\nokay\r\n"), Err(()));
+    }
+
+    #[test]
+    fn heads_say_how_their_body_ends_and_whether_the_connection_stays() {
+        let head = |text: &[u8], head_request| parse_head(text, None, head_request).unwrap();
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 12", false);
+        assert_eq!((h.body, h.close), (Framing::Length(12), false));
+        let h = head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked", false);
+        assert_eq!((h.body, h.close), (Framing::Chunked, false));
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nConnection: Close", false);
+        assert!(h.close);
+        let h = head(b"HTTP/1.1 200 OK", false);
+        assert_eq!((h.body, h.close), (Framing::Close, true));
+        let h = head(b"HTTP/1.1 204 No Content", false);
+        assert_eq!((h.body, h.close), (Framing::None, false));
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 12", true);
+        assert_eq!(h.body, Framing::None);
+        assert!(head(b"HTTP/1.0 200 OK\r\nContent-Length: 0", false).close);
+    }
 
     #[test]
     fn status_lines_parse() {

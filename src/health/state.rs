@@ -98,6 +98,28 @@ impl HealthState {
         self.health == Health::Healthy
     }
 
+    /// The weight lookaside clients (xDS) are given: `configured` scaled by
+    /// the agent's percent and, within `slow_start`'s window after it turned
+    /// healthy, by the ramp; and whether it is still ramping at `now`.
+    pub fn published_weight(
+        &self,
+        configured: u32,
+        slow_start: Option<crate::api::config::SlowStart>,
+        now: SystemTime,
+    ) -> (u32, bool) {
+        let full = self.agent.scale(configured);
+        let since = self
+            .last_transition
+            .filter(|_| self.is_healthy())
+            .and_then(|at| now.duration_since(at).ok());
+        match (slow_start, since) {
+            (Some(ss), Some(elapsed)) if elapsed < ss.window => {
+                (((f64::from(full) * ss.factor(elapsed)) as u32).max(1), true)
+            }
+            _ => (full, false),
+        }
+    }
+
     /// Records one probe result; returns the previous health if it changed.
     pub fn record(&mut self, result: Result<(), &str>, rise: u32, fall: u32, now: SystemTime) -> Option<Health> {
         let before = self.health;
@@ -142,6 +164,27 @@ mod tests {
     use super::*;
 
     const T0: SystemTime = SystemTime::UNIX_EPOCH;
+
+    #[test]
+    fn published_weights_ramp_after_turning_healthy() {
+        use std::time::Duration;
+        let ss = crate::api::config::SlowStart {
+            window: Duration::from_secs(10),
+            aggression_milli: 1000,
+            min_weight_percent: 10,
+        };
+        let healthy = HealthState::inherited(Health::Healthy, Some(T0));
+        let at = |secs| T0 + Duration::from_secs(secs);
+        assert_eq!(healthy.published_weight(2, Some(ss), at(0)), (20, true));
+        assert_eq!(healthy.published_weight(2, Some(ss), at(5)), (100, true));
+        assert_eq!(healthy.published_weight(2, Some(ss), at(10)), (200, false));
+        assert_eq!(healthy.published_weight(2, None, at(0)), (200, false));
+        // Not healthy, or healthy since before anyone watched: no ramp.
+        let down = HealthState::inherited(Health::Unhealthy, Some(T0));
+        assert_eq!(down.published_weight(2, Some(ss), at(1)), (200, false));
+        let unknown_since = HealthState::inherited(Health::Healthy, None);
+        assert_eq!(unknown_since.published_weight(2, Some(ss), at(1)), (200, false));
+    }
 
     fn feed(state: &mut HealthState, results: &str, rise: u32, fall: u32) -> Vec<Health> {
         results

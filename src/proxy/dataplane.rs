@@ -29,6 +29,8 @@ pub struct EndpointLive {
     pub active: u64,
     /// Remaining passive ejection, if ejected.
     pub ejected_for: Option<Duration>,
+    /// The percent of its weight it takes while it ramps up (slow start).
+    pub ramp_percent: Option<u32>,
 }
 
 /// A listener that could not be bound.
@@ -206,17 +208,18 @@ impl Dataplane {
             return HashMap::new();
         };
         let now = now_ms();
-        runtime
-            .balancer
-            .snapshot()
-            .members
+        let snap = runtime.balancer.snapshot();
+        snap.members
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(i, m)| {
+                let factor = snap.factor_at(i, now);
                 (
                     m.spec.addr,
                     EndpointLive {
                         active: m.endpoint.active(),
                         ejected_for: m.endpoint.passive.ejected_for(now),
+                        ramp_percent: (factor < 1.0).then(|| (factor * 100.0).round() as u32),
                     },
                 )
             })

@@ -209,9 +209,11 @@ impl ServiceRuntime {
                 self.lift_ejection_in(&previous.snap, m.addr, now);
             }
         }
-        let removed = self.balancer.update(config.algorithm.clone(), members, |addr| {
-            Endpoint::with_stats(addr, self.metrics.endpoint_stats(&self.label, &addr.to_string()))
-        });
+        let removed = self
+            .balancer
+            .update(config.algorithm.clone(), config.slow_start, members, |addr| {
+                Endpoint::with_stats(addr, self.metrics.endpoint_stats(&self.label, &addr.to_string()))
+            });
         for addr in removed {
             self.metrics.forget_endpoint(&self.label, &addr.to_string());
         }

@@ -324,12 +324,14 @@ impl FileView {
                 let states: std::collections::HashMap<SocketAddr, HealthState> =
                     self.prober.states(&cfg.key).into_iter().collect();
                 let unreported = HealthState::new();
+                let now = std::time::SystemTime::now();
                 let endpoints = cfg
                     .static_members()
                     .into_iter()
                     .filter(|(_, groups)| groups & 1 != 0)
                     .map(|(e, _)| {
                         let state = states.get(&e.addr).unwrap_or(&unreported);
+                        let (weight, ramping) = state.published_weight(e.weight, cfg.slow_start, now);
                         crate::xds::Endpoint {
                             addr: e.addr,
                             ports: Vec::new(),
@@ -337,7 +339,8 @@ impl FileView {
                             health: state.health,
                             not_ready: false,
                             draining: state.agent.draining(),
-                            weight: state.agent.scale(e.weight),
+                            weight,
+                            ramping,
                         }
                     })
                     .collect();

@@ -113,6 +113,9 @@ pub fn add_live(value: &mut serde_json::Value, keys: &[ServiceKey], dataplane: &
             if let Some(l) = addr.and_then(|a| live.remove(&a)) {
                 ep["activeConnections"] = l.active.into();
                 ep["ejected"] = l.ejected_for.is_some().into();
+                if let Some(p) = l.ramp_percent {
+                    ep["slowStartPercent"] = p.into();
+                }
             }
         }
         let mut rest: Vec<_> = live.into_iter().collect();

@@ -40,6 +40,9 @@ pub struct Snapshot {
     pub serving: bool,
 }
 
+/// How often weights that ramp up (slow start) are published again.
+const RAMP_STEP: Duration = Duration::from_secs(1);
+
 /// Keeps a [`Snapshot`] current: rebuilds with `build` after every change
 /// `changes` signals (coalesced over 20 ms) and publishes only a different
 /// result; `build` answers `None` while this process is not the one to ask
@@ -52,29 +55,48 @@ pub fn publish<F>(
 where
     F: Fn() -> Option<Vec<Service>> + Send + 'static,
 {
+    // Also says whether a weight is still ramping (slow start): then it is
+    // built again every RAMP_STEP, with no change to wait for.
     let make = move |version: u64| match build() {
-        Some(services) => Snapshot {
-            version,
-            resources: resources::build(&services),
-            serving: true,
-        },
-        None => Snapshot {
-            version,
-            ..Snapshot::default()
-        },
+        Some(services) => {
+            let ramping = services.iter().any(|s| s.endpoints.iter().any(|e| e.ramping));
+            let snapshot = Snapshot {
+                version,
+                resources: resources::build(&services),
+                serving: true,
+            };
+            (snapshot, ramping)
+        }
+        None => (
+            Snapshot {
+                version,
+                ..Snapshot::default()
+            },
+            false,
+        ),
     };
-    let (tx, rx) = watch::channel(Arc::new(make(1)));
+    let (first, mut ramping) = make(1);
+    let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         loop {
+            let step = async {
+                if ramping {
+                    tokio::time::sleep(RAMP_STEP).await;
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = changes.changed() => if changed.is_err() { return },
+                _ = step => {}
             }
             // A burst of transitions (a node going away) makes one version.
             tokio::time::sleep(Duration::from_millis(20)).await;
             changes.borrow_and_update();
             let current = tx.borrow().clone();
-            let next = make(current.version + 1);
+            let (next, still) = make(current.version + 1);
+            ramping = still;
             if next.resources != current.resources || next.serving != current.serving {
                 tracing::debug!(version = next.version, serving = next.serving, "xDS resources changed");
                 tx.send_replace(Arc::new(next));

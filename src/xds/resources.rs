@@ -63,8 +63,11 @@ pub struct Endpoint {
     pub not_ready: bool,
     /// Its agent says drain (or maint, or 0%).
     pub draining: bool,
-    /// Effective weight: configured weight times reported percent.
+    /// Effective weight: configured weight times reported percent (times
+    /// its slow-start ramp).
     pub weight: u32,
+    /// Its weight is still ramping up: published again as it grows.
+    pub ramping: bool,
 }
 
 /// Every resource, by type URL and name.

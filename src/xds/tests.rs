@@ -31,6 +31,7 @@ fn sample() -> Vec<Service> {
         not_ready: false,
         draining,
         weight,
+        ramping: false,
     };
     vec![Service {
         config,
@@ -305,5 +306,34 @@ async fn a_stream_pushes_only_what_changed_and_unknown_names_get_nothing() {
     );
     let quiet = tokio::time::timeout(Duration::from_millis(300), responses.message()).await;
     assert!(quiet.is_err(), "the listener did not change: {quiet:?}");
+    stop.cancel();
+}
+
+#[tokio::test(start_paused = true)]
+async fn ramping_weights_are_published_again_until_the_ramp_ends() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // A build whose newcomer's weight grows by 10 per call and stops ramping at 100.
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let (_changes_tx, changes) = watch::channel(0u64);
+    let stop = CancellationToken::new();
+    let snapshots = publish(
+        move || {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut services = sample();
+            let newcomer = &mut services[0].endpoints[0];
+            newcomer.weight = (10 * n).min(100);
+            newcomer.ramping = newcomer.weight < 100;
+            Some(services)
+        },
+        changes,
+        stop.clone(),
+    );
+    assert_eq!(snapshots.borrow().version, 1);
+    tokio::time::sleep(Duration::from_millis(9_500)).await;
+    assert_eq!(snapshots.borrow().version, 10, "one version a second while it ramps");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(snapshots.borrow().version, 10, "none once it is full");
+    assert_eq!(calls.load(Ordering::SeqCst), 10);
     stop.cancel();
 }
