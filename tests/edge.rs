@@ -406,3 +406,113 @@ async fn beyond_max_requests_and_its_queue_requests_get_503_at_once() {
         .unwrap_or_else(|| panic!("no balanced_overflow_total in\n{metrics}"));
     assert!(!overflow.ends_with(" 0"), "{overflow}");
 }
+
+/// One of two endpoints frozen (accepts, never answers), `response: 2s`,
+/// `perTryTimeout: 200ms`: with `hedge` a GET stuck on it is sent to the
+/// other one too and answered from there, flagged `HG`, long before 2 s; a
+/// POST is not hedged (it would run twice) and waits out the response
+/// timeout. Without `hedge` the stuck attempt is abandoned at 200 ms and
+/// retried instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_stuck_on_a_frozen_endpoint_is_hedged_after_the_per_try_timeout() {
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let log = dir.join(format!("access-hedge-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
+    let good = Backend::http("good", Behavior::Status(200)).await;
+    let frozen = Backend::http("frozen", Behavior::Status(200)).await;
+    frozen.freeze();
+    // Probes go to the good backend's port, and nothing ejects: the frozen
+    // endpoint stays in rotation, as a hung process passing its checks would.
+    let base = format!(
+        "  algorithm: RoundRobin\n  passiveHealth: {{maxFails: 0}}\n  healthCheck: {{protocol: TCP, interval: 200ms, timeout: 100ms, rise: 1, port: {}}}\n  timeouts: {{connect: 1s, response: 2s}}",
+        good.addr.port()
+    );
+    let hedged = format!("{base}\n  retry: {{perTryTimeout: 200ms, hedge: true}}");
+    let p = proxy_with(&[frozen.addr, good.addr], "HTTP", &hedged, 2, Some(&log)).await;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let send = |method: &'static str| {
+        let client = client.clone();
+        let url = format!("http://{}/", p.listen);
+        async move {
+            let started = std::time::Instant::now();
+            let resp = client
+                .request(
+                    http::Request::builder()
+                        .method(method)
+                        .uri(url)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned(), started.elapsed())
+        }
+    };
+    for _ in 0..4 {
+        let (status, body, took) = send("GET").await;
+        assert_eq!((status, body.as_str()), (200, "good"));
+        assert!(took < Duration::from_millis(1500), "waited {took:?}, as if not hedged");
+    }
+    let lines = eventually(Duration::from_secs(3), "four access-log lines", || async {
+        let l = log_lines(&log);
+        (l.len() >= 4).then_some(l)
+    })
+    .await;
+    let hedges: Vec<_> = lines.iter().filter(|l| l["flags"] == "HG").collect();
+    assert!(!hedges.is_empty(), "no hedged request in {lines:#?}");
+    for h in &hedges {
+        assert_eq!(h["upstream"], good.addr.to_string(), "{h}");
+        assert_eq!(h["attempts"], 2, "{h}");
+        assert_eq!(h["status"], 200, "{h}");
+    }
+    let (_, metrics) = balanced::demo::backend::http_get(p.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("balanced_upstream_retries_total") && l.contains("reason=\"Hedge\"")),
+        "hedges are counted as retries"
+    );
+
+    // A POST is not hedged: the one that lands on the frozen endpoint waits
+    // out `response: 2s` (the rules retry no POST after sending).
+    let mut posts = Vec::new();
+    for _ in 0..2 {
+        posts.push(send("POST").await);
+    }
+    let stuck = posts
+        .iter()
+        .find(|(s, _, _)| *s == 504)
+        .unwrap_or_else(|| panic!("a POST on the frozen endpoint: {posts:?}"));
+    assert!(stuck.2 >= Duration::from_secs(2), "{stuck:?}");
+    drop(p);
+
+    // perTryTimeout alone: the stuck attempt is given up at 200 ms and retried.
+    let plain = format!("{base}\n  retry: {{perTryTimeout: 200ms}}");
+    let p = proxy_with(&[frozen.addr, good.addr], "HTTP", &plain, 2, None).await;
+    let send = |method: &'static str| {
+        let client = client.clone();
+        let url = format!("http://{}/", p.listen);
+        async move {
+            let started = std::time::Instant::now();
+            let resp = client
+                .request(
+                    http::Request::builder()
+                        .method(method)
+                        .uri(url)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            (resp.status().as_u16(), started.elapsed())
+        }
+    };
+    for _ in 0..4 {
+        let (status, took) = send("GET").await;
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_millis(1500), "waited {took:?}");
+    }
+    frozen.thaw();
+}

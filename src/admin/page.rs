@@ -290,11 +290,11 @@ mod tests {
         assert!(lines[0].starts_with("service,endpoint,state,"));
         assert_eq!(
             lines[1],
-            "default/web,10.0.0.1:8080,Healthy,,2026-11-30T10:00:00Z,100,2,false,false"
+            "default/web,10.0.0.1:8080,Healthy,,2026-11-30T10:00:00Z,100,2,false,false,"
         );
         assert_eq!(
             lines[2],
-            "default/web,10.0.0.2:8080,Unhealthy,\"connect: Connection refused (os error 111), \"\"<b>\"\"\",2026-11-30T10:01:00Z,100,0,true,false"
+            "default/web,10.0.0.2:8080,Unhealthy,\"connect: Connection refused (os error 111), \"\"<b>\"\"\",2026-11-30T10:01:00Z,100,0,true,false,"
         );
     }
 }

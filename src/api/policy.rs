@@ -60,6 +60,10 @@ pub struct RetryPolicy {
     pub max_body_bytes: u64,
     /// How many retries recent traffic allows.
     pub budget: BudgetPolicy,
+    /// One attempt's wait for its response head; `None`: the response timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// After `per_try_timeout`, another attempt races the first.
+    pub hedge: bool,
 }
 
 /// The retry budget: `percent` of the requests seen over `interval`, plus a
@@ -77,6 +81,16 @@ pub struct BudgetPolicy {
 }
 
 impl RetryPolicy {
+    /// How long one attempt waits for its response head, given the route's
+    /// response timeout: the per-try timeout, unless it hedges (then the
+    /// first attempt goes on waiting beside the second).
+    pub fn attempt_timeout(&self, response: Duration) -> Duration {
+        match self.per_try_timeout {
+            Some(t) if !self.hedge => t.min(response),
+            _ => response,
+        }
+    }
+
     /// Whether `condition` is in `retry.on`.
     pub fn retries_on(&self, condition: RetryCondition) -> bool {
         self.on.contains(&condition)

@@ -713,6 +713,16 @@ pub struct RetrySpec {
     /// Caps retries to a share of recent requests (Gateway API GEP-3388, Linkerd).
     #[serde(default)]
     pub budget: RetryBudgetSpec,
+    /// How long one attempt may wait for its response head before it counts
+    /// as timed out (Envoy `per_try_timeout`); unset: `timeouts.response`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(0|[0-9]+(ms|s|m|h))$"))]
+    pub per_try_timeout: Option<String>,
+    /// After `perTryTimeout` send the request to another endpoint as well,
+    /// keep the first answer and cancel the other (Envoy
+    /// `hedge_on_per_try_timeout`); only for request bodies that were buffered.
+    #[serde(default)]
+    pub hedge: bool,
 }
 
 /// Retries allowed: up to `percent` of the requests seen over `interval`, and never
@@ -1219,6 +1229,8 @@ impl Default for RetrySpec {
             timeout: default_retry_timeout(),
             max_body_bytes: default_retry_buffer(),
             budget: RetryBudgetSpec::default(),
+            per_try_timeout: None,
+            hedge: false,
         }
     }
 }

@@ -123,8 +123,8 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
     let algorithm = algorithm(&mut errs, spec, &listeners);
     let health = health_check(&mut errs, &spec.health_check);
     let passive = passive(&mut errs, &spec.passive_health);
-    let retry = retry(&mut errs, &spec.retry);
     let timeouts = timeouts(&mut errs, &spec.timeouts);
+    let retry = retry(&mut errs, &spec.retry, &timeouts);
     let limits = limits(&mut errs, &spec.limits);
     let rate_limit = spec
         .rate_limit
@@ -1046,7 +1046,7 @@ fn passive(errs: &mut Errors, p: &spec::PassiveHealthSpec) -> PassiveHealth {
     }
 }
 
-fn retry(errs: &mut Errors, r: &spec::RetrySpec) -> RetryPolicy {
+fn retry(errs: &mut Errors, r: &spec::RetrySpec, timeouts: &Timeouts) -> RetryPolicy {
     let tries = errs.at_least("spec.retry.tries", r.tries, 0);
     let timeout = errs.duration("spec.retry.timeout", &r.timeout);
     if r.max_body_bytes < 0 {
@@ -1068,12 +1068,33 @@ fn retry(errs: &mut Errors, r: &spec::RetrySpec) -> RetryPolicy {
         min_count: errs.at_least("spec.retry.budget.minRetryRate.count", b.min_retry_rate.count, 0),
         min_interval: errs.positive_duration("spec.retry.budget.minRetryRate.interval", &b.min_retry_rate.interval),
     };
+    let per_try_timeout = r.per_try_timeout.as_ref().map(|text| {
+        let t = errs.positive_duration("spec.retry.perTryTimeout", text);
+        if !t.is_zero() && t >= timeouts.response {
+            errs.add(
+                "spec.retry.perTryTimeout",
+                format!(
+                    "must be less than spec.timeouts.response ({}), got {text:?}",
+                    format_duration(timeouts.response)
+                ),
+            );
+        }
+        t
+    });
+    if r.hedge && per_try_timeout.is_none() {
+        errs.add(
+            "spec.retry.hedge",
+            "sends a second attempt after spec.retry.perTryTimeout, which is unset",
+        );
+    }
     RetryPolicy {
         on,
         tries,
         timeout: (!timeout.is_zero()).then_some(timeout),
         max_body_bytes: r.max_body_bytes.max(0) as u64,
         budget,
+        per_try_timeout,
+        hedge: r.hedge,
     }
 }
 
@@ -1654,6 +1675,38 @@ mod tests {
                 s.listeners[0].app_protocol = Some("http".into());
             },
             "spec.listeners[0].appProtocol: is only used with protocol HTTP, got \"http\" on a TCP listener",
+        );
+    }
+
+    #[test]
+    fn per_try_timeouts_and_hedging_are_checked() {
+        assert_error(
+            |s| s.retry.per_try_timeout = Some("60s".into()),
+            "spec.retry.perTryTimeout: must be less than spec.timeouts.response (1m), got \"60s\"",
+        );
+        assert_error(
+            |s| s.retry.per_try_timeout = Some("0".into()),
+            "spec.retry.perTryTimeout: must be more than 0, got \"0\"",
+        );
+        assert_error(
+            |s| s.retry.hedge = true,
+            "spec.retry.hedge: sends a second attempt after spec.retry.perTryTimeout, which is unset",
+        );
+        let mut s = base();
+        s.retry.per_try_timeout = Some("200ms".into());
+        s.retry.hedge = true;
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        assert_eq!(cfg.retry.per_try_timeout, Some(Duration::from_millis(200)));
+        assert!(cfg.retry.hedge);
+        assert_eq!(
+            cfg.retry.attempt_timeout(Duration::from_secs(2)),
+            Duration::from_secs(2)
+        );
+        s.retry.hedge = false;
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        assert_eq!(
+            cfg.retry.attempt_timeout(Duration::from_secs(2)),
+            Duration::from_millis(200)
         );
     }
 

@@ -39,8 +39,10 @@ impl Flags {
     pub const DOWNSTREAM_CLOSED: Flags = Flags(32);
     /// `RL`: refused by a rate limit (429).
     pub const RATE_LIMITED: Flags = Flags(64);
+    /// `HG`: hedged: a second attempt raced the first after `retry.perTryTimeout`.
+    pub const HEDGED: Flags = Flags(128);
 
-    const NAMES: [(Flags, &'static str); 7] = [
+    const NAMES: [(Flags, &'static str); 8] = [
         (Self::NO_HEALTHY_UPSTREAM, "UH"),
         (Self::UPSTREAM_CONNECT_FAILURE, "UF"),
         (Self::UPSTREAM_TIMEOUT, "UT"),
@@ -48,6 +50,7 @@ impl Flags {
         (Self::UPSTREAM_OVERFLOW, "UO"),
         (Self::DOWNSTREAM_CLOSED, "DC"),
         (Self::RATE_LIMITED, "RL"),
+        (Self::HEDGED, "HG"),
     ];
 
     /// Adds `other`.

@@ -129,6 +129,14 @@ impl<'a> Attempts<'a> {
         retry::may_retry_after_send(self.retry, &self.attempted(&Failure::Timeout, request))
     }
 
+    /// Whether the rules would retry this request after it timed out once
+    /// sent (`Timeout` in `retry.on`, an idempotent method or
+    /// `NonIdempotent`, a buffered body): what a hedge after
+    /// `retry.perTryTimeout` needs, since it sends the request again.
+    pub fn may_hedge(&self, request: RequestFacts<'_>) -> bool {
+        decide(self.retry, &self.attempted(&Failure::Timeout, request)).is_ok()
+    }
+
     fn attempted<'f>(&self, failure: &'f Failure, request: RequestFacts<'f>) -> Attempted<'f> {
         Attempted {
             failure,
@@ -207,6 +215,39 @@ impl<'a> Attempts<'a> {
                 false
             }
         }
+    }
+
+    /// Endpoint `i` has not answered within `retry.perTryTimeout` while a
+    /// hedge goes elsewhere: a timeout for passive health (as it would be
+    /// without hedging), so an endpoint that hangs is ejected rather than
+    /// costing every request routed to it a per-try wait. The attempt itself
+    /// runs on and may still win.
+    pub fn late(&mut self, i: usize) {
+        self.service
+            .record_failure(self.config, &self.snap.members[i], &Failure::Timeout);
+    }
+
+    /// Whether another attempt may race the ones in flight (`retry.hedge`,
+    /// after `retry.perTryTimeout`): within `retry.tries` and `retry.timeout`,
+    /// and paid for by the retry budget as a retry is.
+    pub fn hedge(&mut self) -> bool {
+        let limit = match self.retry.tries {
+            0 => self.snap.members.len(),
+            n => n as usize,
+        };
+        if self.tried.len() >= limit || self.retry.timeout.is_some_and(|t| self.started.elapsed() >= t) {
+            return false;
+        }
+        if !self
+            .service
+            .budget
+            .try_withdraw(&self.config.retry.budget, self.service.budget_now())
+        {
+            self.service.record_budget_refusal();
+            return false;
+        }
+        self.service.record_retry("Hedge");
+        true
     }
 
     /// How the attempts ended.
@@ -345,6 +386,37 @@ mod tests {
         let end = a.exhausted();
         assert_eq!(end.tries, 3);
         assert_eq!(end.refused, Some(NoRetry::TriesExhausted));
+    }
+
+    #[tokio::test]
+    async fn hedges_stay_within_tries_the_budget_and_the_rules() {
+        let hedging = "  retry: {tries: 2, perTryTimeout: 100ms, hedge: true}\n";
+        let (rt, cfg) = runtime(hedging, &[true, true, true]);
+        let snap = rt.current().snap.clone();
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        assert!(a.may_hedge(GET));
+        let post = RequestFacts {
+            method: Some(&Method::POST),
+            replayable: true,
+        };
+        assert!(!a.may_hedge(post), "a POST would run twice");
+        let streamed = RequestFacts {
+            replayable: false,
+            ..GET
+        };
+        assert!(!a.may_hedge(streamed), "a streamed body cannot be sent twice");
+        a.next_endpoint().unwrap();
+        assert!(a.hedge(), "one more is within tries: 2");
+        a.next_endpoint().unwrap();
+        assert!(!a.hedge(), "a third is not");
+
+        // No budget left: no hedge, and it is counted as a refusal.
+        let broke = "  retry: {perTryTimeout: 100ms, hedge: true, budget: {percent: 0, minRetryRate: {count: 0}}}\n";
+        let (rt, cfg) = runtime(broke, &[true, true, true]);
+        let snap = rt.current().snap.clone();
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        a.next_endpoint().unwrap();
+        assert!(!a.hedge());
     }
 
     #[tokio::test]

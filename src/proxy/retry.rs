@@ -287,6 +287,8 @@ mod tests {
             timeout: Some(Duration::from_secs(10)),
             max_body_bytes: 65536,
             budget: budget(20, 10),
+            per_try_timeout: None,
+            hedge: false,
         }
     }
 

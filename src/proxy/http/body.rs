@@ -97,9 +97,17 @@ impl RequestBody {
     /// The body for the next attempt; `None` when a streamed body was already sent.
     pub fn take(&mut self) -> Option<UpBody> {
         match self {
+            RequestBody::Replayable(_) => self.replay(),
+            RequestBody::Streaming(body) => body.take(),
+        }
+    }
+
+    /// A copy of a buffered body for one more attempt; `None` for a streamed one.
+    pub fn replay(&self) -> Option<UpBody> {
+        match self {
             RequestBody::Replayable(bytes) if bytes.is_empty() => Some(UpBody::Empty),
             RequestBody::Replayable(bytes) => Some(UpBody::Full(Some(bytes.clone()))),
-            RequestBody::Streaming(body) => body.take(),
+            RequestBody::Streaming(_) => None,
         }
     }
 

@@ -76,6 +76,24 @@ pub async fn forward(
         ..Default::default()
     };
     let mut attempts = routed.attempts(service, current, key);
+    let replayed = RequestFacts {
+        method: Some(&parts.method),
+        replayable: body.replayable(),
+    };
+    // Hedging resends what was sent: only a buffered body, only a request
+    // the rules would retry after a timeout (not a POST, unless told).
+    if routed.retry.hedge && body.replayable() && attempts.may_hedge(replayed) {
+        let race = super::hedge::Race {
+            current,
+            listener,
+            parts: &parts,
+            body: &body,
+            protocol,
+            response_timeout: routed.response_timeout,
+        };
+        return race.run(attempts, meters, up, routed.retry).await;
+    }
+    let attempt_timeout = routed.retry.attempt_timeout(routed.response_timeout);
     let mut fallback: Option<Response<ProxyBody>> = None;
     while let Some(i) = attempts.next_endpoint() {
         let member = &current.snap.members[i];
@@ -117,7 +135,7 @@ pub async fn forward(
         };
         let started = Instant::now();
         up.endpoint = Some(member.spec.addr);
-        let outcome = exchange(pool, conn, request, copy, upload.as_deref(), routed.response_timeout).await;
+        let outcome = exchange(pool, conn, request, copy, upload.as_deref(), attempt_timeout).await;
         meters.duration.observe(started.elapsed());
         up.attempts = attempts.tries() as u32;
         if let Some(state) = &upload {
@@ -167,7 +185,11 @@ pub async fn forward(
 
 /// One attempt's request: the shaped head of the client's request, with
 /// `headers` (a copy, or the originals when no retry can follow) and `body`.
-fn upstream_request(parts: &http::request::Parts, headers: http::HeaderMap, body: UpBody) -> Request<UpBody> {
+pub(super) fn upstream_request(
+    parts: &http::request::Parts,
+    headers: http::HeaderMap,
+    body: UpBody,
+) -> Request<UpBody> {
     let mut up = Request::new(body);
     *up.method_mut() = parts.method.clone();
     *up.uri_mut() = parts.uri.clone();

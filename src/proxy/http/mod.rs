@@ -21,6 +21,7 @@ pub mod answer;
 pub mod body;
 pub mod forward;
 pub mod headers;
+pub mod hedge;
 pub mod route;
 pub mod serve;
 pub mod tunnel;
