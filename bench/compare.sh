@@ -16,6 +16,11 @@
 #        nginx cannot proxy to h2 upstreams, so its row is h2c -> HTTP/1.1
 #   tcp: iperf3 through a TCP listener (HAProxy mode tcp, nginx stream), balanced
 #        by source address everywhere: iperf3's two connections must meet one server
+#   https:  wrk -t1 -cCONNS keep-alive over TLS (one ECDSA P-256 certificate for
+#           all three; HAProxy `bind ssl crt`, nginx `listen ssl`), HTTP/1.1 backends
+#   tlsnew: the same with `Connection: close`: a full TLS handshake per request
+#           (wrk resumes no session), the new-connection rate
+#   (ONLY="https tlsnew" bench/compare.sh runs just those two)
 # Installs what it needs from Debian when missing. Everything runs on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +64,12 @@ done
 sleep 0.3
 pgrep -f "iperf3 -s -p 1520" >/dev/null && PIDS+=($(pgrep -f "iperf3 -s -p 1520"))
 
+# One certificate for every TLS listener: ECDSA P-256, as most sites serve now.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" -subj /CN=localhost \
+  -addext subjectAltName=DNS:localhost,IP:127.0.0.1 2>/dev/null
+cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/haproxy.pem"
+
 # --- the three proxies, configured as alike as their words allow -----------
 # Least connections, upstream keep-alive, retry on connect error/timeout to
 # another server, active checks every 1 s, passive ejection after 1 failure.
@@ -84,6 +95,10 @@ backend h1
   server s1 127.0.0.1:18081 check inter 1s
   server s2 127.0.0.1:18082 check inter 1s
   server s3 127.0.0.1:18083 check inter 1s
+frontend https
+  mode http
+  bind 127.0.0.1:28004 ssl crt $WORK/haproxy.pem alpn h2,http/1.1
+  default_backend h1
 frontend h2
   mode http
   bind 127.0.0.1:28002 proto h2
@@ -121,7 +136,8 @@ http {
     server 127.0.0.1:18081 max_fails=1 fail_timeout=10s;
     server 127.0.0.1:18082 max_fails=1 fail_timeout=10s;
     server 127.0.0.1:18083 max_fails=1 fail_timeout=10s; }
-  server { listen 127.0.0.1:29001; listen 127.0.0.1:29002 http2;
+  server { listen 127.0.0.1:29001; listen 127.0.0.1:29002 http2; listen 127.0.0.1:29004 ssl;
+           ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;
            location / { proxy_pass http://h1; proxy_http_version 1.1;
                         proxy_set_header Connection ""; proxy_next_upstream error timeout; } }
 }
@@ -141,7 +157,7 @@ spec:
     - {address: 127.0.0.1, port: 18081}
     - {address: 127.0.0.1, port: 18082}
     - {address: 127.0.0.1, port: 18083}
-  listeners: [{name: http, port: 27001}]
+  listeners: [{name: http, port: 27001}, {name: https, port: 27004, tls: {certFile: $WORK/cert.pem, keyFile: $WORK/key.pem}}]
   healthCheck: {protocol: TCP, interval: 1s, timeout: 500ms, rise: 1}
 ---
 apiVersion: balanced.dev/v1alpha1
@@ -168,8 +184,11 @@ spec:
   hash: {source: SourceIP}
   healthCheck: {protocol: TCP, interval: 1s, timeout: 500ms, rise: 1}
 YAML
-# An older balanced without appProtocol: drop the field so the script still runs.
+# An older balanced without appProtocol or TLS: drop the field so the script still runs.
 once=$("$BIN" standalone -f "$WORK/balanced.yaml" --once 2>&1 || true)
+if grep -q "tls: unknown field" <<<"$once"; then
+  sed -i 's/, {name: https, port: 27004, tls: {[^}]*}}//' "$WORK/balanced.yaml"
+fi
 if grep -q "appProtocol: unknown field" <<<"$once"; then
   sed -i 's/, appProtocol: kubernetes.io\/h2c//' "$WORK/balanced.yaml"
 fi
@@ -208,8 +227,10 @@ measure() {
   local name=$1 pid=$2 kind=$3 url=$4 out rps p99 reqs t0 t1
   t0=$(ticks "$pid")
   case $kind in
-    h1)
-      out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "$url")
+    h1|https|tlsnew)
+      local close=()
+      [ "$kind" = tlsnew ] && close=(-H "Connection: close")
+      out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "${close[@]}" "$url")
       rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
       p99=$(awk '$1=="99%" {print $2}' <<<"$out")
       reqs=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -247,6 +268,7 @@ for kind in $ONLY; do
     h1) targets=("balanced $BALANCED http://127.0.0.1:27001/" "haproxy $HAPROXY http://127.0.0.1:28001/" "nginx $NGINX http://127.0.0.1:29001/") ;;
     h2) targets=("balanced $BALANCED http://127.0.0.1:27002/" "haproxy $HAPROXY http://127.0.0.1:28002/" "nginx $NGINX http://127.0.0.1:29002/") ;;
     tcp) targets=("balanced $BALANCED 27003" "haproxy $HAPROXY 28003" "nginx $NGINX 29003") ;;
+    https|tlsnew) targets=("balanced $BALANCED https://127.0.0.1:27004/" "haproxy $HAPROXY https://127.0.0.1:28004/" "nginx $NGINX https://127.0.0.1:29004/") ;;
   esac
   if [ -n "${ACCESS_LOG:-}" ]; then
     case $kind in
@@ -265,6 +287,8 @@ for kind in $ONLY; do
     h1) unit="req/s"; what="wrk -t1 -c$CONNS -d${DUR}s, HTTP/1.1 keep-alive, 2-byte body" ;;
     h2) unit="req/s"; what="h2load -c$CONNS -m10 -D$DUR, h2c (nginx row: h2c -> HTTP/1.1 upstream)" ;;
     tcp) unit="Gbit/s"; what="iperf3 -t$DUR through a TCP listener (cpu column: us per MiB)" ;;
+    https) unit="req/s"; what="wrk -t1 -c$CONNS -d${DUR}s, HTTPS/1.1 keep-alive (TLS 1.3, ECDSA P-256), 2-byte body" ;;
+    tlsnew) unit="req/s"; what="wrk -t1 -c$CONNS -d${DUR}s -H 'Connection: close': a full TLS 1.3 handshake per request" ;;
   esac
   echo
   echo "== $kind: $what; proxies on core $PROXY_CORE, load+backends on core $LOAD_CORE; $ROUNDS rounds"

@@ -295,6 +295,28 @@ pub struct ListenerLabels {
     pub listener: String,
 }
 
+/// Labels of a listener certificate's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertificateLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// Listener name.
+    pub listener: String,
+    /// The certificate file.
+    pub certificate: String,
+}
+
+/// Labels of the failed-handshake counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// Listener name.
+    pub listener: String,
+    /// `not_tls`, `incompatible`, `no_alpn`, `alert`, `timeout`, `closed`, ...
+    pub reason: &'static str,
+}
+
 /// Labels of the client-connection counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnectionLabels {
@@ -427,6 +449,12 @@ pub struct ProxyMetrics {
     pub limited: Family<ConnectionLabels, Counter>,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
+    /// When each listener certificate expires (Unix seconds).
+    pub tls_expiry: Family<CertificateLabels, Gauge>,
+    /// TLS handshakes that failed, by reason.
+    pub tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    /// Changed certificate files that did not load (the last good one kept serving).
+    pub tls_reload_failures: Family<CertificateLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -447,7 +475,25 @@ impl ProxyMetrics {
             closed: Family::default(),
             limited: Family::default(),
             access_log_dropped: Counter::default(),
+            tls_expiry: Family::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reload_failures: Family::default(),
         };
+        registry.register(
+            "balanced_tls_certificate_expiry_seconds",
+            "When a listener's certificate expires, as Unix time",
+            m.tls_expiry.clone(),
+        );
+        registry.register(
+            "balanced_tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "balanced_tls_certificate_reload_failures",
+            "Changed certificate files that did not load; the last good certificate kept serving",
+            m.tls_reload_failures.clone(),
+        );
         registry.register(
             "balanced_upstream_requests",
             "Upstream attempts by endpoint and outcome (status class, error, timeout)",

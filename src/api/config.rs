@@ -180,6 +180,35 @@ pub struct ListenerConfig {
     pub app_protocol: Option<AppProtocol>,
     /// Keep the client's `X-Forwarded-Proto`.
     pub trust_forwarded_headers: bool,
+    /// TLS terminated on this listener.
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's TLS settings, validated (the files are read when it starts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerTls {
+    /// Certificates by SNI, the first the default; at least one.
+    pub certificates: Vec<CertificateFiles>,
+    /// The oldest version accepted.
+    pub min_version: TlsVersion,
+}
+
+/// A certificate chain and its key, as PEM files.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CertificateFiles {
+    /// The chain, leaf first.
+    pub cert: std::path::PathBuf,
+    /// The private key.
+    pub key: std::path::PathBuf,
+}
+
+/// TLS protocol versions a listener may require at least.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    V1_2,
+    /// TLS 1.3 only.
+    V1_3,
 }
 
 impl ListenerConfig {

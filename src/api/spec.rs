@@ -362,6 +362,45 @@ pub struct Listener {
     /// listener whose clients are proxies you run (a cloud load balancer in front).
     #[serde(default)]
     pub trust_forwarded_headers: bool,
+    /// Terminate TLS on this listener (nginx `listen ssl`, HAProxy `bind ssl crt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsSpec>,
+}
+
+/// A listener's TLS: one certificate (`certFile`, `keyFile`) or several
+/// chosen by SNI (`certificates`, the first one the default).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerTlsSpec {
+    /// PEM certificate chain, leaf first (standalone: a path on the proxy's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub cert_file: Option<String>,
+    /// PEM private key of `certFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub key_file: Option<String>,
+    /// Several certificates, chosen by the name the client asks for (SNI);
+    /// the first answers clients that ask for none or for another name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub certificates: Vec<CertificateFilesSpec>,
+    /// The oldest TLS version accepted: `"1.2"` (default) or `"1.3"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^1\.[23]$"))]
+    pub min_version: Option<String>,
+}
+
+/// One certificate and its key, as PEM files.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateFilesSpec {
+    /// PEM certificate chain, leaf first.
+    #[schemars(length(min = 1, max = 4096))]
+    pub cert_file: String,
+    /// PEM private key.
+    #[schemars(length(min = 1, max = 4096))]
+    pub key_file: String,
 }
 
 /// A port given as a number or as a named port.

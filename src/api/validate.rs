@@ -685,6 +685,7 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
                 }
             },
         };
+        let tls = l.tls.as_ref().map(|t| listener_tls(errs, &format!("{path}.tls"), t));
         out.push(ListenerConfig {
             name: l.name.clone(),
             port,
@@ -692,7 +693,14 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
             target_port,
             app_protocol,
             trust_forwarded_headers: l.trust_forwarded_headers,
+            tls,
         });
+        if l.tls.is_some() && l.protocol == spec::ListenerProtocol::Tcp {
+            errs.add(
+                format!("{path}.tls"),
+                "terminates TLS on HTTP listeners only (a TCP listener passes TLS through untouched)",
+            );
+        }
     }
     out
 }
@@ -1005,6 +1013,52 @@ fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
     }
 }
 
+fn listener_tls(errs: &mut Errors, path: &str, t: &spec::ListenerTlsSpec) -> ListenerTls {
+    let mut certificates = Vec::new();
+    match (&t.cert_file, &t.key_file, t.certificates.is_empty()) {
+        (Some(cert), Some(key), true) => certificates.push(CertificateFiles {
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        (None, None, false) => {
+            for c in &t.certificates {
+                certificates.push(CertificateFiles {
+                    cert: (&c.cert_file).into(),
+                    key: (&c.key_file).into(),
+                });
+            }
+        }
+        (None, None, true) => errs.add(path, "needs certFile and keyFile, or certificates"),
+        (Some(_), None, true) => errs.add(format!("{path}.keyFile"), "is required with certFile"),
+        (None, Some(_), true) => errs.add(format!("{path}.certFile"), "is required with keyFile"),
+        (_, _, false) => errs.add(path, "takes certFile and keyFile, or certificates (for SNI), not both"),
+    }
+    let mut seen = HashSet::new();
+    for (i, c) in certificates.iter().enumerate() {
+        if !seen.insert(&c.cert) {
+            errs.add(
+                format!("{path}.certificates[{i}].certFile"),
+                format!("{:?} is listed twice", c.cert.display().to_string()),
+            );
+        }
+    }
+    let min_version = match t.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::V1_2,
+        Some("1.3") => TlsVersion::V1_3,
+        Some(other) => {
+            errs.add(
+                format!("{path}.minVersion"),
+                format!("must be \"1.2\" or \"1.3\", got {other:?}"),
+            );
+            TlsVersion::V1_2
+        }
+    };
+    ListenerTls {
+        certificates,
+        min_version,
+    }
+}
+
 fn grpc_probe(errs: &mut Errors, g: Option<&spec::GrpcCheckSpec>) -> GrpcProbe {
     let g = g.cloned().unwrap_or_default();
     // The service name travels in a protobuf string and the authority in a
@@ -1309,6 +1363,72 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn listener_tls_is_checked_and_named() {
+        let tls = |t: spec::ListenerTlsSpec| move |s: &mut BalancedServiceSpec| s.listeners[0].tls = Some(t);
+        let files = |c: &str, k: &str| spec::CertificateFilesSpec {
+            cert_file: c.into(),
+            key_file: k.into(),
+        };
+        let mut s = base();
+        tls(spec::ListenerTlsSpec {
+            certificates: vec![files("/a.pem", "/a.key"), files("/b.pem", "/b.key")],
+            min_version: Some("1.3".into()),
+            ..Default::default()
+        })(&mut s);
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        let t = cfg.listeners[0].tls.as_ref().unwrap();
+        assert_eq!(t.certificates.len(), 2);
+        assert_eq!(t.min_version, TlsVersion::V1_3);
+        assert_error(
+            tls(spec::ListenerTlsSpec::default()),
+            "spec.listeners[0].tls: needs certFile and keyFile, or certificates",
+        );
+        assert_error(
+            tls(spec::ListenerTlsSpec {
+                cert_file: Some("/a.pem".into()),
+                ..Default::default()
+            }),
+            "spec.listeners[0].tls.keyFile: is required with certFile",
+        );
+        assert_error(
+            tls(spec::ListenerTlsSpec {
+                cert_file: Some("/a.pem".into()),
+                key_file: Some("/a.key".into()),
+                certificates: vec![files("/b.pem", "/b.key")],
+                ..Default::default()
+            }),
+            "spec.listeners[0].tls: takes certFile and keyFile, or certificates (for SNI), not both",
+        );
+        assert_error(
+            tls(spec::ListenerTlsSpec {
+                certificates: vec![files("/a.pem", "/a.key"), files("/a.pem", "/b.key")],
+                ..Default::default()
+            }),
+            "spec.listeners[0].tls.certificates[1].certFile: \"/a.pem\" is listed twice",
+        );
+        assert_error(
+            tls(spec::ListenerTlsSpec {
+                cert_file: Some("/a.pem".into()),
+                key_file: Some("/a.key".into()),
+                min_version: Some("1.1".into()),
+                ..Default::default()
+            }),
+            "spec.listeners[0].tls.minVersion: must be \"1.2\" or \"1.3\", got \"1.1\"",
+        );
+        assert_error(
+            |s| {
+                s.listeners[0].protocol = ListenerProtocol::Tcp;
+                s.listeners[0].tls = Some(spec::ListenerTlsSpec {
+                    cert_file: Some("/a.pem".into()),
+                    key_file: Some("/a.key".into()),
+                    ..Default::default()
+                });
+            },
+            "spec.listeners[0].tls: terminates TLS on HTTP listeners only (a TCP listener passes TLS through untouched)",
+        );
     }
 
     #[test]
@@ -1821,6 +1941,7 @@ mod tests {
             target_port: None,
             app_protocol: None,
             trust_forwarded_headers: false,
+            tls: None,
         };
         assert_error(
             |s| s.listeners.push(second("admin", 8080)),

@@ -158,6 +158,7 @@ mod tests {
             target_port: target,
             app_protocol: None,
             trust_forwarded_headers: false,
+            tls: None,
         }]
     }
 
@@ -238,6 +239,7 @@ mod tests {
             target_port: Some(TargetPort::Name("metrics".into())),
             app_protocol: None,
             trust_forwarded_headers: false,
+            tls: None,
         });
         let eps = endpoints_from_slices(&slices, &listeners);
         assert_eq!(
@@ -271,6 +273,7 @@ mod tests {
             target_port: Some(TargetPort::Name("grpc-api".into())),
             app_protocol: None,
             trust_forwarded_headers: false,
+            tls: None,
         });
         listeners.push(ListenerConfig {
             name: "plain".into(),
@@ -279,6 +282,7 @@ mod tests {
             target_port: Some(TargetPort::Number(80)),
             app_protocol: None,
             trust_forwarded_headers: false,
+            tls: None,
         });
         listeners.push(ListenerConfig {
             name: "set".into(),
@@ -287,6 +291,7 @@ mod tests {
             target_port: Some(TargetPort::Number(8080)),
             app_protocol: Some(AppProtocol::Http1),
             trust_forwarded_headers: false,
+            tls: None,
         });
         let found = app_protocols(&slices, &listeners);
         let pairs: Vec<(&str, &str)> = found

@@ -10,16 +10,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use super::probe::ProbeError;
 use crate::api::config::GrpcProbe;
 
 /// The most of an answer read: a health response is a few bytes.
 const MAX_ANSWER: usize = 16 * 1024;
 
 /// Asks the endpoint's health service about `check.service` over `stream`;
-/// passes on `SERVING` alone.
-pub(super) async fn grpc_probe(stream: TcpStream, addr: SocketAddr, check: &GrpcProbe) -> Result<(), ProbeError> {
-    let failed = |what: String| ProbeError::failed(format!("grpc: {what}"));
+/// passes on `SERVING` alone, else says why (`grpc: ...`).
+pub(super) async fn grpc_probe(stream: TcpStream, addr: SocketAddr, check: &GrpcProbe) -> Result<(), String> {
+    let failed = |what: String| format!("grpc: {what}");
     let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await
@@ -108,7 +107,7 @@ fn put_varint(buf: &mut BytesMut, mut v: u64) {
 }
 
 /// `OK` passes; any other grpc-status fails with its name and message.
-fn check_status(status: &http::HeaderValue, message: Option<&http::HeaderValue>) -> Result<(), ProbeError> {
+fn check_status(status: &http::HeaderValue, message: Option<&http::HeaderValue>) -> Result<(), String> {
     let code = status.to_str().ok().and_then(|s| s.parse::<u32>().ok());
     if code == Some(0) {
         return Ok(());
@@ -127,7 +126,7 @@ fn check_status(status: &http::HeaderValue, message: Option<&http::HeaderValue>)
         .filter(|m| !m.is_empty())
         .map(|m| format!(": {m}"))
         .unwrap_or_default();
-    Err(ProbeError::failed(format!("grpc: status {name}{detail}")))
+    Err(format!("grpc: status {name}{detail}"))
 }
 
 const SERVING: u64 = 1;
@@ -239,9 +238,9 @@ mod tests {
         let v = http::HeaderValue::from_static;
         assert!(check_status(&v("0"), None).is_ok());
         assert_eq!(
-            check_status(&v("12"), Some(&v("unknown service"))).unwrap_err().message,
+            check_status(&v("12"), Some(&v("unknown service"))).unwrap_err(),
             "grpc: status UNIMPLEMENTED: unknown service"
         );
-        assert_eq!(check_status(&v("99"), None).unwrap_err().message, "grpc: status 99");
+        assert_eq!(check_status(&v("99"), None).unwrap_err(), "grpc: status 99");
     }
 }

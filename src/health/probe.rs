@@ -179,6 +179,7 @@ async fn run(
             Box::pin(super::grpc::grpc_probe(stream, addr, grpc))
                 .await
                 .map(|()| None)
+                .map_err(ProbeError::failed)
         }
     }
 }

@@ -116,6 +116,8 @@ pub struct Entry {
     pub duration: Duration,
     /// Upstream facts.
     pub upstream: Upstream,
+    /// The client connection's TLS version and SNI, when it came over TLS.
+    pub tls: Option<crate::proxy::tls::Session>,
 }
 
 impl Entry {
@@ -139,6 +141,12 @@ impl Entry {
             Some(_) => "HTTP/1.1",
         };
         push_str(out, "protocol", protocol);
+        if let Some(tls) = &self.tls {
+            push_str(out, "tls_version", tls.version);
+            if let Some(sni) = &tls.sni {
+                push_str(out, "sni", sni);
+            }
+        }
         if let Some(m) = &self.method {
             push_str(out, "method", m.as_str());
         }
@@ -290,6 +298,7 @@ mod tests {
         upstream.flags.set(Flags::UPSTREAM_CONNECT_FAILURE);
         upstream.flags.set(Flags::RETRIES_EXHAUSTED);
         let e = Entry {
+            tls: None,
             start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
             client: "192.0.2.7:5555".parse().unwrap(),
             service: "default/web".into(),

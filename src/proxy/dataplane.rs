@@ -18,6 +18,7 @@ use super::listen::Serving;
 use super::service::ServiceRuntime;
 use super::tasks::Tasks;
 use super::tcp::serve_tcp;
+use super::tls::Terminator;
 use crate::api::config::{Config, ListenerProtocol, ServiceKey};
 use crate::balance::{MemberSpec, now_ms};
 use crate::metrics::ProxyMetrics;
@@ -52,6 +53,7 @@ pub struct ListenError {
 struct Running {
     port: u16,
     protocol: ListenerProtocol,
+    tls: Option<Arc<Terminator>>,
     stop: CancellationToken,
 }
 
@@ -115,13 +117,37 @@ impl Dataplane {
                 .clone();
             for (i, l) in config.listeners.iter().enumerate() {
                 let id = (config.key.clone(), l.name.clone());
+                let same_tls = |r: &Running| match (&r.tls, &l.tls) {
+                    (None, None) => true,
+                    (Some(t), Some(settings)) => t.serves(settings),
+                    _ => false,
+                };
                 if let Some(r) = listeners.get(&id)
                     && r.port == l.port
                     && r.protocol == l.protocol
+                    && same_tls(r)
                 {
                     continue;
                 }
                 let addr = SocketAddr::new(self.bind, l.port);
+                // Certificates first: a listener whose files do not load does
+                // not start, and the one it would replace goes on serving.
+                let tls = match &l.tls {
+                    None => None,
+                    Some(settings) => match Terminator::load(settings, &self.metrics, runtime.label(), &l.name) {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            errors.push(ListenError {
+                                service: config.key.clone(),
+                                index: i,
+                                listener: l.name.clone(),
+                                addr,
+                                source: std::io::Error::other(e),
+                            });
+                            continue;
+                        }
+                    },
+                };
                 let socket = match bind(addr) {
                     Ok(s) => s,
                     Err(source) => {
@@ -146,9 +172,13 @@ impl Dataplane {
                             &l.name,
                             self.serving.access_log.clone(),
                         ));
+                        if let Some(t) = &tls {
+                            self.tasks.spawn(t.clone().watch(stop.clone()));
+                        }
                         self.tasks.spawn(serve_http(
                             socket,
                             proxy,
+                            tls.clone(),
                             self.serving.clone(),
                             self.tasks.scope(),
                             stop.clone(),
@@ -171,6 +201,7 @@ impl Dataplane {
                     Running {
                         port: l.port,
                         protocol: l.protocol,
+                        tls,
                         stop,
                     },
                 );
@@ -200,6 +231,18 @@ impl Dataplane {
         if let Some(runtime) = self.service(key) {
             runtime.lift_ejection(addr);
         }
+    }
+
+    /// Each TLS listener's certificates (files, expiry, load error) of a service.
+    pub fn tls_status(&self, key: &ServiceKey) -> Vec<(String, serde_json::Value)> {
+        let listeners = self.listeners.lock().expect("dataplane lock poisoned");
+        let mut out: Vec<(String, serde_json::Value)> = listeners
+            .iter()
+            .filter(|((k, _), _)| k == key)
+            .filter_map(|((_, name), r)| r.tls.as_ref().map(|t| (name.clone(), t.status())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Active requests and ejection per endpoint of a service.

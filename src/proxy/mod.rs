@@ -10,7 +10,7 @@
 //!   the one place the retry rules live;
 //! - [`service`]: one service's config, endpoints, pools and limiters;
 //! - [`upstream`]: connections to endpoints, and one exchange on them;
-//! - leaves: [`ratelimit`], [`gate`], [`tasks`], [`access`].
+//! - leaves: [`ratelimit`], [`gate`], [`tasks`], [`access`], [`tls`] (listener certificates).
 
 pub mod access;
 pub mod attempt;
@@ -24,6 +24,7 @@ pub mod retry;
 pub mod service;
 pub mod tasks;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use dataplane::Dataplane;

@@ -126,6 +126,10 @@ pub fn add_live(value: &mut serde_json::Value, keys: &[ServiceKey], dataplane: &
                 "activeConnections": l.active, "ejected": l.ejected_for.is_some(),
             })
         }));
+        let tls = dataplane.tls_status(key);
+        if !tls.is_empty() {
+            svc["tls"] = serde_json::Value::Object(tls.into_iter().collect());
+        }
         if let Some(runtime) = dataplane.service(key) {
             svc["requestsInFlight"] = runtime.gate.in_flight().into();
             svc["requestsWaiting"] = runtime.gate.waiting().into();

@@ -227,7 +227,7 @@ pub struct Clock {
 /// replayed first, and reads return an error (or end of stream) once the
 /// connection's deadline has passed.
 pub struct ClientIo {
-    inner: TcpStream,
+    inner: ClientStream,
     prefix: [u8; 24],
     prefix_at: usize,
     prefix_len: usize,
@@ -251,7 +251,7 @@ pub struct ClientIo {
 
 impl ClientIo {
     /// Wraps an accepted socket.
-    pub fn new(inner: TcpStream, state: Arc<ConnState>, clock: Clock, counters: Arc<ConnCounters>) -> Self {
+    pub fn new(inner: ClientStream, state: Arc<ConnState>, clock: Clock, counters: Arc<ConnCounters>) -> Self {
         let now = Instant::now();
         Self {
             inner,
@@ -492,7 +492,7 @@ impl ClientIo {
                 b"HTTP/1.1 414 URI Too Long\r\ncontent-type: text/plain\r\ncontent-length: 46\r\nconnection: close\r\n\r\n414 URI Too Long: spec.limits.maxUriBytes\r\n\r\n"
             }
         };
-        let _ = self.inner.try_write(text);
+        self.inner.try_write(text);
     }
 }
 
@@ -546,6 +546,83 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A client's byte stream: plain, or TLS terminated here (the clock above
+/// then sees the decrypted bytes, so its rules are the same for both).
+pub enum ClientStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP, the handshake done.
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl ClientStream {
+    /// Writes what fits without waiting, for a last word before closing.
+    fn try_write(&mut self, buf: &[u8]) {
+        match self {
+            ClientStream::Plain(s) => {
+                let _ = s.try_write(buf);
+            }
+            ClientStream::Tls(s) => {
+                // rustls takes the bytes into its own buffer; one flush
+                // attempt sends what the socket takes now.
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let _ = Pin::new(&mut **s).poll_write(&mut cx, buf);
+                let _ = Pin::new(&mut **s).poll_flush(&mut cx);
+            }
+        }
+    }
+}
+
+impl AsyncRead for ClientStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientStream::Plain(s) => s.is_write_vectored(),
+            ClientStream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
     }
 }
 
@@ -678,7 +755,11 @@ mod tests {
             "default/web",
             "http",
         ));
-        (ClientIo::new(server, state.clone(), CLOCK, counters), client, state)
+        (
+            ClientIo::new(ClientStream::Plain(server), state.clone(), CLOCK, counters),
+            client,
+            state,
+        )
     }
 
     const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";

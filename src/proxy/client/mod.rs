@@ -4,6 +4,7 @@
 
 pub mod conn;
 
+use crate::proxy::tls::Session;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub struct Downstream {
     pub conn: Arc<ConnState>,
     /// Where the connection's tunnels are spawned, so shutdown waits for them.
     pub tasks: Tasks,
+    /// The connection's TLS, when the listener terminates it.
+    pub tls: Option<Session>,
     ip: HeaderValue,
     forwarded: HeaderValue,
 }
@@ -39,10 +42,33 @@ impl Downstream {
             peer,
             conn,
             tasks,
+            tls: None,
             ip: HeaderValue::from_str(&ip).unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             forwarded: HeaderValue::from_str(&format!("for={node};proto=http"))
                 .unwrap_or_else(|_| HeaderValue::from_static("for=unknown;proto=http")),
         }
+    }
+
+    /// The same connection, over TLS when `tls` says so (`proto=https`).
+    pub fn with_tls(mut self, tls: Option<Session>) -> Self {
+        if tls.is_some()
+            && let Ok(v) = HeaderValue::from_str(
+                &self
+                    .forwarded
+                    .to_str()
+                    .unwrap_or_default()
+                    .replace(";proto=http", ";proto=https"),
+            )
+        {
+            self.forwarded = v;
+        }
+        self.tls = tls;
+        self
+    }
+
+    /// `https` over TLS, else `http`: what `X-Forwarded-Proto` says.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// The client's IP as `X-Forwarded-For` lists it.

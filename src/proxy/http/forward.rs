@@ -4,38 +4,20 @@
 //! settled by the attempt loop's rules (`proxy::attempt`): passed on, or
 //! tried elsewhere. A retried 5xx is passed on if no later attempt does better.
 
-use std::net::SocketAddr;
-
-use http::header::{HeaderName, HeaderValue};
-use http::{Request, Response};
-use hyper::body::Incoming;
-use prometheus_client::metrics::counter::Counter;
+use http::Response;
 use tokio::time::Instant;
 
 use super::answer;
 use super::body::{ProxyBody, RequestBody};
-use super::headers::strip_hop_by_hop;
+use super::relay::{Forwarded, Meters, relayed, upstream_request};
 use super::route::Routed;
 use crate::balance::ActiveGuard;
-use crate::metrics::AtomicHistogram;
 use crate::proxy::access::{self, Flags};
 use crate::proxy::attempt::RequestFacts;
 use crate::proxy::service::{Current, ServiceRuntime};
-use crate::proxy::upstream::body::{UpBody, UploadEnd};
+use crate::proxy::upstream::body::UploadEnd;
 use crate::proxy::upstream::exchange;
-use crate::proxy::upstream::pool::{Protocol, Release, Tracked};
-
-/// Response header naming the endpoint that answered (behind `spec.debug.endpointHeader`).
-pub const ENDPOINT_HEADER: &str = "x-balanced-endpoint";
-
-/// What the request path counts into, resolved once per listener: label
-/// lookups cost more than the rest of the metrics work.
-pub struct Meters {
-    /// Time from sending a request to its response head, per attempt.
-    pub duration: AtomicHistogram,
-    /// Connections closed because the client's request body stalled.
-    pub body_timeouts: Counter,
-}
+use crate::proxy::upstream::pool::Protocol;
 
 /// A request ready for its attempts: the head shaped for the endpoints'
 /// protocol, and its body read (or ready to stream).
@@ -49,10 +31,6 @@ pub struct Prepared {
     /// The consistent-hash key, when the algorithm hashes.
     pub key: Option<u64>,
 }
-
-/// The answer of the forward phase and what the access log says of the
-/// upstream side.
-pub type Forwarded = (Response<ProxyBody>, access::Upstream);
 
 /// Runs the attempts of `request` through `listener`'s pools.
 pub async fn forward(
@@ -181,38 +159,4 @@ pub async fn forward(
     up.attempts = end.tries as u32;
     up.flags.set(end.flags(&current.snap));
     (answer::exhausted(&end, config.error_detail), up)
-}
-
-/// One attempt's request: the shaped head of the client's request, with
-/// `headers` (a copy, or the originals when no retry can follow) and `body`.
-pub(super) fn upstream_request(
-    parts: &http::request::Parts,
-    headers: http::HeaderMap,
-    body: UpBody,
-) -> Request<UpBody> {
-    let mut up = Request::new(body);
-    *up.method_mut() = parts.method.clone();
-    *up.uri_mut() = parts.uri.clone();
-    *up.version_mut() = parts.version;
-    *up.headers_mut() = headers;
-    up
-}
-
-/// An endpoint's answer as the client gets it: hop-by-hop headers out, with
-/// `debug.endpointHeader` the endpoint named, and its body holding the
-/// endpoint's active count and connection until the last byte.
-pub fn relayed(
-    resp: Response<Incoming>,
-    guard: ActiveGuard,
-    release: Release,
-    endpoint: SocketAddr,
-    endpoint_header: bool,
-) -> Response<ProxyBody> {
-    use http_body_util::BodyExt;
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, true);
-    if endpoint_header && let Ok(v) = HeaderValue::from_str(&endpoint.to_string()) {
-        parts.headers.insert(HeaderName::from_static(ENDPOINT_HEADER), v);
-    }
-    Response::from_parts(parts, Tracked::new(body, guard, release).boxed())
 }

@@ -165,7 +165,7 @@ fn is_standard_connection_token(v: &[u8]) -> bool {
 pub fn add_forwarding(headers: &mut HeaderMap, client: &Downstream, trust: bool) {
     append_list(headers, HeaderName::from_static("x-forwarded-for"), client.ip_header());
     if !(trust && headers.contains_key("x-forwarded-proto")) {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(client.scheme()));
     }
     append_list(headers, header::FORWARDED, client.forwarded_header());
 }
@@ -319,6 +319,17 @@ mod tests {
         assert_eq!(h["forwarded"], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-for"], "::1");
+
+        // Over a TLS listener the scheme is https, in both headers.
+        let tls = crate::proxy::tls::Session {
+            version: "TLSv1.3",
+            sni: None,
+            h2: false,
+        };
+        let mut h = headers(&[("x-forwarded-proto", "http")]);
+        add_forwarding(&mut h, &downstream("10.0.0.9:5555").with_tls(Some(tls)), false);
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["forwarded"], "for=10.0.0.9;proto=https");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use super::answer;
 use super::body::{ProxyBody, RequestBody};
-use super::forward::{Forwarded, Meters, relayed, upstream_request};
+use super::relay::{Forwarded, Meters, relayed, upstream_request};
 use crate::api::policy::RetryPolicy;
 use crate::balance::ActiveGuard;
 use crate::proxy::access::{self, Flags};

@@ -22,6 +22,7 @@ pub mod body;
 pub mod forward;
 pub mod headers;
 pub mod hedge;
+pub mod relay;
 pub mod route;
 pub mod serve;
 pub mod tunnel;
@@ -37,10 +38,11 @@ use tokio::time::Instant;
 
 use self::answer::plain;
 use self::body::{ClientBody, ProxyBody, ReadError, RequestBody};
-use self::forward::{Meters, Prepared};
+use self::forward::Prepared;
 use self::headers::{
     add_forwarding, check_framing, check_host, is_upgrade, shape_for, strip_hop_by_hop, upstream_protocol,
 };
+use self::relay::Meters;
 use self::route::hash_key;
 use super::access::{self, AccessLog, Entry, Flags};
 use super::client::Downstream;
@@ -286,6 +288,7 @@ impl HttpProxy {
                 log.clone(),
                 logged.started,
                 Entry {
+                    tls: client.tls.clone(),
                     start: logged.start,
                     client: client.peer,
                     service: self.names.0.clone(),

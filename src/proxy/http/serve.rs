@@ -17,17 +17,20 @@ use tokio_util::sync::CancellationToken;
 use super::HttpProxy;
 use crate::api::config::ListenerProtocol;
 use crate::proxy::client::Downstream;
-use crate::proxy::client::conn::{ClientIo, Clock, ConnState};
+use crate::proxy::client::conn::{ClientIo, ClientStream, Clock, ConnState};
 use crate::proxy::listen::{Gatekeeper, Serving};
 use crate::proxy::tasks::Tasks;
+use crate::proxy::tls::{Session, Terminator};
 
 /// The most an h2 stream queues for a client beyond its flow-control window.
 const H2_SEND_BUFFER: usize = 32 * 1024;
 
-/// Serves HTTP/1.1 and h2c on `listener` until `stop`, then drains.
+/// Serves HTTP/1.1 and h2c on `listener` (or, with `tls`, HTTPS with ALPN
+/// `h2` and `http/1.1`) until `stop`, then drains.
 pub async fn serve_http(
     listener: TcpListener,
     proxy: Arc<HttpProxy>,
+    tls: Option<Arc<Terminator>>,
     serving: Serving,
     tasks: Tasks,
     stop: CancellationToken,
@@ -46,11 +49,32 @@ pub async fn serve_http(
             config.limits.max_request_headers_bytes,
             config.limits.max_request_headers,
         );
-        let io = ClientIo::new(conn.stream, conn.state.clone(), clock, gate.counters().clone());
         let (proxy, state, held, conn_tasks) = (proxy.clone(), conn.state, conn.held, tasks.clone());
+        let (stream, tls, counters) = (conn.stream, tls.clone(), gate.counters().clone());
         tasks.spawn(async move {
             let _held = held;
-            serve_connection(io, proxy, state, clock, limits, conn_tasks).await;
+            // The handshake is the start of the request head: it gets the
+            // head's time (HAProxy counts it in `timeout http-request` too).
+            let (stream, session) = match tls {
+                None => (ClientStream::Plain(stream), None),
+                Some(t) => match tokio::time::timeout(clock.request_header, t.acceptor().accept(stream)).await {
+                    Ok(Ok(s)) => {
+                        let session = crate::proxy::tls::session(s.get_ref().1);
+                        (ClientStream::Tls(Box::new(s)), Some(session))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(peer = %state.peer, error = %e, "TLS handshake failed");
+                        t.handshake_failed(&e);
+                        return;
+                    }
+                    Err(_) => {
+                        t.handshake_timed_out();
+                        return;
+                    }
+                },
+            };
+            let io = ClientIo::new(stream, state.clone(), clock, counters);
+            serve_connection(io, proxy, state, clock, limits, conn_tasks, session).await;
         });
     }
     gate.drain(&tasks, serving.grace).await;
@@ -65,6 +89,7 @@ async fn serve_connection(
     clock: Clock,
     (max_headers, max_fields): (usize, usize),
     tasks: Tasks,
+    tls: Option<Session>,
 ) {
     // A connection that has not sent its first bytes is idle: evictable.
     let sniffed = tokio::select! {
@@ -74,7 +99,7 @@ async fn serve_connection(
     let Some(h2) = sniffed else {
         return;
     };
-    let client = Arc::new(Downstream::new(state.peer, state.clone(), tasks));
+    let client = Arc::new(Downstream::new(state.peer, state.clone(), tasks).with_tls(tls));
     let service = service_fn(move |req| {
         let flight = client.conn.begin();
         let proxy = proxy.clone();

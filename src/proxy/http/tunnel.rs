@@ -10,8 +10,8 @@ use hyper_util::rt::TokioIo;
 
 use super::answer::{self, plain};
 use super::body::{self, ProxyBody};
-use super::forward::relayed;
 use super::headers::{add_forwarding, shape_for, strip_hop_by_hop};
+use super::relay::relayed;
 use super::route::Routed;
 use crate::proxy::access;
 use crate::proxy::attempt::{self, Connected};

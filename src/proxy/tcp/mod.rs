@@ -59,6 +59,7 @@ pub async fn serve_tcp(
             if let Some(log) = log {
                 let (bytes_in, bytes_out) = activity.totals();
                 log.send(Entry {
+                    tls: None,
                     start,
                     client: peer,
                     service: Arc::from(service.label()),

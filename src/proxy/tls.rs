@@ -1,0 +1,464 @@
+//! TLS on HTTP listeners (`listeners[].tls`): certificates read from PEM
+//! files, several chosen by SNI (the first the default), ALPN `h2` and
+//! `http/1.1`, and files watched: a changed certificate is loaded for new
+//! connections while open ones keep theirs, and one that does not load is
+//! refused with its reason while the last good one goes on serving (nginx
+//! needs a reload for that; HAProxy its runtime API).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ServerConfig, version};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::config::{CertificateFiles, ListenerTls, TlsVersion};
+use crate::metrics::{CertificateLabels, ProxyMetrics, TlsFailureLabels};
+
+/// How often the certificate files are looked at for changes.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// A listener's TLS: the server configuration new connections get, swapped
+/// when its files change.
+pub struct Terminator {
+    settings: ListenerTls,
+    config: ArcSwap<ServerConfig>,
+    certificates: Mutex<Vec<Loaded>>,
+    metrics: ProxyMetrics,
+    service: String,
+    listener: String,
+}
+
+/// What became of one certificate's files.
+#[derive(Clone, Debug)]
+struct Loaded {
+    files: CertificateFiles,
+    /// The files' modification times and sizes when last read.
+    stamp: Option<Stamp>,
+    /// The certificate serving now, and its expiry (Unix seconds).
+    serving: Option<(Arc<CertifiedKey>, i64)>,
+    /// Why the files as they are now did not load, if they did not.
+    error: Option<String>,
+}
+
+type Stamp = [(Option<SystemTime>, u64); 2];
+
+/// A connection's TLS, for the access log and `X-Forwarded-Proto`.
+#[derive(Clone, Debug)]
+pub struct Session {
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub version: &'static str,
+    /// The name the client asked for, if any.
+    pub sni: Option<Arc<str>>,
+    /// The protocol ALPN settled on (`h2`), if any.
+    pub h2: bool,
+}
+
+impl Terminator {
+    /// Reads every certificate of `settings`; fails naming the first that
+    /// does not load (a listener does not start without all of them).
+    pub fn load(
+        settings: &ListenerTls,
+        metrics: &ProxyMetrics,
+        service: &str,
+        listener: &str,
+    ) -> Result<Arc<Self>, String> {
+        let mut certificates = Vec::with_capacity(settings.certificates.len());
+        for (i, files) in settings.certificates.iter().enumerate() {
+            let stamp = stamp(files);
+            let (key, expiry) = read(files).map_err(|e| format!("tls.certificates[{i}]: {e}"))?;
+            certificates.push(Loaded {
+                files: files.clone(),
+                stamp: Some(stamp),
+                serving: Some((key, expiry)),
+                error: None,
+            });
+        }
+        let config = server_config(settings, &certificates)?;
+        let terminator = Arc::new(Self {
+            settings: settings.clone(),
+            config: ArcSwap::from_pointee(config),
+            certificates: Mutex::new(certificates),
+            metrics: metrics.clone(),
+            service: service.to_string(),
+            listener: listener.to_string(),
+        });
+        terminator.publish_expiry();
+        Ok(terminator)
+    }
+
+    /// Whether this terminator was built from `settings`.
+    pub fn serves(&self, settings: &ListenerTls) -> bool {
+        self.settings == *settings
+    }
+
+    /// The acceptor for the next connection.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(self.config.load_full())
+    }
+
+    /// Looks at the files every second until `stop`, reloading what changed.
+    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => self.reload_changed(),
+            }
+        }
+    }
+
+    /// Reloads the certificates whose files changed since they were read;
+    /// one that no longer loads keeps serving its last good version.
+    pub fn reload_changed(&self) {
+        let mut certificates = self.certificates.lock().expect("certificates lock");
+        let mut changed = false;
+        for (i, c) in certificates.iter_mut().enumerate() {
+            let now = stamp(&c.files);
+            if c.stamp == Some(now) {
+                continue;
+            }
+            c.stamp = Some(now);
+            match read(&c.files) {
+                Ok(loaded) => {
+                    tracing::info!(service = %self.service, listener = %self.listener, cert = %c.files.cert.display(), "certificate reloaded");
+                    c.serving = Some(loaded);
+                    c.error = None;
+                    changed = true;
+                }
+                Err(e) => {
+                    tracing::error!(service = %self.service, listener = %self.listener, cert = %c.files.cert.display(), error = %e, "certificate not reloaded; the last good one keeps serving");
+                    c.error = Some(format!("tls.certificates[{i}]: {e}"));
+                    self.metrics
+                        .tls_reload_failures
+                        .get_or_create(&self.certificate_labels(&c.files))
+                        .inc();
+                }
+            }
+        }
+        if changed {
+            match server_config(&self.settings, &certificates) {
+                Ok(config) => self.config.store(Arc::new(config)),
+                Err(e) => {
+                    tracing::error!(service = %self.service, listener = %self.listener, error = %e, "TLS configuration not rebuilt")
+                }
+            }
+            drop(certificates);
+            self.publish_expiry();
+        }
+    }
+
+    /// Each certificate's files, expiry and load error, for `/status`.
+    pub fn status(&self) -> serde_json::Value {
+        let certificates = self.certificates.lock().expect("certificates lock");
+        serde_json::Value::Array(
+            certificates
+                .iter()
+                .map(|c| {
+                    let mut v = serde_json::json!({
+                        "certFile": c.files.cert.display().to_string(),
+                        "keyFile": c.files.key.display().to_string(),
+                    });
+                    if let Some((_, expiry)) = &c.serving
+                        && let Ok(t) = jiff::Timestamp::from_second(*expiry)
+                    {
+                        v["notAfter"] = t.to_string().into();
+                    }
+                    if let Some(e) = &c.error {
+                        v["error"] = e.clone().into();
+                    }
+                    v
+                })
+                .collect(),
+        )
+    }
+
+    /// Counts a failed handshake by why it failed.
+    pub fn handshake_failed(&self, error: &std::io::Error) {
+        self.metrics
+            .tls_handshake_failures
+            .get_or_create(&TlsFailureLabels {
+                service: self.service.clone(),
+                listener: self.listener.clone(),
+                reason: failure_reason(error),
+            })
+            .inc();
+    }
+
+    /// Counts a handshake the client did not finish within `timeouts.requestHeader`.
+    pub fn handshake_timed_out(&self) {
+        self.metrics
+            .tls_handshake_failures
+            .get_or_create(&TlsFailureLabels {
+                service: self.service.clone(),
+                listener: self.listener.clone(),
+                reason: "timeout",
+            })
+            .inc();
+    }
+
+    fn certificate_labels(&self, files: &CertificateFiles) -> CertificateLabels {
+        CertificateLabels {
+            service: self.service.clone(),
+            listener: self.listener.clone(),
+            certificate: files.cert.display().to_string(),
+        }
+    }
+
+    fn publish_expiry(&self) {
+        let certificates = self.certificates.lock().expect("certificates lock");
+        for c in certificates.iter() {
+            if let Some((_, expiry)) = &c.serving {
+                let gauge: Gauge = self
+                    .metrics
+                    .tls_expiry
+                    .get_or_create(&self.certificate_labels(&c.files))
+                    .clone();
+                gauge.set(*expiry);
+            }
+        }
+    }
+}
+
+/// The session facts of an accepted connection.
+pub fn session(conn: &rustls::ServerConnection) -> Session {
+    Session {
+        version: match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            _ => "TLSv1.2",
+        },
+        sni: conn.server_name().map(Arc::from),
+        h2: conn.alpn_protocol() == Some(b"h2"),
+    }
+}
+
+/// A label for why a handshake failed, from what rustls said.
+fn failure_reason(error: &std::io::Error) -> &'static str {
+    let Some(tls) = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
+        return match error.kind() {
+            std::io::ErrorKind::UnexpectedEof => "closed",
+            std::io::ErrorKind::ConnectionReset => "reset",
+            _ => "io",
+        };
+    };
+    match tls {
+        rustls::Error::InvalidMessage(_) => "not_tls",
+        rustls::Error::PeerIncompatible(_) => "incompatible",
+        rustls::Error::NoApplicationProtocol => "no_alpn",
+        rustls::Error::AlertReceived(_) => "alert",
+        rustls::Error::PeerMisbehaved(_) => "misbehaved",
+        _ => "other",
+    }
+}
+
+fn stamp(files: &CertificateFiles) -> Stamp {
+    let one = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) => (m.modified().ok(), m.len()),
+        Err(_) => (None, 0),
+    };
+    [one(&files.cert), one(&files.key)]
+}
+
+/// Reads a chain and its key, checks they belong together, and returns the
+/// signing key and the leaf's expiry (Unix seconds).
+fn read(files: &CertificateFiles) -> Result<(Arc<CertifiedKey>, i64), String> {
+    let cert_pem = std::fs::read(&files.cert).map_err(|e| format!("{}: {}", files.cert.display(), io_text(&e)))?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{}: not a PEM certificate chain: {e}", files.cert.display()))?;
+    let Some(leaf) = chain.first() else {
+        return Err(format!("{}: no certificate in it", files.cert.display()));
+    };
+    let expiry =
+        not_after(leaf).ok_or_else(|| format!("{}: the certificate cannot be parsed", files.cert.display()))?;
+    let key_pem = std::fs::read(&files.key).map_err(|e| format!("{}: {}", files.key.display(), io_text(&e)))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| format!("{}: not a PEM private key: {e}", files.key.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => format!(
+            "{} does not hold the key of {}",
+            files.key.display(),
+            files.cert.display()
+        ),
+        other => format!("{}: {other}", files.key.display()),
+    })?;
+    let now = jiff::Timestamp::now().as_second();
+    if expiry < now {
+        return Err(format!(
+            "{}: expired at {}",
+            files.cert.display(),
+            jiff::Timestamp::from_second(expiry)
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+        ));
+    }
+    Ok((Arc::new(certified), expiry))
+}
+
+fn io_text(e: &std::io::Error) -> String {
+    crate::health::probe::io_text(e)
+}
+
+fn server_config(settings: &ListenerTls, certificates: &[Loaded]) -> Result<ServerConfig, String> {
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match settings.min_version {
+        TlsVersion::V1_2 => &[&version::TLS13, &version::TLS12],
+        TlsVersion::V1_3 => &[&version::TLS13],
+    };
+    let keys: Vec<Arc<CertifiedKey>> = certificates
+        .iter()
+        .filter_map(|c| c.serving.as_ref().map(|(k, _)| k.clone()))
+        .collect();
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(versions)
+        .map_err(|e| format!("tls: {e}"))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(BySni { keys }));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Resumption without server state: tickets, as nginx and HAProxy do.
+    if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
+        config.ticketer = ticketer;
+    }
+    Ok(config)
+}
+
+/// Picks the first certificate valid for the name the client asked for
+/// (wildcards included), else the first one.
+#[derive(Debug)]
+struct BySni {
+    keys: Vec<Arc<CertifiedKey>>,
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if self.keys.len() > 1
+            && let Some(name) = hello.server_name()
+            && let Ok(name) = ServerName::try_from(name)
+        {
+            let fits = |k: &&Arc<CertifiedKey>| {
+                k.end_entity_cert().ok().is_some_and(|der| {
+                    webpki::EndEntityCert::try_from(der)
+                        .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
+                })
+            };
+            if let Some(k) = self.keys.iter().find(fits) {
+                return Some(k.clone());
+            }
+        }
+        self.keys.first().cloned()
+    }
+}
+
+/// The leaf's `notAfter` as Unix seconds, read from its DER (RFC 5280 4.1:
+/// Certificate → TBSCertificate → [version] serial signature issuer validity).
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, cert_body, _) = der(cert.as_ref())?;
+    let (_, mut tbs, _) = der(cert_body)?;
+    let mut skip = |explicit_version: bool| -> Option<()> {
+        let (tag, _, rest) = der(tbs)?;
+        if explicit_version && tag != 0xa0 {
+            return Some(());
+        }
+        tbs = rest;
+        Some(())
+    };
+    skip(true)?; // [0] version, when present
+    skip(false)?; // serialNumber
+    skip(false)?; // signature
+    skip(false)?; // issuer
+    let (_, validity, _) = der(tbs)?;
+    let (_, _, rest) = der(validity)?; // notBefore
+    let (tag, time, _) = der(rest)?;
+    let text = std::str::from_utf8(time).ok()?;
+    let text = match tag {
+        0x17 => {
+            // UTCTime YYMMDDHHMMSSZ: years 50-99 are 19xx (RFC 5280 4.1.2.5.1).
+            let yy: u32 = text.get(..2)?.parse().ok()?;
+            format!("{}{text}", if yy >= 50 { "19" } else { "20" })
+        }
+        0x18 => text.to_string(),
+        _ => return None,
+    };
+    let t = jiff::civil::DateTime::strptime("%Y%m%d%H%M%SZ", &text).ok()?;
+    Some(t.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp().as_second())
+}
+
+/// One DER element: its tag, its contents, and what follows it.
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    if rest.len() < len {
+        return None;
+    }
+    Some((tag, &rest[..len], &rest[len..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(names: &[&str], not_after: (i32, i8, i8)) -> (String, String) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1 as u8, not_after.2 as u8);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn the_expiry_is_read_from_the_certificate() {
+        let (pem, _) = certificate(&["a.example"], (2031, 5, 17));
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let want = jiff::civil::date(2031, 5, 17)
+            .to_zoned(jiff::tz::TimeZone::UTC)
+            .unwrap()
+            .timestamp()
+            .as_second();
+        assert_eq!(not_after(&der), Some(want));
+        assert_eq!(not_after(&CertificateDer::from(vec![0x30, 0x03, 1, 2])), None);
+    }
+
+    #[test]
+    fn bad_files_are_named_with_what_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("balanced-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (pem, key) = certificate(&["a.example"], (2031, 1, 1));
+        let (_, other_key) = certificate(&["b.example"], (2031, 1, 1));
+        let (old, old_key) = certificate(&["a.example"], (2001, 1, 1));
+        let write = |name: &str, text: &str| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let files = |cert, key| CertificateFiles { cert, key };
+        let good = files(write("a.pem", &pem), write("a.key", &key));
+        assert!(read(&good).is_ok());
+        let err = read(&files(write("a2.pem", &pem), write("b.key", &other_key))).unwrap_err();
+        assert!(err.contains("b.key does not hold the key of"), "{err}");
+        let err = read(&files(write("junk.pem", "hello"), good.key.clone())).unwrap_err();
+        assert!(err.contains("junk.pem: no certificate in it"), "{err}");
+        let err = read(&files(dir.join("missing.pem"), good.key.clone())).unwrap_err();
+        assert!(err.contains("missing.pem: no such file or directory"), "{err}");
+        let err = read(&files(write("old.pem", &old), write("old.key", &old_key))).unwrap_err();
+        assert!(err.contains("old.pem: expired at 2001-01-01"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
