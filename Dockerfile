@@ -14,16 +14,17 @@ WORKDIR /src
 # Dependencies first, in their own layer: a source change does not rebuild them.
 # Every [[bench]] in Cargo.toml gets a stub, or cargo refuses the manifest.
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
+COPY .cargo ./.cargo
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
  && for b in $(grep -A1 '^\[\[bench\]\]' Cargo.toml | sed -n 's/^name = "\(.*\)"/\1/p'); do \
       echo 'fn main() {}' > "benches/$b.rs"; done \
- && cargo build --release --locked \
+ && cargo build --profile dist --locked \
  && rm -rf src benches
 COPY src ./src
 COPY benches ./benches
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin balanced
+RUN touch src/main.rs src/lib.rs && cargo build --profile dist --locked --bin balanced
 
 FROM ${RUNTIME_IMAGE}
 ARG VERSION=0.1.0
@@ -32,7 +33,7 @@ LABEL org.opencontainers.image.title="balanced" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.source="https://github.com/balanced-dev/balanced" \
       org.opencontainers.image.version="${VERSION}"
-COPY --from=build /src/target/release/balanced /usr/local/bin/balanced
+COPY --from=build /src/target/dist/balanced /usr/local/bin/balanced
 USER 65532:65532
 EXPOSE 9901
 ENTRYPOINT ["/usr/local/bin/balanced"]

@@ -51,8 +51,9 @@ need curl curl
 [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libnginx-mod-stream >/dev/null; }
 
 # BALANCED_BIN=path compares another build (say, the previous commit's).
-if [ -z "${BALANCED_BIN:-}" ]; then cargo build --release -q; fi
-BIN=${BALANCED_BIN:-target/release/balanced}
+# The shipped build (fat LTO, Cargo.toml's `dist` profile), as the image has it.
+if [ -z "${BALANCED_BIN:-}" ]; then cargo build --profile dist -q; fi
+BIN=${BALANCED_BIN:-target/dist/balanced}
 
 # Backends: one nginx worker on the load core. h1 on 18081-3, h2c on 18181-3.
 start_backends "$WORK" "$LOAD_CORE"
