@@ -407,6 +407,22 @@ async fn beyond_max_requests_and_its_queue_requests_get_503_at_once() {
     assert!(!overflow.ends_with(" 0"), "{overflow}");
 }
 
+type TestClient = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// `method /` through `proxy`: the status, the body, and how long it took.
+async fn timed(client: &TestClient, method: &'static str, proxy: SocketAddr) -> (u16, String, Duration) {
+    let started = std::time::Instant::now();
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{proxy}/"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = client.request(request).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), started.elapsed())
+}
+
 /// One of two endpoints frozen (accepts, never answers), `response: 2s`,
 /// `perTryTimeout: 200ms`: with `hedge` a GET stuck on it is sent to the
 /// other one too and answered from there, flagged `HG`, long before 2 s; a
@@ -430,26 +446,7 @@ async fn a_request_stuck_on_a_frozen_endpoint_is_hedged_after_the_per_try_timeou
     let hedged = format!("{base}\n  retry: {{perTryTimeout: 200ms, hedge: true}}");
     let p = proxy_with(&[frozen.addr, good.addr], "HTTP", &hedged, 2, Some(&log)).await;
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let send = |method: &'static str| {
-        let client = client.clone();
-        let url = format!("http://{}/", p.listen);
-        async move {
-            let started = std::time::Instant::now();
-            let resp = client
-                .request(
-                    http::Request::builder()
-                        .method(method)
-                        .uri(url)
-                        .body(Full::new(Bytes::new()))
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            let status = resp.status().as_u16();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, String::from_utf8_lossy(&body).into_owned(), started.elapsed())
-        }
-    };
+    let send = |method: &'static str| timed(&client, method, p.listen);
     for _ in 0..4 {
         let (status, body, took) = send("GET").await;
         assert_eq!((status, body.as_str()), (200, "good"));
@@ -491,26 +488,8 @@ async fn a_request_stuck_on_a_frozen_endpoint_is_hedged_after_the_per_try_timeou
     // perTryTimeout alone: the stuck attempt is given up at 200 ms and retried.
     let plain = format!("{base}\n  retry: {{perTryTimeout: 200ms}}");
     let p = proxy_with(&[frozen.addr, good.addr], "HTTP", &plain, 2, None).await;
-    let send = |method: &'static str| {
-        let client = client.clone();
-        let url = format!("http://{}/", p.listen);
-        async move {
-            let started = std::time::Instant::now();
-            let resp = client
-                .request(
-                    http::Request::builder()
-                        .method(method)
-                        .uri(url)
-                        .body(Full::new(Bytes::new()))
-                        .unwrap(),
-                )
-                .await
-                .unwrap();
-            (resp.status().as_u16(), started.elapsed())
-        }
-    };
     for _ in 0..4 {
-        let (status, took) = send("GET").await;
+        let (status, _, took) = timed(&client, "GET", p.listen).await;
         assert_eq!(status, 200);
         assert!(took < Duration::from_millis(1500), "waited {took:?}");
     }
