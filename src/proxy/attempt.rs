@@ -231,9 +231,10 @@ impl<'a> Attempts<'a> {
     /// after `retry.perTryTimeout`): within `retry.tries` and `retry.timeout`,
     /// and paid for by the retry budget as a retry is.
     pub fn hedge(&mut self) -> bool {
+        let members = self.snap.members.len();
         let limit = match self.retry.tries {
-            0 => self.snap.members.len(),
-            n => n as usize,
+            0 => members,
+            n => (n as usize).min(members),
         };
         if self.tried.len() >= limit || self.retry.timeout.is_some_and(|t| self.started.elapsed() >= t) {
             return false;
@@ -409,6 +410,15 @@ mod tests {
         assert!(a.hedge(), "one more is within tries: 2");
         a.next_endpoint().unwrap();
         assert!(!a.hedge(), "a third is not");
+
+        // Fewer endpoints than tries: no hedge once each was asked.
+        let (rt, cfg) = runtime(hedging.replace("tries: 2", "tries: 3").as_str(), &[true, true]);
+        let snap = rt.current().snap.clone();
+        let mut a = Attempts::new(&rt, &cfg, &snap, None);
+        a.next_endpoint().unwrap();
+        assert!(a.hedge());
+        a.next_endpoint().unwrap();
+        assert!(!a.hedge(), "both endpoints are racing already");
 
         // No budget left: no hedge, and it is counted as a refusal.
         let broke = "  retry: {perTryTimeout: 100ms, hedge: true, budget: {percent: 0, minRetryRate: {count: 0}}}\n";

@@ -78,10 +78,16 @@ impl<'a> Race<'a> {
         // The attempt the next hedge tick finds late.
         let mut newest = None;
         loop {
-            if launch && let Some(i) = attempts.next_endpoint() {
-                racing.push(self.attempt(i));
-                next_hedge = Instant::now() + per_try;
-                newest = Some(i);
+            if launch {
+                match attempts.next_endpoint() {
+                    Some(i) => {
+                        racing.push(self.attempt(i));
+                        next_hedge = Instant::now() + per_try;
+                        newest = Some(i);
+                    }
+                    // No endpoint left to ask: the ones racing are all there is.
+                    None => may_hedge = false,
+                }
             }
             launch = false;
             if racing.is_empty() {
@@ -114,6 +120,7 @@ impl<'a> Race<'a> {
                     }
                 }
                 _ = tokio::time::sleep_until(next_hedge), if may_hedge => {
+                    next_hedge = Instant::now() + per_try;
                     if let Some(i) = newest.take() {
                         attempts.late(i);
                     }
