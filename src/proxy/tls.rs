@@ -56,8 +56,6 @@ pub struct Session {
     pub version: &'static str,
     /// The name the client asked for, if any.
     pub sni: Option<Arc<str>>,
-    /// The protocol ALPN settled on (`h2`), if any.
-    pub h2: bool,
 }
 
 impl Terminator {
@@ -235,7 +233,6 @@ pub fn session(conn: &rustls::ServerConnection) -> Session {
             _ => "TLSv1.2",
         },
         sni: conn.server_name().map(Arc::from),
-        h2: conn.alpn_protocol() == Some(b"h2"),
     }
 }
 

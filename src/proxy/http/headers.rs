@@ -324,7 +324,6 @@ mod tests {
         let tls = crate::proxy::tls::Session {
             version: "TLSv1.3",
             sni: None,
-            h2: false,
         };
         let mut h = headers(&[("x-forwarded-proto", "http")]);
         add_forwarding(&mut h, &downstream("10.0.0.9:5555").with_tls(Some(tls)), false);
