@@ -10,6 +10,7 @@ pub mod controller;
 pub mod demo;
 pub mod health;
 pub mod metrics;
+pub mod net;
 pub mod proxy;
 pub mod runtime;
 pub mod shell;
@@ -17,6 +18,7 @@ pub mod signal;
 pub mod source;
 pub mod standalone;
 pub mod throttle;
+pub mod tls;
 pub mod xds;
 
 #[cfg(any(test, feature = "test-util"))]

@@ -44,7 +44,7 @@ async fn a_probe_failing_with_emfile_leaves_the_endpoint_alone() {
         port: None,
         agent: None,
     };
-    prober.update_service(&key, &check, &[Target::new(backend.addr)]);
+    prober.update_service(&key, &check, &Default::default(), &[Target::new(backend.addr)]);
     let healthy = || async {
         let s = prober.states(&key);
         (s[0].1.health == Health::Healthy).then_some(s[0].1.clone())

@@ -140,6 +140,7 @@ async fn an_endpoint_that_goes_down_and_comes_back_follows_fall_and_rise() {
     prober.update_service(
         &key,
         &check(http_kind(DEFAULT_EXPECT), 100, 2, 2),
+        &Default::default(),
         &[Target::new(backend.addr)],
     );
     assert_eq!(health_of(&prober, &key, backend.addr), Some(Health::Unknown));
@@ -171,14 +172,19 @@ async fn removed_endpoints_stop_being_probed_at_once_and_others_keep_state() {
     let key = ServiceKey::new("default", "web");
     // HTTP checks, so each probe is an accepted connection the backends count.
     let hc = check(http_kind(DEFAULT_EXPECT), 50, 1, 1);
-    prober.update_service(&key, &hc, &[Target::new(a.addr), Target::new(b.addr)]);
+    prober.update_service(
+        &key,
+        &hc,
+        &Default::default(),
+        &[Target::new(a.addr), Target::new(b.addr)],
+    );
     eventually(SECOND, "both healthy", || async {
         let s = prober.states(&key);
         s.iter().all(|(_, st)| st.health == Health::Healthy).then_some(())
     })
     .await;
 
-    prober.update_service(&key, &hc, &[Target::new(a.addr)]);
+    prober.update_service(&key, &hc, &Default::default(), &[Target::new(a.addr)]);
     // A probe whose handshake the kernel finished before the removal is still
     // accepted by the backend afterwards: allow that one, not a new interval's.
     let b_count = b.accepted();
@@ -210,7 +216,12 @@ async fn a_bare_tcp_check_never_reaches_the_application() {
     let backend = Backend::http("quiet", Behavior::Status(200)).await;
     let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
     let key = ServiceKey::new("default", "web");
-    prober.update_service(&key, &check(ProbeKind::Tcp, 50, 3, 1), &[Target::new(backend.addr)]);
+    prober.update_service(
+        &key,
+        &check(ProbeKind::Tcp, 50, 3, 1),
+        &Default::default(),
+        &[Target::new(backend.addr)],
+    );
     eventually(SECOND, "healthy after three TCP checks", || async {
         (health_of(&prober, &key, backend.addr) == Some(Health::Healthy)).then_some(())
     })
@@ -227,9 +238,10 @@ async fn inherited_state_is_served_without_waiting_for_rise() {
     prober.update_service(
         &key,
         &check(ProbeKind::Tcp, 1000, 3, 3),
+        &Default::default(),
         &[Target {
-            addr: backend.addr,
             seed: Some(seed),
+            ..Target::new(backend.addr)
         }],
     );
     assert_eq!(health_of(&prober, &key, backend.addr), Some(Health::Healthy));
@@ -418,7 +430,7 @@ async fn a_keep_alive_http_check_reuses_its_connection_and_shrugs_off_a_closed_o
             let ProbeKind::Http(http) = &kind else { unreachable!() };
             let mut scratch = HttpScratch::new(http, addr);
             for i in 0..12 {
-                let result = probe_with(&kind, addr, SECOND, &tls, Some(&mut scratch)).await;
+                let result = probe_with(&kind, addr, SECOND, &tls, None, Some(&mut scratch)).await;
                 assert_eq!(result, Ok(None), "check {i}");
             }
         }
@@ -456,7 +468,7 @@ async fn a_keep_alive_check_that_fails_still_fails_and_its_connection_is_kept() 
     let ProbeKind::Http(http) = &kind else { unreachable!() };
     let mut scratch = HttpScratch::new(http, addr);
     for _ in 0..5 {
-        let err = probe_with(&kind, addr, SECOND, &tls, Some(&mut scratch))
+        let err = probe_with(&kind, addr, SECOND, &tls, None, Some(&mut scratch))
             .await
             .unwrap_err();
         assert_eq!(err.message, "http: status 200, expected 204");
@@ -525,7 +537,7 @@ http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_
         let mut scratch = HttpScratch::new(http, addr);
         for _ in 0..10 {
             assert_eq!(
-                probe_with(&kind, addr, SECOND, &tls, Some(&mut scratch)).await,
+                probe_with(&kind, addr, SECOND, &tls, None, Some(&mut scratch)).await,
                 Ok(None)
             );
         }
@@ -662,7 +674,12 @@ async fn a_grpcio_health_server_turns_the_endpoint_unhealthy_and_back() {
     let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
     let mut transitions = prober.subscribe();
     let key = ServiceKey::new("default", "orders");
-    prober.update_service(&key, &check(grpc_kind("orders"), 100, 2, 2), &[Target::new(addr)]);
+    prober.update_service(
+        &key,
+        &check(grpc_kind("orders"), 100, 2, 2),
+        &Default::default(),
+        &[Target::new(addr)],
+    );
     let t = tokio::time::timeout(SECOND, transitions.recv()).await.unwrap().unwrap();
     assert_eq!((t.from, t.to), (Health::Unknown, Health::Healthy));
 

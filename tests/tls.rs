@@ -40,9 +40,16 @@ impl Pki {
 
     /// A leaf for `names`, signed by the CA, written as `file.pem` and `file.key`.
     fn leaf(&self, file: &str, names: &[&str], common_name: &str) -> (PathBuf, PathBuf) {
+        self.leaf_until(file, names, common_name, 4000)
+    }
+
+    /// [`Pki::leaf`], valid until January 1st of `year`.
+    fn leaf_until(&self, file: &str, names: &[&str], common_name: &str, year: i32) -> (PathBuf, PathBuf) {
         let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(year, 1, 1);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (c, k) = (
@@ -85,14 +92,24 @@ async fn start(dir: &Path, backend: SocketAddr, tls: &str, log: Option<&Path>) -
 }
 
 async fn start_over(dir: &Path, backends: &[SocketAddr], tls: &str, log: Option<&Path>) -> Running {
+    let spec = format!(
+        "  listeners: [{{name: https, port: PORT, tls: {tls}}}]\n  healthCheck: {{interval: 200ms, timeout: 100ms, rise: 1}}\n"
+    );
+    start_spec(dir, backends, &spec, backends.len(), log).await
+}
+
+/// The proxy over `backends` with the rest of the spec in `spec` (`PORT`
+/// stands for its listener's port), once `healthy` endpoints are.
+async fn start_spec(dir: &Path, backends: &[SocketAddr], spec: &str, healthy: usize, log: Option<&Path>) -> Running {
     let port = free_port();
     let endpoints: Vec<String> = backends
         .iter()
         .map(|b| format!("{{address: {}, port: {}}}", b.ip(), b.port()))
         .collect();
     let yaml = format!(
-        "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: web}}\nspec:\n  endpoints: [{}]\n  listeners: [{{name: https, port: {port}, tls: {tls}}}]\n  healthCheck: {{interval: 200ms, timeout: 100ms, rise: 1}}\n",
-        endpoints.join(", ")
+        "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {{name: web}}\nspec:\n  endpoints: [{}]\n{}",
+        endpoints.join(", "),
+        spec.replace("PORT", &port.to_string())
     );
     let file = dir.join("proxy.yaml");
     std::fs::write(&file, yaml).unwrap();
@@ -104,7 +121,7 @@ async fn start_over(dir: &Path, backends: &[SocketAddr], tls: &str, log: Option<
     opts.serving.grace = Duration::from_secs(1);
     opts.serving.access_log = log.map(|p| balanced::proxy::access::AccessLog::open(p.to_str().unwrap()).unwrap());
     tokio::spawn(standalone::run(opts, admin_listener, shutdown.clone()));
-    let want = backends.len();
+    let want = healthy;
     eventually(Duration::from_secs(3), "the endpoints to turn healthy", || async move {
         let (_, body) = http_get(admin, "/status").await.ok()?;
         (body.matches("\"Healthy\"").count() >= want).then_some(())
@@ -408,4 +425,260 @@ async fn grpc_over_tls_spreads_calls_over_the_endpoints() {
     let seen = result["seen"].as_object().unwrap();
     assert_eq!(seen.len(), 3, "every server answered some calls: {result}");
     assert_eq!(seen.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 30);
+}
+
+/// An HTTPS endpoint we control: answers every request with its name (and
+/// whether the client presented a certificate), speaks h2 and http/1.1 by
+/// ALPN, closes each HTTP/1.1 connection after one answer so every request
+/// is a new handshake, may require a client certificate signed by
+/// `client_ca`, and counts handshakes and resumed ones.
+struct TlsBackend {
+    addr: SocketAddr,
+    handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    resumed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn tls_backend(name: &'static str, cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsBackend {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let chain = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (handshakes, resumed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (h, r) = (handshakes.clone(), resumed.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, h, r) = (acceptor.clone(), h.clone(), r.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                h.fetch_add(1, Ordering::Relaxed);
+                let conn = tls.get_ref().1;
+                if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+                let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
+                    let mut resp = http::Response::builder();
+                    if req.version() == http::Version::HTTP_11 {
+                        resp = resp.header("connection", "close");
+                    }
+                    let body = format!("{name} client-cert={client_cert} {:?}", req.version());
+                    Ok::<_, std::convert::Infallible>(
+                        resp.body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap(),
+                    )
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    TlsBackend {
+        addr,
+        handshakes,
+        resumed,
+        task,
+    }
+}
+
+/// The endpoints' states and errors on `/status`, by port.
+async fn endpoint_states(admin: SocketAddr) -> Vec<(u16, String, String)> {
+    let doc = status(admin).await;
+    doc["services"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["port"].as_u64().unwrap() as u16,
+                e["state"].as_str().unwrap_or_default().to_string(),
+                e["lastError"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_over_tls_are_verified_checked_over_https_and_resume_their_sessions() {
+    let pki = Pki::new("upstream");
+    let (cert, key) = pki.leaf("api", &["api.internal"], "api.internal");
+    let backend = tls_backend("secure", &cert, &key, None).await;
+    let spec = format!(
+        "  listeners: [{{name: web, port: PORT}}]\n  healthCheck: {{protocol: HTTP, interval: 300ms, timeout: 250ms, rise: 1, http: {{path: /healthz}}}}\n  backendTLS: {{hostname: api.internal, caFile: {}}}\n",
+        pki.ca().display()
+    );
+    let p = start_spec(&pki.dir, &[backend.addr], &spec, 1, None).await;
+    // The check passed over HTTPS: a handshake, then an HTTP answer.
+    assert!(backend.handshakes.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+
+    for _ in 0..5 {
+        let (code, body) = http_get(p.listen, "/").await.unwrap();
+        assert_eq!((code, body.as_str()), (200, "secure client-cert=false HTTP/1.1"));
+    }
+    // Every answer closed its connection: later handshakes resume the first's session.
+    let resumed = backend.resumed.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(resumed >= 4, "resumed {resumed} handshakes");
+
+    let doc = status(p.admin).await;
+    let tls = &doc["services"][0]["backendTLS"][0];
+    assert_eq!(tls["group"], "default");
+    assert_eq!(tls["hostname"], "api.internal");
+    assert!(tls.get("warning").is_none() && tls.get("error").is_none(), "{tls}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_over_h2_gets_h2_by_alpn() {
+    let pki = Pki::new("upstream-h2");
+    let (cert, key) = pki.leaf("api", &["api.internal"], "api.internal");
+    let backend = tls_backend("secure", &cert, &key, None).await;
+    let spec = format!(
+        "  listeners: [{{name: web, port: PORT, appProtocol: kubernetes.io/h2c}}]\n  healthCheck: {{interval: 300ms, timeout: 250ms, rise: 1}}\n  backendTLS: {{hostname: api.internal, caFile: {}}}\n",
+        pki.ca().display()
+    );
+    let p = start_spec(&pki.dir, &[backend.addr], &spec, 1, None).await;
+    let (code, body) = http_get(p.listen, "/").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "secure client-cert=false HTTP/2.0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_or_misnamed_endpoint_certificate_fails_the_check_and_the_request_with_its_reason() {
+    let pki = Pki::new("upstream-bad");
+    let (expired, expired_key) = pki.leaf_until("old", &["api.internal"], "api.internal", 2001);
+    let (other, other_key) = pki.leaf("other", &["other.internal"], "other.internal");
+    let old = tls_backend("old", &expired, &expired_key, None).await;
+    let misnamed = tls_backend("misnamed", &other, &other_key, None).await;
+    let tls = format!("{{hostname: api.internal, caFile: {}}}", pki.ca().display());
+
+    // The HTTP check speaks the same TLS: both endpoints fail it, each with why.
+    let spec = format!(
+        "  listeners: [{{name: web, port: PORT}}]\n  healthCheck: {{protocol: HTTP, interval: 300ms, timeout: 250ms, fall: 1}}\n  backendTLS: {tls}\n"
+    );
+    let p = start_spec(&pki.dir, &[old.addr, misnamed.addr], &spec, 0, None).await;
+    let admin = p.admin;
+    let states = eventually(
+        Duration::from_secs(3),
+        "both endpoints to fail their checks",
+        || async move {
+            let states = endpoint_states(admin).await;
+            states
+                .iter()
+                .all(|(_, state, error)| state == "Unhealthy" && !error.is_empty())
+                .then_some(states)
+        },
+    )
+    .await;
+    let error_of = |port| states.iter().find(|s| s.0 == port).unwrap().2.clone();
+    let e = error_of(old.addr.port());
+    assert!(
+        e.contains("tls: the endpoint's certificate expired at 2001-01-01"),
+        "{e}"
+    );
+    let e = error_of(misnamed.addr.port());
+    assert!(
+        e.contains("tls: the endpoint's certificate is not valid for \"api.internal\"; it names other.internal"),
+        "{e}"
+    );
+    drop(p);
+
+    // A bare TCP check passes them, and the request fails with the reason.
+    let spec = format!(
+        "  listeners: [{{name: web, port: PORT}}]\n  healthCheck: {{protocol: TCP, interval: 300ms, timeout: 250ms, rise: 1}}\n  backendTLS: {tls}\n  retry: {{tries: 1}}\n  passiveHealth: {{maxFails: 0}}\n  debug: {{errorDetail: true}}\n"
+    );
+    let p = start_spec(&pki.dir, &[old.addr], &spec, 1, None).await;
+    let (code, body) = http_get(p.listen, "/").await.unwrap();
+    assert_eq!(code, 502, "{body}");
+    assert!(
+        body.contains("tls: the endpoint's certificate expired at 2001-01-01"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_to_an_endpoint_that_requires_a_client_certificate() {
+    let pki = Pki::new("upstream-mtls");
+    let (cert, key) = pki.leaf("api", &["api.internal"], "api.internal");
+    let (client, client_key) = pki.leaf("client", &["proxy.balanced"], "proxy.balanced");
+    let backend = tls_backend("mtls", &cert, &key, Some(&pki.ca())).await;
+
+    // Without a client certificate the endpoint refuses, and the check says so.
+    let spec = format!(
+        "  listeners: [{{name: web, port: PORT}}]\n  healthCheck: {{protocol: HTTP, interval: 300ms, timeout: 250ms, fall: 1}}\n  backendTLS: {{hostname: api.internal, caFile: {}}}\n",
+        pki.ca().display()
+    );
+    let p = start_spec(&pki.dir, &[backend.addr], &spec, 0, None).await;
+    let admin = p.admin;
+    let error = eventually(Duration::from_secs(3), "the check to fail", || async move {
+        let states = endpoint_states(admin).await;
+        let (_, state, error) = states.first()?.clone();
+        (state == "Unhealthy" && !error.is_empty()).then_some(error)
+    })
+    .await;
+    assert!(
+        error.contains("tls: the endpoint requires a client certificate (backendTLS.clientCertificate)"),
+        "{error}"
+    );
+    drop(p);
+
+    let spec = format!(
+        "  listeners: [{{name: web, port: PORT}}]\n  healthCheck: {{protocol: HTTP, interval: 300ms, timeout: 250ms, rise: 1}}\n  backendTLS: {{hostname: api.internal, caFile: {}, clientCertificate: {{certFile: {}, keyFile: {}}}}}\n",
+        pki.ca().display(),
+        client.display(),
+        client_key.display()
+    );
+    let p = start_spec(&pki.dir, &[backend.addr], &spec, 1, None).await;
+    let (code, body) = http_get(p.listen, "/").await.unwrap();
+    assert_eq!((code, body.as_str()), (200, "mtls client-cert=true HTTP/1.1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_skip_verify_connects_to_anything_and_status_warns() {
+    let pki = Pki::new("upstream-insecure");
+    let (cert, key) = pki.leaf_until("old", &["whatever.internal"], "whatever", 2001);
+    let backend = tls_backend("anything", &cert, &key, None).await;
+    let spec = "  listeners: [{name: web, port: PORT}]\n  healthCheck: {interval: 300ms, timeout: 250ms, rise: 1}\n  backendTLS: {insecureSkipVerify: true}\n";
+    let p = start_spec(&pki.dir, &[backend.addr], spec, 1, None).await;
+    let (code, _) = http_get(p.listen, "/").await.unwrap();
+    assert_eq!(code, 200);
+    let doc = status(p.admin).await;
+    let warning = doc["services"][0]["backendTLS"][0]["warning"].as_str().unwrap();
+    assert!(
+        warning.starts_with("insecureSkipVerify: the endpoints' certificates are not verified"),
+        "{warning}"
+    );
 }

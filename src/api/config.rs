@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use super::policy::{BudgetPolicy, RateLimit, RateLimitKey, RetryPolicy};
@@ -65,6 +66,8 @@ pub struct Config {
     /// Named endpoint groups; group 0 is `default` (`service` and
     /// `endpoints` above), group `i` is `backends[i - 1]`.
     pub backends: Vec<Backend>,
+    /// TLS to the endpoints of each group.
+    pub backend_tls: GroupTls,
     /// HTTP routing rules, first match wins.
     pub routes: Vec<super::route::Route>,
     /// Proxy replicas.
@@ -125,6 +128,38 @@ pub struct Backend {
     pub service: Option<String>,
     /// Static endpoints.
     pub endpoints: Vec<EndpointConfig>,
+}
+
+/// TLS to endpoints, validated (the files are read when it is first used).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BackendTls {
+    /// SNI and the name verified; `None` verifies the endpoint's IP address.
+    pub hostname: Option<String>,
+    /// CAs to trust; `None` is the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Names accepted instead of `hostname`.
+    pub subject_alt_names: Vec<String>,
+    /// The client certificate for mutual TLS.
+    pub client: Option<CertificateFiles>,
+    /// No verification at all.
+    pub insecure_skip_verify: bool,
+}
+
+/// The TLS each endpoint group speaks to its endpoints, indexed by group;
+/// empty when no group speaks TLS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupTls(pub Vec<Option<Arc<BackendTls>>>);
+
+impl GroupTls {
+    /// The TLS of an endpoint in `groups` (a bit per group): its first group's.
+    pub fn for_groups(&self, groups: u64) -> Option<&Arc<BackendTls>> {
+        self.0.get(groups.trailing_zeros() as usize)?.as_ref()
+    }
+
+    /// Whether any group speaks TLS.
+    pub fn any(&self) -> bool {
+        self.0.iter().any(Option::is_some)
+    }
 }
 
 /// The most groups a service has (`default` and 63 backends): group sets

@@ -110,6 +110,11 @@ pub struct BalancedServiceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<SlowStartSpec>,
 
+    /// TLS to the endpoints, for every group without its own (Gateway API
+    /// `BackendTLSPolicy`, nginx `proxy_ssl_*`, HAProxy `server ... ssl`).
+    #[serde(default, rename = "backendTLS", skip_serializing_if = "Option::is_none")]
+    pub backend_tls: Option<BackendTlsSpec>,
+
     /// The proxy Deployment made for this BalancedService.
     #[serde(default)]
     pub proxy: ProxySpec,
@@ -190,6 +195,36 @@ pub struct BackendSpec {
     /// Static endpoints of this group.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<StaticEndpoint>,
+    /// TLS to this group's endpoints, instead of `spec.backendTLS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<BackendTlsSpec>,
+}
+
+/// How the proxy and the health checks speak TLS to endpoints, in the words
+/// of the Gateway API's `BackendTLSPolicy`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendTlsSpec {
+    /// The name sent as SNI and verified in the endpoint's certificate;
+    /// unset, no SNI is sent and the certificate must name the endpoint's IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub hostname: Option<String>,
+    /// PEM file of the CAs that sign the endpoints' certificates; unset, the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub ca_file: Option<String>,
+    /// DNS names any one of which the endpoint's certificate may carry
+    /// instead of `hostname` (which is still sent as SNI).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub subject_alt_names: Vec<String>,
+    /// A certificate presented to endpoints that ask for one (mutual TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<CertificateFilesSpec>,
+    /// Accept any certificate: for testing only; status warns while it is set.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_skip_verify: bool,
 }
 
 /// One routing rule.

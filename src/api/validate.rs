@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::config::*;
@@ -131,6 +132,7 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         .as_ref()
         .map(|r| rate_limit(&mut errs, "spec.rateLimit", r));
     let backends = backends(&mut errs, &spec.backends);
+    let backend_tls = group_tls(&mut errs, spec);
     let routes = routes(&mut errs, &spec.routes, &backends, &retry, &timeouts);
     if !routes.is_empty() && !listeners.iter().any(|l| l.protocol == ListenerProtocol::Http) {
         errs.add(
@@ -179,6 +181,7 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         rate_limit,
         slow_start,
         backends,
+        backend_tls,
         routes,
         replicas,
         publish_endpoint_slice: spec.publish_endpoint_slice,
@@ -1010,6 +1013,59 @@ fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
         expect: StatusMatch::from_rules(&rules),
         agent_header,
         keep_alive_requests,
+    }
+}
+
+/// Each group's TLS to its endpoints: its own `tls`, else `spec.backendTLS`.
+fn group_tls(errs: &mut Errors, spec: &BalancedServiceSpec) -> GroupTls {
+    let top = spec
+        .backend_tls
+        .as_ref()
+        .map(|t| Arc::new(backend_tls(errs, "spec.backendTLS", t)));
+    let mut groups = vec![top.clone()];
+    for (i, b) in spec.backends.iter().enumerate() {
+        groups.push(match &b.tls {
+            Some(t) => Some(Arc::new(backend_tls(errs, &format!("spec.backends[{i}].tls"), t))),
+            None => top.clone(),
+        });
+    }
+    if groups.iter().all(Option::is_none) {
+        return GroupTls::default();
+    }
+    GroupTls(groups)
+}
+
+fn backend_tls(errs: &mut Errors, path: &str, t: &spec::BackendTlsSpec) -> BackendTls {
+    let dns_name = |errs: &mut Errors, field: String, name: &str| {
+        let valid = matches!(
+            rustls::pki_types::ServerName::try_from(name),
+            Ok(rustls::pki_types::ServerName::DnsName(_))
+        );
+        if !valid {
+            errs.add(field, format!("must be a DNS name, got {name:?}"));
+        }
+    };
+    if let Some(h) = &t.hostname {
+        dns_name(errs, format!("{path}.hostname"), h);
+    }
+    for (i, san) in t.subject_alt_names.iter().enumerate() {
+        dns_name(errs, format!("{path}.subjectAltNames[{i}]"), san);
+    }
+    if t.insecure_skip_verify && (t.ca_file.is_some() || !t.subject_alt_names.is_empty()) {
+        errs.add(
+            format!("{path}.insecureSkipVerify"),
+            "verifies nothing, so caFile and subjectAltNames would be ignored: set one or the other",
+        );
+    }
+    BackendTls {
+        hostname: t.hostname.clone(),
+        ca_file: t.ca_file.as_ref().map(Into::into),
+        subject_alt_names: t.subject_alt_names.clone(),
+        client: t.client_certificate.as_ref().map(|c| CertificateFiles {
+            cert: (&c.cert_file).into(),
+            key: (&c.key_file).into(),
+        }),
+        insecure_skip_verify: t.insecure_skip_verify,
     }
 }
 

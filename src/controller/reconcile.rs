@@ -213,9 +213,15 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
         .map(|d| Target {
             addr: d.addr,
             seed: seed_from(in_slices.get(&d.addr), previous, d.addr),
+            groups: d
+                .backends
+                .iter()
+                .filter_map(|b| cfg.group_index(b))
+                .fold(0u64, |mask, g| mask | 1 << g)
+                .max(1),
         })
         .collect();
-    ctx.prober.update_service(key, &cfg.health, &targets);
+    ctx.prober.update_service(key, &cfg.health, &cfg.backend_tls, &targets);
 
     let mut proxy = None;
     for object in desired(bsvc, &cfg, &ctx.render) {

@@ -22,8 +22,9 @@ use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 
-use super::probe::{ProbeError, io_text};
+use super::probe::ProbeError;
 use crate::api::duration::format_duration;
+use crate::net::io_text;
 
 /// The administrative state an agent sets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -179,7 +180,7 @@ const LINE_MAX: usize = 512;
 pub async fn ask(addr: SocketAddr, timeout: Duration) -> Result<String, ProbeError> {
     let read = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| ProbeError {
-            local: super::probe::is_local_exhaustion(&e),
+            local: crate::net::is_local_exhaustion(&e),
             ..ProbeError::failed(format!("agent: connect: {}", io_text(&e)))
         })?;
         let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));

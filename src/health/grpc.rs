@@ -8,17 +8,21 @@ use std::net::SocketAddr;
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 
 use crate::api::config::GrpcProbe;
+use crate::tls::upstream::MaybeTls;
 
 /// The most of an answer read: a health response is a few bytes.
 const MAX_ANSWER: usize = 16 * 1024;
 
 /// Asks the endpoint's health service about `check.service` over `stream`;
 /// passes on `SERVING` alone, else says why (`grpc: ...`).
-pub(super) async fn grpc_probe(stream: TcpStream, addr: SocketAddr, check: &GrpcProbe) -> Result<(), String> {
+pub(super) async fn grpc_probe(stream: MaybeTls, addr: SocketAddr, check: &GrpcProbe) -> Result<(), String> {
     let failed = |what: String| format!("grpc: {what}");
+    let scheme = match stream {
+        MaybeTls::Plain(_) => "http",
+        MaybeTls::Tls(_) => "https",
+    };
     let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
         .await
@@ -31,7 +35,7 @@ pub(super) async fn grpc_probe(stream: TcpStream, addr: SocketAddr, check: &Grpc
         Some(a) => a.clone(),
         None => addr.to_string(),
     };
-    let request = http::Request::post(format!("http://{authority}/grpc.health.v1.Health/Check"))
+    let request = http::Request::post(format!("{scheme}://{authority}/grpc.health.v1.Health/Check"))
         .version(http::Version::HTTP_2)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")

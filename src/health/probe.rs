@@ -12,6 +12,8 @@ use tokio::net::{TcpSocket, TcpStream};
 use super::tls::TlsClients;
 use crate::api::config::{Expect, HttpProbe, MAX_EXPECT_READ, ProbeKind, TcpPayload, TlsProbe};
 use crate::api::duration::format_duration;
+use crate::net::{io_text, is_local_exhaustion};
+use crate::tls::upstream::{Alpn, Connector, MaybeTls};
 
 /// Why a probe failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,7 +53,7 @@ enum Phase {
 
 /// Runs one probe of `kind` against `addr`, bounded by `timeout`.
 pub async fn probe(kind: &ProbeKind, addr: SocketAddr, timeout: Duration, tls: &TlsClients) -> Result<(), ProbeError> {
-    probe_with(kind, addr, timeout, tls, None).await.map(drop)
+    probe_with(kind, addr, timeout, tls, None, None).await.map(drop)
 }
 
 /// What a passing probe brings back: the agent header's value, when the
@@ -66,7 +68,7 @@ pub type AgentLine = Option<String>;
 pub struct HttpScratch {
     request: Vec<u8>,
     buf: Box<[u8]>,
-    kept: Option<TcpStream>,
+    kept: Option<MaybeTls>,
     /// Checks already sent on `kept`.
     used: u32,
 }
@@ -111,19 +113,23 @@ const HEAD_MAX: usize = 8192;
 /// longer answer closes it instead.
 const DRAIN_MAX: usize = 64 * 1024;
 
-/// [`probe`], reusing `scratch` for an endpoint probed again and again.
+/// [`probe`], reusing `scratch` for an endpoint probed again and again, and
+/// speaking TLS through `backend` when the endpoint's group does (HTTP, gRPC
+/// and payload checks; a bare TCP check stays a SYN).
 pub async fn probe_with(
     kind: &ProbeKind,
     addr: SocketAddr,
     timeout: Duration,
     tls: &TlsClients,
+    backend: Option<&Connector>,
     request: Option<&mut HttpScratch>,
 ) -> Result<AgentLine, ProbeError> {
     let mut phase = Phase::Connect;
     // An answer that came but is still undecided near the end (a regex that
     // never matched) fails as what it is, not as "no response".
     let undecided_at = tokio::time::Instant::now() + timeout * 9 / 10;
-    match tokio::time::timeout(timeout, run(kind, addr, tls, request, &mut phase, undecided_at)).await {
+    let run = run(kind, addr, tls, backend, request, &mut phase, undecided_at);
+    match tokio::time::timeout(timeout, run).await {
         Ok(result) => result,
         Err(_) => Err(ProbeError {
             timed_out: true,
@@ -145,6 +151,7 @@ async fn run(
     kind: &ProbeKind,
     addr: SocketAddr,
     tls: &TlsClients,
+    backend: Option<&Connector>,
     mut request: Option<&mut HttpScratch>,
     phase: &mut Phase,
     undecided_at: tokio::time::Instant,
@@ -152,13 +159,25 @@ async fn run(
     if let (ProbeKind::Http(http), Some(scratch)) = (kind, request.as_deref_mut())
         && http.keep_alive_requests > 1
     {
-        return http_kept_alive(addr, http, scratch, phase).await;
+        return http_kept_alive(addr, http, backend, scratch, phase).await;
     }
-    let stream = connect(addr, matches!(kind, ProbeKind::Tcp))
+    let tcp = connect(addr, matches!(kind, ProbeKind::Tcp))
         .await
         .map_err(connect_error)?;
+    let stream = match kind {
+        ProbeKind::Tcp => return Ok(None),
+        ProbeKind::Tls(settings) => {
+            *phase = Phase::Handshake;
+            // Boxed: a TLS handshake's state is kilobytes, and every
+            // endpoint's task would carry that much even for TCP checks.
+            return Box::pin(tls_probe(tcp, addr, settings, tls)).await.map(|()| None);
+        }
+        ProbeKind::Grpc(_) => handshake(backend, tcp, addr, Alpn::H2, phase).await?,
+        ProbeKind::Http(_) => handshake(backend, tcp, addr, Alpn::Http1, phase).await?,
+        ProbeKind::TcpPayload(_) => handshake(backend, tcp, addr, Alpn::None, phase).await?,
+    };
     match kind {
-        ProbeKind::Tcp => Ok(None),
+        ProbeKind::Tcp | ProbeKind::Tls(_) => Ok(None),
         ProbeKind::TcpPayload(payload) => {
             *phase = Phase::Response;
             tcp_payload_probe(stream, payload, undecided_at).await.map(|()| None)
@@ -166,12 +185,6 @@ async fn run(
         ProbeKind::Http(http) => {
             *phase = Phase::Response;
             http_probe(stream, addr, http, request).await
-        }
-        ProbeKind::Tls(settings) => {
-            *phase = Phase::Handshake;
-            // Boxed: a TLS handshake's state is kilobytes, and every
-            // endpoint's task would carry that much even for TCP checks.
-            Box::pin(tls_probe(stream, addr, settings, tls)).await.map(|()| None)
         }
         ProbeKind::Grpc(grpc) => {
             *phase = Phase::Response;
@@ -182,6 +195,25 @@ async fn run(
                 .map_err(ProbeError::failed)
         }
     }
+}
+
+/// The endpoint's TLS, when its group speaks TLS (boxed: a handshake's state
+/// is kilobytes that a plain check's task should not carry).
+async fn handshake(
+    backend: Option<&Connector>,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    alpn: Alpn,
+    phase: &mut Phase,
+) -> Result<MaybeTls, ProbeError> {
+    let Some(backend) = backend else {
+        return Ok(MaybeTls::Plain(tcp));
+    };
+    *phase = Phase::Handshake;
+    let stream = Box::pin(backend.connect(tcp, addr, alpn))
+        .await
+        .map_err(ProbeError::failed)?;
+    Ok(MaybeTls::Tls(Box::new(stream)))
 }
 
 fn connect_error(e: io::Error) -> ProbeError {
@@ -197,6 +229,7 @@ fn connect_error(e: io::Error) -> ProbeError {
 async fn http_kept_alive(
     addr: SocketAddr,
     http: &HttpProbe,
+    backend: Option<&Connector>,
     scratch: &mut HttpScratch,
     phase: &mut Phase,
 ) -> Result<AgentLine, ProbeError> {
@@ -209,7 +242,8 @@ async fn http_kept_alive(
         }
     }
     *phase = Phase::Connect;
-    let stream = connect(addr, false).await.map_err(connect_error)?;
+    let tcp = connect(addr, false).await.map_err(connect_error)?;
+    let stream = handshake(backend, tcp, addr, Alpn::Http1, phase).await?;
     scratch.used = 0;
     *phase = Phase::Response;
     exchange_kept_alive(stream, http, scratch).await.map_err(|e| match e {
@@ -229,7 +263,7 @@ enum Exchange {
 /// connection in `scratch` when the answer's framing allows another check
 /// on it and fewer than `keepAliveRequests` were sent.
 async fn exchange_kept_alive(
-    mut stream: TcpStream,
+    mut stream: MaybeTls,
     http: &HttpProbe,
     scratch: &mut HttpScratch,
 ) -> Result<AgentLine, Exchange> {
@@ -359,7 +393,7 @@ fn parse_head(head: &[u8], agent: Option<&http::HeaderName>, head_request: bool)
 /// Reads past the body of an answer (`already` is what came with its head),
 /// so the connection can carry another check; false when it cannot: a body
 /// longer than [`DRAIN_MAX`], malformed chunks, or the connection closed.
-async fn drain(stream: &mut TcpStream, body: Framing, mut already: Vec<u8>) -> bool {
+async fn drain(stream: &mut MaybeTls, body: Framing, mut already: Vec<u8>) -> bool {
     match body {
         Framing::None => already.is_empty(),
         Framing::Close => false,
@@ -439,7 +473,7 @@ fn chunked_end(buf: &[u8]) -> Result<Option<usize>, ()> {
 /// stream, an answer still undecided at `undecided_at`, or the probe's
 /// timeout fails it.
 async fn tcp_payload_probe(
-    mut stream: TcpStream,
+    mut stream: MaybeTls,
     payload: &TcpPayload,
     undecided_at: tokio::time::Instant,
 ) -> Result<(), ProbeError> {
@@ -529,7 +563,7 @@ async fn connect(addr: SocketAddr, bare: bool) -> io::Result<TcpStream> {
 }
 
 async fn http_probe(
-    mut stream: TcpStream,
+    mut stream: MaybeTls,
     addr: SocketAddr,
     http: &HttpProbe,
     scratch: Option<&mut HttpScratch>,
@@ -558,7 +592,7 @@ async fn http_probe(
 }
 
 /// Reads just the status line: the check module and HAProxy decide on it alone.
-async fn read_status(stream: &mut TcpStream, buf: &mut [u8]) -> Result<u16, ProbeError> {
+async fn read_status(stream: &mut MaybeTls, buf: &mut [u8]) -> Result<u16, ProbeError> {
     let mut len = 0;
     loop {
         let n = stream
@@ -580,7 +614,7 @@ async fn read_status(stream: &mut TcpStream, buf: &mut [u8]) -> Result<u16, Prob
 
 /// Reads the response head: its status and the value of header `name`.
 async fn read_head(
-    stream: &mut TcpStream,
+    stream: &mut MaybeTls,
     buf: &mut [u8],
     name: &http::HeaderName,
 ) -> Result<(u16, AgentLine), ProbeError> {
@@ -646,35 +680,6 @@ async fn tls_probe(
         .map_err(|e| ProbeError::failed(format!("tls: handshake: {}", io_text(&e))))?;
     let _ = session.shutdown().await;
     Ok(())
-}
-
-/// Whether `e` is this process or host running out of something (descriptors,
-/// socket buffers, memory, local ports) rather than the peer failing.
-pub fn is_local_exhaustion(e: &io::Error) -> bool {
-    use nix::errno::Errno;
-    e.raw_os_error().is_some_and(|code| {
-        matches!(
-            Errno::from_raw(code),
-            Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM | Errno::EADDRNOTAVAIL
-        )
-    })
-}
-
-/// io::Error text without the `(os error 111)` noise, for status and error bodies.
-pub fn io_text(e: &io::Error) -> String {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused => "connection refused".into(),
-        io::ErrorKind::ConnectionReset => "connection reset".into(),
-        io::ErrorKind::TimedOut => "timed out".into(),
-        io::ErrorKind::UnexpectedEof => "connection closed".into(),
-        _ => {
-            let text = e.to_string();
-            match text.find(" (os error") {
-                Some(i) => text[..i].to_lowercase(),
-                None => text,
-            }
-        }
-    }
 }
 
 #[cfg(test)]

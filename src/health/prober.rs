@@ -18,8 +18,9 @@ use tokio_util::task::TaskTracker;
 use super::probe::{HttpScratch, ProbeError, probe_with};
 use super::state::{Health, HealthState};
 use super::tls::TlsClients;
-use crate::api::config::{AgentCheck, HealthCheck, ServiceKey};
+use crate::api::config::{AgentCheck, GroupTls, HealthCheck, ServiceKey};
 use crate::metrics::{EndpointLabels, ProbeLabels, ProbeMetrics, ServiceLabels, TransitionLabels};
+use crate::tls::upstream::{Connector, Connectors};
 
 /// A change of an endpoint's health.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,12 +46,19 @@ pub struct Target {
     pub addr: SocketAddr,
     /// A state to start from instead of Unknown (inherited from an earlier status).
     pub seed: Option<HealthState>,
+    /// The groups it is in, a bit each (bit 0 is `default`): its first
+    /// group's TLS is the one its checks speak.
+    pub groups: u64,
 }
 
 impl Target {
-    /// A target with no inherited state.
+    /// A target of the default group with no inherited state.
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, seed: None }
+        Self {
+            addr,
+            seed: None,
+            groups: 1,
+        }
     }
 }
 
@@ -88,18 +96,21 @@ struct Inner {
     generation: watch::Sender<u64>,
     metrics: ProbeMetrics,
     tls: TlsClients,
+    backend_tls: Connectors,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
 
 struct ServiceEntry {
     check: Arc<HealthCheck>,
+    tls: GroupTls,
     endpoints: HashMap<SocketAddr, EndpointEntry>,
 }
 
 struct EndpointEntry {
     state: Arc<Mutex<HealthState>>,
     stop: CancellationToken,
+    groups: u64,
 }
 
 impl Prober {
@@ -120,6 +131,7 @@ impl Prober {
                 generation,
                 metrics,
                 tls: TlsClients::default(),
+                backend_tls: Connectors::default(),
                 shutdown,
                 tasks: TaskTracker::new(),
             }),
@@ -158,18 +170,30 @@ impl Prober {
         std::mem::take(&mut *self.inner.changed.lock().expect("prober lock poisoned"))
     }
 
-    /// Sets what a service probes. Endpoints that stay keep their state (and keep
-    /// their timers unless the check changed); removed ones stop at once.
-    pub fn update_service(&self, key: &ServiceKey, check: &HealthCheck, targets: &[Target]) {
+    /// Sets what a service probes, and the TLS each group's endpoints speak.
+    /// Endpoints that stay keep their state (and keep their timers unless
+    /// the check or their TLS changed); removed ones stop at once.
+    pub fn update_service(&self, key: &ServiceKey, check: &HealthCheck, tls: &GroupTls, targets: &[Target]) {
         let mut services = self.inner.services.lock().expect("prober lock poisoned");
         let entry = services.entry(key.clone()).or_insert_with(|| ServiceEntry {
             check: Arc::new(check.clone()),
+            tls: tls.clone(),
             endpoints: HashMap::new(),
         });
-        let check_changed = *entry.check != *check;
+        let check_changed = *entry.check != *check || entry.tls != *tls;
         if check_changed {
             entry.check = Arc::new(check.clone());
+            entry.tls = tls.clone();
         }
+        // One connector per group, looked up once rather than per endpoint.
+        let connectors: Vec<Option<Arc<Connector>>> = tls
+            .0
+            .iter()
+            .map(|t| t.as_ref().map(|t| self.inner.backend_tls.get(t)))
+            .collect();
+        let connector_of = |groups: u64| -> Option<Arc<Connector>> {
+            connectors.get(groups.trailing_zeros() as usize).cloned().flatten()
+        };
 
         let wanted: HashMap<SocketAddr, &Target> = targets.iter().map(|t| (t.addr, t)).collect();
         entry.endpoints.retain(|addr, ep| {
@@ -182,15 +206,25 @@ impl Prober {
         });
         for (addr, target) in wanted {
             match entry.endpoints.get_mut(&addr) {
-                Some(ep) if check_changed => {
+                Some(ep) if check_changed || (tls.any() && ep.groups != target.groups) => {
                     ep.stop.cancel();
-                    ep.stop = self.spawn(key, addr, entry.check.clone(), ep.state.clone());
+                    ep.groups = target.groups;
+                    let tls = connector_of(target.groups);
+                    ep.stop = self.spawn(key, addr, entry.check.clone(), tls, ep.state.clone());
                 }
                 Some(_) => {}
                 None => {
                     let state = Arc::new(Mutex::new(target.seed.clone().unwrap_or_default()));
-                    let stop = self.spawn(key, addr, entry.check.clone(), state.clone());
-                    entry.endpoints.insert(addr, EndpointEntry { state, stop });
+                    let tls = connector_of(target.groups);
+                    let stop = self.spawn(key, addr, entry.check.clone(), tls, state.clone());
+                    entry.endpoints.insert(
+                        addr,
+                        EndpointEntry {
+                            state,
+                            stop,
+                            groups: target.groups,
+                        },
+                    );
                 }
             }
         }
@@ -246,6 +280,7 @@ impl Prober {
         key: &ServiceKey,
         addr: SocketAddr,
         check: Arc<HealthCheck>,
+        tls: Option<Arc<Connector>>,
         state: Arc<Mutex<HealthState>>,
     ) -> CancellationToken {
         let stop = self.inner.shutdown.child_token();
@@ -264,6 +299,7 @@ impl Prober {
             service: key.clone(),
             addr,
             check,
+            tls,
             state,
             inner: self.inner.clone(),
             stop: stop.clone(),
@@ -277,6 +313,7 @@ struct EndpointTask {
     service: ServiceKey,
     addr: SocketAddr,
     check: Arc<HealthCheck>,
+    tls: Option<Arc<Connector>>,
     state: Arc<Mutex<HealthState>>,
     inner: Arc<Inner>,
     stop: CancellationToken,
@@ -479,7 +516,16 @@ impl EndpointTask {
                 })
                 .map(|()| None);
         }
-        probe_with(&self.check.probe, addr, self.check.timeout, &self.inner.tls, scratch).await
+        let tls = self.tls.as_deref();
+        probe_with(
+            &self.check.probe,
+            addr,
+            self.check.timeout,
+            &self.inner.tls,
+            tls,
+            scratch,
+        )
+        .await
     }
 
     /// Waits `d`, then records how late the wake-up came: a prober that cannot
@@ -700,7 +746,12 @@ mod tests {
         });
         let prober = Prober::with_fake(Metrics::new().probe, fake);
         let key = ServiceKey::new("d", "web");
-        prober.update_service(&key, &check(Duration::from_millis(100)), &[Target::new(addr)]);
+        prober.update_service(
+            &key,
+            &check(Duration::from_millis(100)),
+            &Default::default(),
+            &[Target::new(addr)],
+        );
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(calls.load(std::sync::atomic::Ordering::Relaxed) >= 3, "probes ran");
         assert_eq!(
@@ -721,6 +772,7 @@ mod tests {
         prober.update_service(
             &key,
             &check(Duration::from_secs(1)),
+            &Default::default(),
             &[Target::new(hung), Target::new(fine)],
         );
         tokio::time::sleep(Duration::from_secs(20)).await;
@@ -761,7 +813,12 @@ mod tests {
             .map(|i| Target::new(SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8], 80))))
             .collect();
         let start = tokio::time::Instant::now();
-        prober.update_service(&ServiceKey::new("d", "many"), &check(Duration::from_secs(1)), &targets);
+        prober.update_service(
+            &ServiceKey::new("d", "many"),
+            &check(Duration::from_secs(1)),
+            &Default::default(),
+            &targets,
+        );
         tokio::time::sleep(Duration::from_secs(5)).await;
 
         let log = log.lock().unwrap();
@@ -812,7 +869,7 @@ mod tests {
             down_interval: Duration::from_secs(5),
             ..check(Duration::from_secs(1))
         };
-        prober.update_service(&key, &hc, &[Target::new(addr)]);
+        prober.update_service(&key, &hc, &Default::default(), &[Target::new(addr)]);
         let health = || prober.states(&key)[0].1.health;
         // Waits (on the paused clock) until the `n`th probe has been counted;
         // returns when that was seen (up to one 5 ms step late, hence the

@@ -17,15 +17,17 @@
 //! answer_with(attempts.exhausted())
 //! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use http::Method;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::access::Flags;
 use super::retry::{self, Attempted, Failure, NoRetry, decide};
 use super::service::{Current, ServiceRuntime};
+use super::upstream::pool::Pool;
 use crate::api::config::{Config, RetryPolicy};
 use crate::balance::{ActiveGuard, Snapshot, Tried, now_ms};
 
@@ -286,10 +288,10 @@ impl Exhausted {
     }
 }
 
-/// A TCP connection to an endpoint, counted on it while held.
-pub struct Connected {
+/// A connection to an endpoint, counted on it while held.
+pub struct Connected<S> {
     /// The connection.
-    pub stream: TcpStream,
+    pub stream: S,
     /// Counts the connection on its endpoint.
     pub guard: ActiveGuard,
     /// The endpoint.
@@ -298,14 +300,23 @@ pub struct Connected {
     pub tries: usize,
 }
 
-/// Connects through `listener`'s pools, one endpoint after another as
-/// `attempts` allows: what TCP listeners and upgrades share, so both get the
-/// tries, timeout, budget and passive accounting a request gets.
-pub async fn connect(mut attempts: Attempts<'_>, current: &Current, listener: usize) -> Result<Connected, Exhausted> {
+/// Connects through `listener`'s pools with `open`, one endpoint after
+/// another as `attempts` allows: what TCP listeners and upgrades share, so
+/// both get the tries, timeout, budget and passive accounting a request gets.
+pub async fn connect<S, F, Fut>(
+    mut attempts: Attempts<'_>,
+    current: &Current,
+    listener: usize,
+    open: F,
+) -> Result<Connected<S>, Exhausted>
+where
+    F: Fn(Arc<Pool>) -> Fut,
+    Fut: Future<Output = Result<S, Failure>>,
+{
     while let Some(i) = attempts.next_endpoint() {
         let member = &current.snap.members[i];
         let guard = ActiveGuard::new(member.endpoint.clone());
-        match current.pool(listener, i).connect_tcp().await {
+        match open(current.pool(listener, i).clone()).await {
             Ok(stream) => {
                 attempts.succeeded(i);
                 return Ok(Connected {

@@ -19,6 +19,7 @@ use super::upstream::pool::{Pool, PoolSettings};
 use crate::api::config::{Config, ServiceKey};
 use crate::balance::{Balancer, Endpoint, Member, MemberSpec, Snapshot, now_ms};
 use crate::metrics::{ProxyMetrics, RetryLabels, ServiceLabels};
+use crate::tls::upstream::Connectors;
 
 /// What one request reads, swapped whole on every config or endpoint change:
 /// the config, the endpoint snapshot, and each listener's connection pools in
@@ -80,6 +81,8 @@ pub struct ServiceRuntime {
     budget_epoch: Instant,
     // Touched only by `update` and the sweeper, never per request.
     pools: Mutex<HashMap<SocketAddr, Arc<Pool>>>,
+    // One TLS client per backend TLS setting, shared by its endpoints' pools.
+    tls: Connectors,
     metrics: ProxyMetrics,
     budget_refused: Counter,
     overflow: Counter,
@@ -129,6 +132,7 @@ impl ServiceRuntime {
             budget: RetryBudget::new(&config.retry.budget),
             budget_epoch: Instant::now(),
             pools: Mutex::new(HashMap::new()),
+            tls: Connectors::default(),
             metrics,
             budget_refused,
             overflow,
@@ -169,6 +173,21 @@ impl ServiceRuntime {
     /// `namespace/name`, as metrics label it.
     pub fn label(&self) -> &str {
         &self.label
+    }
+
+    /// Each group's TLS to its endpoints, with load errors and warnings, for `/status`.
+    pub fn backend_tls_status(&self) -> Option<serde_json::Value> {
+        let current = self.current();
+        let config = &current.config;
+        if !config.backend_tls.any() {
+            return None;
+        }
+        let groups = config.backend_tls.0.iter().enumerate().filter_map(|(i, t)| {
+            let mut v = self.tls.get(t.as_ref()?).status();
+            v["group"] = config.group_name(i).into();
+            Some(v)
+        });
+        Some(serde_json::Value::Array(groups.collect()))
     }
 
     /// The config, endpoints and pools in force: load once per request.
@@ -231,9 +250,12 @@ impl ServiceRuntime {
                         let target = l.target_of(m.spec.addr, &m.spec.ports);
                         wanted
                             .entry(target)
-                            .or_insert_with(|| match pools.get(&target) {
-                                Some(p) if p.settings() == settings => p.clone(),
-                                _ => Arc::new(Pool::new(target, settings)),
+                            .or_insert_with(|| {
+                                let tls = config.backend_tls.for_groups(m.spec.groups).map(|t| self.tls.get(t));
+                                match pools.get(&target) {
+                                    Some(p) if p.made_with(settings, tls.as_ref()) => p.clone(),
+                                    _ => Arc::new(Pool::new(target, settings, tls)),
+                                }
                             })
                             .clone()
                     })

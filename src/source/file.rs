@@ -226,8 +226,16 @@ impl FileSource {
         }
         for cfg in &configs {
             // Each endpoint once, whichever groups it is in.
-            let targets: Vec<Target> = cfg.static_members().iter().map(|(e, _)| Target::new(e.addr)).collect();
-            self.prober.update_service(&cfg.key, &cfg.health, &targets);
+            let targets: Vec<Target> = cfg
+                .static_members()
+                .iter()
+                .map(|(e, groups)| Target {
+                    groups: *groups,
+                    ..Target::new(e.addr)
+                })
+                .collect();
+            self.prober
+                .update_service(&cfg.key, &cfg.health, &cfg.backend_tls, &targets);
         }
         self.view.configs.store(Arc::new(configs.clone()));
         self.prober.take_changed();

@@ -131,6 +131,9 @@ pub fn add_live(value: &mut serde_json::Value, keys: &[ServiceKey], dataplane: &
             svc["tls"] = serde_json::Value::Object(tls.into_iter().collect());
         }
         if let Some(runtime) = dataplane.service(key) {
+            if let Some(tls) = runtime.backend_tls_status() {
+                svc["backendTLS"] = tls;
+            }
             svc["requestsInFlight"] = runtime.gate.in_flight().into();
             svc["requestsWaiting"] = runtime.gate.waiting().into();
         }

@@ -20,6 +20,7 @@ use crate::proxy::service::{Current, ServiceRuntime};
 use crate::proxy::upstream::body::{UpBody, Upload};
 use crate::proxy::upstream::classify;
 use crate::proxy::upstream::pool::{Protocol, Release};
+use crate::tls::upstream::Alpn;
 
 /// Forwards an upgrade through `listener`; once the request is sent it is
 /// not replayed.
@@ -40,7 +41,11 @@ pub async fn tunnel(
         guard,
         endpoint,
         tries,
-    } = match attempt::connect(attempts, current, listener).await {
+    } = match attempt::connect(attempts, current, listener, |pool| async move {
+        pool.connect(Alpn::Http1).await
+    })
+    .await
+    {
         Ok(connected) => connected,
         Err(end) => {
             up.attempts = end.tries as u32;

@@ -87,13 +87,13 @@ async fn connect(
     listener: &str,
     peer: std::net::SocketAddr,
     up: &mut access::Upstream,
-) -> Option<Connected> {
+) -> Option<Connected<TcpStream>> {
     let current = service.current();
     let li = current.listener(listener)?;
     let config = &current.config;
     let key = matches!(config.algorithm, Algorithm::ConsistentHash(_)).then(|| picker::hash_ip(peer));
     let attempts = Attempts::new(service, config, &current.snap, key);
-    match attempt::connect(attempts, &current, li).await {
+    match attempt::connect(attempts, &current, li, |pool| async move { pool.connect_tcp().await }).await {
         Ok(connected) => {
             up.endpoint = Some(connected.endpoint);
             up.attempts = connected.tries as u32;

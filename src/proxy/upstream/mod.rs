@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 
 use self::body::{UpBody, UploadState};
 use self::pool::{Conn, Pool, Release};
-use crate::health::probe::io_text;
+use crate::net::io_text;
 use crate::proxy::retry::Failure;
 
 /// One attempt's exchange with an endpoint: sends `request` on `conn` and

@@ -27,8 +27,9 @@ use tokio::time::Instant;
 
 use super::body::{BoxError, UpBody};
 use crate::balance::ActiveGuard;
-use crate::health::probe::{io_text, is_local_exhaustion};
+use crate::net::{io_text, is_local_exhaustion};
 use crate::proxy::retry::Failure;
+use crate::tls::upstream::{Alpn, Connector, MaybeTls, wrap};
 
 /// The most an upstream HTTP/1.1 connection reads ahead of its client.
 const UPSTREAM_READ_BUFFER: usize = 8 * 1024;
@@ -75,6 +76,7 @@ pub enum Protocol {
 pub struct Pool {
     target: SocketAddr,
     settings: PoolSettings,
+    tls: Option<Arc<Connector>>,
     idle: Mutex<VecDeque<Idle>>,
     h2: Mutex<Vec<H2Conn>>,
 }
@@ -121,11 +123,12 @@ impl Drop for StreamSlot {
 }
 
 impl Pool {
-    /// An empty pool for `target`.
-    pub fn new(target: SocketAddr, settings: PoolSettings) -> Self {
+    /// An empty pool for `target`, whose connections speak TLS when `tls` is given.
+    pub fn new(target: SocketAddr, settings: PoolSettings, tls: Option<Arc<Connector>>) -> Self {
         Self {
             target,
             settings,
+            tls,
             idle: Mutex::new(VecDeque::new()),
             h2: Mutex::new(Vec::new()),
         }
@@ -134,6 +137,16 @@ impl Pool {
     /// The settings it was made with.
     pub fn settings(&self) -> PoolSettings {
         self.settings
+    }
+
+    /// Whether it was made with these settings and this TLS.
+    pub fn made_with(&self, settings: PoolSettings, tls: Option<&Arc<Connector>>) -> bool {
+        self.settings == settings
+            && match (&self.tls, tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
     }
 
     /// A connection for one request: an idle or shared one, or a new one
@@ -255,13 +268,29 @@ impl Pool {
         }
     }
 
-    /// A new TCP connection to the endpoint (TCP listeners, upgrades).
+    /// A new TCP connection to the endpoint (TCP listeners).
     pub async fn connect_tcp(&self) -> Result<TcpStream, Failure> {
         self.tcp().await
     }
 
+    /// A new connection to the endpoint, over TLS when the endpoint's group
+    /// speaks it, the handshake within the same connect timeout.
+    pub async fn connect(&self, alpn: Alpn) -> Result<MaybeTls, Failure> {
+        let started = Instant::now();
+        let tcp = self.tcp().await?;
+        let Some(tls) = &self.tls else {
+            return Ok(MaybeTls::Plain(tcp));
+        };
+        let left = self.settings.connect_timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, wrap(Some(tls), tcp, self.target, alpn)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(why)) => Err(Failure::Connect(why)),
+            Err(_) => Err(Failure::Connect("tls: no handshake within the connect timeout".into())),
+        }
+    }
+
     async fn connect_h1(&self) -> Result<http1::SendRequest<UpBody>, Failure> {
-        let stream = self.tcp().await?;
+        let stream = self.connect(Alpn::Http1).await?;
         let (sender, conn) = http1::Builder::new()
             .writev(false)
             // hyper's read buffer grows to ~400 KiB by default, and a response
@@ -282,7 +311,7 @@ impl Pool {
     }
 
     async fn connect_h2(&self) -> Result<H2Conn, Failure> {
-        let stream = self.tcp().await?;
+        let stream = self.connect(Alpn::H2).await?;
         let handshake = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Large windows: a loopback or in-cluster endpoint should never wait
@@ -407,6 +436,7 @@ mod tests {
                 max_idle: 2,
                 ..PoolSettings::new(Duration::from_secs(1))
             },
+            None,
         );
         let first = pool.checkout(Protocol::Http1).await.unwrap();
         assert!(matches!(first, Conn::H1 { reused: false, .. }));
@@ -439,6 +469,7 @@ mod tests {
                 idle_timeout: Duration::from_millis(200),
                 ..PoolSettings::new(Duration::from_secs(1))
             },
+            None,
         );
         let (_, sender) = get(pool.checkout(Protocol::Http1).await.unwrap()).await;
         pool.release(sender);
@@ -454,7 +485,7 @@ mod tests {
     #[tokio::test]
     async fn h2_streams_share_one_connection() {
         let backend = Backend::http("a", Behavior::Status(200)).await;
-        let pool = Pool::new(backend.addr, PoolSettings::new(Duration::from_secs(1)));
+        let pool = Pool::new(backend.addr, PoolSettings::new(Duration::from_secs(1)), None);
         let mut held = Vec::new();
         for _ in 0..10 {
             held.push(pool.checkout(Protocol::H2c).await.unwrap());
