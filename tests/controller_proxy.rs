@@ -15,6 +15,7 @@ use balanced::source::kube::{ProxyOptions, run_proxy};
 use balanced::testing::{eventually, free_port};
 use serde_json::json;
 use support::apiserver::ApiServer;
+use support::pki::{Pki, curl, s_client};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -62,20 +63,7 @@ async fn the_proxy_follows_its_balanced_service() {
     );
     healthy_slices(&server, &[(a.addr, false), (b.addr, true)]);
 
-    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let admin = admin_listener.local_addr().unwrap();
-    let shutdown = CancellationToken::new();
-    let opts = ProxyOptions {
-        key: ServiceKey::new(NS, "web"),
-        bind: [127, 0, 0, 1].into(),
-        serving: Serving::default(),
-        drain_delay: Duration::ZERO,
-    };
-    let task = tokio::spawn(run_proxy(server.client(), opts, admin_listener, shutdown.clone()));
-    eventually(Duration::from_secs(10), "/readyz", || async move {
-        (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
-    })
-    .await;
+    let (admin, shutdown, task) = start_proxy(&server, "web").await;
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
     assert_eq!(
         answered_by(listen).await,
@@ -134,6 +122,146 @@ async fn the_proxy_follows_its_balanced_service() {
     for _ in 0..5 {
         assert_eq!(answered_by(listen).await, (200, "a".into()));
     }
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+}
+
+/// `balanced proxy` for BalancedService `name`, once `/readyz` passes.
+async fn start_proxy(
+    server: &ApiServer,
+    name: &str,
+) -> (
+    SocketAddr,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), balanced::shell::Error>>,
+) {
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let opts = ProxyOptions {
+        key: ServiceKey::new(NS, name),
+        bind: [127, 0, 0, 1].into(),
+        serving: Serving::default(),
+        drain_delay: Duration::ZERO,
+    };
+    let task = tokio::spawn(run_proxy(server.client(), opts, admin_listener, shutdown.clone()));
+    eventually(Duration::from_secs(10), "/readyz", || async move {
+        (http_get(admin, "/readyz").await.ok()?.0 == 200).then_some(())
+    })
+    .await;
+    (admin, shutdown, task)
+}
+
+/// A `kubernetes.io/tls` Secret of a new leaf for `site.example` named `common_name`.
+fn tls_secret(pki: &Pki, name: &str, common_name: &str) -> serde_json::Value {
+    use k8s_openapi::ByteString;
+    let (cert, key) = pki.leaf(name, &["site.example"], common_name);
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(
+            [
+                ("tls.crt".to_string(), ByteString(std::fs::read(cert).unwrap())),
+                ("tls.key".to_string(), ByteString(std::fs::read(key).unwrap())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let mut v = serde_json::to_value(secret).unwrap();
+    v["apiVersion"] = "v1".into();
+    v["kind"] = "Secret".into();
+    v
+}
+
+/// In the cluster a listener's certificate is a Secret, read by a watch on
+/// its name: the proxy waits for it, a replaced one serves new connections
+/// after one watch event (and the file check's second) with no request
+/// failing, and a spec naming a Secret that does not exist is held, said in
+/// status, while the last good one serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_serves_its_secret_and_follows_a_replaced_one() {
+    let server = ApiServer::start().await;
+    let pki = Pki::new("cluster-secret");
+    let backend = Backend::http("backend", Behavior::Status(200)).await;
+    let port = free_port();
+    server.put("secrets", NS, tls_secret(&pki, "site-tls", "first"));
+    let spec = |secret: &str| {
+        json!({"apiVersion": "balanced.dev/v1alpha1", "kind": "BalancedService",
+               "metadata": {"name": "secure", "namespace": NS},
+               "spec": {"endpoints": [{"address": "127.0.0.1", "port": backend.addr.port()}],
+                        "listeners": [{"name": "https", "port": port, "tls": {"secretName": secret}}]}})
+    };
+    server.put("balancedservices", NS, spec("site-tls"));
+    healthy_slices(&server, &[(backend.addr, true)]);
+    let (admin, shutdown, task) = start_proxy(&server, "secure").await;
+    assert!(s_client(port, "site.example", "h2").await.contains("CN = first"));
+    // The test API server grants Secrets by name only, as the proxy's Role does.
+    assert!(
+        server
+            .api_calls()
+            .iter()
+            .any(|(_, r, v)| r == "secrets" && v == "watch")
+    );
+
+    // New connections, 50 a second, across the replacement: none fails.
+    let ca = pki.ca();
+    let load = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        for _ in 0..100 {
+            let got = curl(&ca, "site.example", port, "--http1.1").await;
+            if got != "backend 1.1 200" {
+                failures.push(got);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        failures
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let replaced = std::time::Instant::now();
+    server.put("secrets", NS, tls_secret(&pki, "site-tls", "second"));
+    eventually(
+        Duration::from_secs(3),
+        "new connections to get the new certificate",
+        || async {
+            s_client(port, "site.example", "h2")
+                .await
+                .contains("CN = second")
+                .then_some(())
+        },
+    )
+    .await;
+    let took = replaced.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert_eq!(
+        load.await.unwrap(),
+        Vec::<String>::new(),
+        "requests failed across the rotation"
+    );
+
+    // A spec naming a Secret that is not there waits, and says why.
+    server.put("balancedservices", NS, spec("missing-tls"));
+    eventually(Duration::from_secs(3), "the held spec in status", || async {
+        let doc = status_of(admin).await;
+        let rejected = doc["lastRejected"].as_str()?;
+        rejected
+            .ends_with(": waiting for Secret missing-tls: not found")
+            .then_some(())
+    })
+    .await;
+    assert!(s_client(port, "site.example", "h2").await.contains("CN = second"));
+    server.put("secrets", NS, tls_secret(&pki, "missing-tls", "third"));
+    eventually(Duration::from_secs(3), "the held spec to apply", || async {
+        s_client(port, "site.example", "h2")
+            .await
+            .contains("CN = third")
+            .then_some(())
+    })
+    .await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 }

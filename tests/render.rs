@@ -90,3 +90,41 @@ fn render_names_the_groups_and_routes() {
     let objects: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
     assert!(objects.len() >= 4, "the comments leave the objects as they were");
 }
+
+#[test]
+fn a_spec_naming_secrets_grants_the_proxy_exactly_those_by_name() {
+    let text = "apiVersion: balanced.dev/v1alpha1\nkind: BalancedService\nmetadata: {name: web, namespace: shop}\nspec:\n  service: web\n  listeners: [{name: https, port: 8443, tls: {certificates: [{secretName: site-a}, {secretName: site-b}]}}]\n  backendTLS: {hostname: api.internal, caSecretName: internal-ca}\n";
+    let out = render(text, &RenderOptions::default()).unwrap();
+    let objects: Vec<serde_json::Value> = serde_saphyr::from_multiple(&out).unwrap();
+    let role = objects.iter().find(|o| o["kind"] == "Role").unwrap();
+    let secrets = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["resources"][0] == "secrets")
+        .unwrap_or_else(|| panic!("no secrets rule in {role}"));
+    assert_eq!(
+        secrets["resourceNames"],
+        serde_json::json!(["internal-ca", "site-a", "site-b"])
+    );
+    assert_eq!(secrets["verbs"], serde_json::json!(["get", "list", "watch"]));
+    let deployment = objects.iter().find(|o| o["kind"] == "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["volumes"][0]["emptyDir"]["medium"], "Memory");
+    let container = &pod["containers"][0];
+    assert_eq!(container["volumeMounts"][0]["mountPath"], "/run/balanced/secrets");
+    assert_eq!(container["env"][0]["name"], "BALANCED_SECRETS_DIR");
+
+    // Without Secrets the Role grants none.
+    let plain = text
+        .replace(
+            "tls: {certificates: [{secretName: site-a}, {secretName: site-b}]}",
+            "protocol: TCP",
+        )
+        .replace(
+            "  backendTLS: {hostname: api.internal, caSecretName: internal-ca}\n",
+            "",
+        );
+    let plain = render(&plain, &RenderOptions::default()).unwrap();
+    assert!(!plain.contains("- secrets"), "{plain}");
+}

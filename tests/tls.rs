@@ -4,76 +4,19 @@
 //! certificate that leaves the last good one serving.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+
+mod support;
 
 use balanced::demo::backend::{Backend, Behavior, http_get};
 use balanced::standalone::{self, Options};
 use balanced::testing::{eventually, free_port};
 use serde_json::Value;
+use support::pki::{Pki, curl, s_client};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-
-/// A CA and what it signs, written as PEM files under `dir`.
-struct Pki {
-    dir: PathBuf,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-impl Pki {
-    fn new(name: &str) -> Self {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "balanced test CA");
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let ca = params.self_signed(&ca_key).unwrap();
-        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-        let issuer = rcgen::Issuer::new(params, ca_key);
-        Self { dir, issuer }
-    }
-
-    /// A leaf for `names`, signed by the CA, written as `file.pem` and `file.key`.
-    fn leaf(&self, file: &str, names: &[&str], common_name: &str) -> (PathBuf, PathBuf) {
-        self.leaf_until(file, names, common_name, 4000)
-    }
-
-    /// [`Pki::leaf`], valid until January 1st of `year`.
-    fn leaf_until(&self, file: &str, names: &[&str], common_name: &str, year: i32) -> (PathBuf, PathBuf) {
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
-        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
-        params.not_after = rcgen::date_time_ymd(year, 1, 1);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let (c, k) = (
-            self.dir.join(format!("{file}.pem")),
-            self.dir.join(format!("{file}.key")),
-        );
-        // Written beside and renamed over, as a Secret volume or cert-manager does.
-        std::fs::write(self.dir.join("tmp.pem"), cert.pem()).unwrap();
-        std::fs::write(self.dir.join("tmp.key"), key.serialize_pem()).unwrap();
-        std::fs::rename(self.dir.join("tmp.key"), &k).unwrap();
-        std::fs::rename(self.dir.join("tmp.pem"), &c).unwrap();
-        (c, k)
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca.pem")
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 struct Running {
     listen: SocketAddr,
@@ -132,55 +75,6 @@ async fn start_spec(dir: &Path, backends: &[SocketAddr], spec: &str, healthy: us
         admin,
         shutdown,
     }
-}
-
-/// curl's `http_version status body` for `https://NAME:PORT/`, verified against the test CA.
-async fn curl(ca: &Path, name: &str, port: u16, version: &str) -> String {
-    let (ca, name, version) = (ca.to_path_buf(), name.to_string(), version.to_string());
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "5", &version, "--cacert"])
-            .arg(&ca)
-            .args([
-                "--resolve",
-                &format!("{name}:{port}:127.0.0.1"),
-                "-w",
-                " %{http_version} %{http_code}",
-                &format!("https://{name}:{port}/"),
-            ])
-            .output()
-            .expect("curl on the PATH");
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-    .await
-    .unwrap()
-}
-
-/// What `openssl s_client` says of a handshake with `servername` and `alpn`.
-async fn s_client(port: u16, servername: &str, alpn: &str) -> String {
-    let (servername, alpn) = (servername.to_string(), alpn.to_string());
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-servername",
-                &servername,
-                "-alpn",
-                &alpn,
-            ])
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("openssl on the PATH");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    })
-    .await
-    .unwrap()
 }
 
 async fn status(admin: SocketAddr) -> Value {
@@ -681,4 +575,60 @@ async fn insecure_skip_verify_connects_to_anything_and_status_warns() {
         warning.starts_with("insecureSkipVerify: the endpoints' certificates are not verified"),
         "{warning}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_listener_ends_tls_and_relays_the_bytes() {
+    let pki = Pki::new("tcp-terminate");
+    let (cert, key) = pki.leaf("site", &["site.example"], "site.example");
+    let backend = Backend::http("backend", Behavior::Status(200)).await;
+    let spec = format!(
+        "  listeners: [{{name: tls, port: PORT, protocol: TCP, tls: {{certFile: {}, keyFile: {}}}}}]\n  healthCheck: {{interval: 300ms, timeout: 250ms, rise: 1}}\n",
+        cert.display(),
+        key.display()
+    );
+    let log = pki.dir.join("access.log");
+    let p = start_spec(&pki.dir, &[backend.addr], &spec, 1, Some(&log)).await;
+    // curl speaks HTTP inside the TLS the proxy ends; the endpoint sees plain bytes.
+    assert_eq!(
+        curl(&pki.ca(), "site.example", p.listen.port(), "--http1.1").await,
+        "backend 1.1 200"
+    );
+    let line = eventually(Duration::from_secs(3), "the access-log line", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.lines().next().map(|l| serde_json::from_str::<Value>(l).unwrap())
+    })
+    .await;
+    assert_eq!(line["sni"], "site.example", "{line}");
+    assert_eq!(line["tls_version"], "TLSv1.3", "{line}");
+}
+
+/// TLS passed through untouched (the endpoint's own certificate reaches the
+/// client, which verifies it), each connection routed by the name its
+/// ClientHello asks for, as HAProxy's `req.ssl_sni` and nginx's `ssl_preread`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_routes_connections_by_sni_without_ending_their_tls() {
+    let pki = Pki::new("passthrough");
+    let (a_cert, a_key) = pki.leaf("a", &["a.example"], "a.example");
+    let (b_cert, b_key) = pki.leaf("b", &["b.example", "other.example"], "b.example");
+    let a = tls_backend("a", &a_cert, &a_key, None).await;
+    let b = tls_backend("b", &b_cert, &b_key, None).await;
+    let spec = format!(
+        "  listeners: [{{name: tls, port: PORT, protocol: TCP, tls: {{mode: Passthrough, sniRoutes: [{{hostnames: [a.example], backend: a}}]}}}}]\n  backends: [{{name: a, endpoints: [{{address: 127.0.0.1, port: {}}}]}}]\n  healthCheck: {{interval: 300ms, timeout: 250ms, rise: 1}}\n",
+        a.addr.port()
+    );
+    // `default` is b; group a is a.
+    let p = start_spec(&pki.dir, &[b.addr], &spec, 2, None).await;
+    let port = p.listen.port();
+    let body = |out: String| out.split(" client-cert").next().unwrap_or_default().to_string();
+    for _ in 0..3 {
+        assert_eq!(body(curl(&pki.ca(), "a.example", port, "--http2").await), "a");
+        assert_eq!(body(curl(&pki.ca(), "b.example", port, "--http2").await), "b");
+        // A name no route names goes to default.
+        assert_eq!(body(curl(&pki.ca(), "other.example", port, "--http1.1").await), "b");
+    }
+    // The handshakes were the endpoints' own.
+    assert!(a.handshakes.load(std::sync::atomic::Ordering::Relaxed) >= 3);
+    // Plain bytes on a passthrough listener are closed, not relayed.
+    assert!(http_get(p.listen, "/").await.is_err());
 }

@@ -137,6 +137,8 @@ pub struct BackendTls {
     pub hostname: Option<String>,
     /// CAs to trust; `None` is the system's roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// The Secret `ca_file` is written from (its `ca.crt`), in the cluster.
+    pub ca_secret: Option<String>,
     /// Names accepted instead of `hostname`.
     pub subject_alt_names: Vec<String>,
     /// The client certificate for mutual TLS.
@@ -159,6 +161,64 @@ impl GroupTls {
     /// Whether any group speaks TLS.
     pub fn any(&self) -> bool {
         self.0.iter().any(Option::is_some)
+    }
+}
+
+impl Config {
+    /// Every Secret the spec names: listener certificates and endpoint TLS.
+    pub fn secret_names(&self) -> std::collections::BTreeSet<String> {
+        let mut names = self.endpoint_secret_names();
+        for l in &self.listeners {
+            for c in l.tls.iter().flat_map(|t| &t.certificates) {
+                names.extend(c.secret.clone());
+            }
+        }
+        names
+    }
+
+    /// The Secrets TLS to endpoints reads (what health checks need too).
+    pub fn endpoint_secret_names(&self) -> std::collections::BTreeSet<String> {
+        let mut names = std::collections::BTreeSet::new();
+        for t in self.backend_tls.0.iter().flatten() {
+            names.extend(t.ca_secret.clone());
+            names.extend(t.client.as_ref().and_then(|c| c.secret.clone()));
+        }
+        names
+    }
+
+    /// The config with every Secret named replaced by the files it is
+    /// written to (`dir_of(name)`), as a cluster source serves it.
+    pub fn with_secret_files(mut self, dir_of: impl Fn(&str) -> std::path::PathBuf) -> Self {
+        for l in &mut self.listeners {
+            for c in l.tls.iter_mut().flat_map(|t| &mut t.certificates) {
+                c.resolve(&dir_of);
+            }
+        }
+        self.backend_tls = self.backend_tls.with_secret_files(&dir_of);
+        self
+    }
+}
+
+impl GroupTls {
+    /// [`Config::with_secret_files`] for endpoint TLS alone (the controller's checks).
+    pub fn with_secret_files(&self, dir_of: &impl Fn(&str) -> std::path::PathBuf) -> Self {
+        GroupTls(
+            self.0
+                .iter()
+                .map(|t| {
+                    t.as_ref().map(|t| {
+                        let mut t = (**t).clone();
+                        if let Some(name) = &t.ca_secret {
+                            t.ca_file = Some(dir_of(name).join("ca.crt"));
+                        }
+                        if let Some(c) = &mut t.client {
+                            c.resolve(dir_of);
+                        }
+                        Arc::new(t)
+                    })
+                })
+                .collect(),
+        )
     }
 }
 
@@ -222,10 +282,33 @@ pub struct ListenerConfig {
 /// A listener's TLS settings, validated (the files are read when it starts).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerTls {
-    /// Certificates by SNI, the first the default; at least one.
+    /// Certificates by SNI, the first the default; at least one unless passed through.
     pub certificates: Vec<CertificateFiles>,
     /// The oldest version accepted.
     pub min_version: TlsVersion,
+    /// The endpoints end the TLS, not the proxy (TCP listeners).
+    pub passthrough: bool,
+    /// Groups by SNI name (TCP listeners), first match wins.
+    pub sni_routes: Vec<SniRoute>,
+}
+
+impl ListenerTls {
+    /// The group a connection asking for `sni` goes to: its route's, else `default`.
+    pub fn group_for(&self, sni: Option<&str>) -> usize {
+        sni.and_then(|name| self.sni_routes.iter().find(|r| r.hosts.iter().any(|h| h.matches(name))))
+            .map_or(0, |r| r.group)
+    }
+}
+
+/// SNI names and the group they go to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SniRoute {
+    /// Names, exact or wildcard.
+    pub hosts: Vec<super::route::HostMatch>,
+    /// The group's name, as written.
+    pub backend: String,
+    /// The group's index (0 is `default`).
+    pub group: usize,
 }
 
 /// A certificate chain and its key, as PEM files.
@@ -235,6 +318,36 @@ pub struct CertificateFiles {
     pub cert: std::path::PathBuf,
     /// The private key.
     pub key: std::path::PathBuf,
+    /// The Secret the files are written from, in the cluster; until the
+    /// source resolves it, `cert` and `key` are the Secret's keys.
+    pub secret: Option<String>,
+}
+
+impl CertificateFiles {
+    /// The files of a `kubernetes.io/tls` Secret, to be resolved by the source.
+    pub fn secret(name: &str) -> Self {
+        Self {
+            cert: "tls.crt".into(),
+            key: "tls.key".into(),
+            secret: Some(name.to_string()),
+        }
+    }
+
+    fn resolve(&mut self, dir_of: &impl Fn(&str) -> std::path::PathBuf) {
+        if let Some(name) = &self.secret {
+            let dir = dir_of(name);
+            self.cert = dir.join("tls.crt");
+            self.key = dir.join("tls.key");
+        }
+    }
+
+    /// What status shows of it: the Secret's name, else the certificate file.
+    pub fn shown(&self) -> String {
+        match &self.secret {
+            Some(name) => format!("secret/{name}"),
+            None => self.cert.display().to_string(),
+        }
+    }
 }
 
 /// TLS protocol versions a listener may require at least.

@@ -210,10 +210,15 @@ pub struct BackendTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub hostname: Option<String>,
-    /// PEM file of the CAs that sign the endpoints' certificates; unset, the system's roots.
+    /// PEM file of the CAs that sign the endpoints' certificates; unset
+    /// (and no `caSecretName`), the system's roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub ca_file: Option<String>,
+    /// A Secret in this namespace whose `ca.crt` holds those CAs, instead of `caFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub ca_secret_name: Option<String>,
     /// DNS names any one of which the endpoint's certificate may carry
     /// instead of `hostname` (which is still sent as SNI).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -402,8 +407,9 @@ pub struct Listener {
     pub tls: Option<ListenerTlsSpec>,
 }
 
-/// A listener's TLS: one certificate (`certFile`, `keyFile`) or several
-/// chosen by SNI (`certificates`, the first one the default).
+/// A listener's TLS: one certificate (`certFile` and `keyFile`, or
+/// `secretName`) or several chosen by SNI (`certificates`, the first one the
+/// default).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListenerTlsSpec {
@@ -415,6 +421,11 @@ pub struct ListenerTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     pub key_file: Option<String>,
+    /// A `kubernetes.io/tls` Secret in this namespace (`tls.crt`, `tls.key`),
+    /// instead of files (in the cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
     /// Several certificates, chosen by the name the client asks for (SNI);
     /// the first answers clients that ask for none or for another name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -424,18 +435,56 @@ pub struct ListenerTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^1\.[23]$"))]
     pub min_version: Option<String>,
+    /// `Terminate` (default): the proxy holds the certificate. `Passthrough`
+    /// (TCP listeners): the client's TLS goes to the endpoint untouched,
+    /// balanced per connection and routed by the name it asks for (SNI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<TlsMode>,
+    /// On a TCP listener, the backend group each SNI name goes to (Gateway
+    /// API `TLSRoute`), first match wins; other names go to `default`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub sni_routes: Vec<SniRouteSpec>,
 }
 
-/// One certificate and its key, as PEM files.
+/// Who ends a listener's TLS.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TlsMode {
+    /// The proxy, with its certificates.
+    #[default]
+    Terminate,
+    /// The endpoint: bytes pass through, only the ClientHello's SNI is read.
+    Passthrough,
+}
+
+/// Connections whose SNI is one of `hostnames` go to `backend`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SniRouteSpec {
+    /// Names, exact or `*.` wildcards (one or more labels).
+    #[schemars(length(min = 1, max = 16))]
+    pub hostnames: Vec<String>,
+    /// A group: `default` or a `spec.backends[].name`.
+    #[schemars(length(min = 1, max = 63))]
+    pub backend: String,
+}
+
+/// One certificate and its key: PEM files, or a `kubernetes.io/tls` Secret.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificateFilesSpec {
     /// PEM certificate chain, leaf first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
-    pub cert_file: String,
+    pub cert_file: Option<String>,
     /// PEM private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
-    pub key_file: String,
+    pub key_file: Option<String>,
+    /// A Secret in this namespace holding `tls.crt` and `tls.key`, instead of files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
 }
 
 /// A port given as a number or as a named port.

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::config::*;
 use super::duration::{format_duration, parse_duration};
+use super::route::HostMatch;
 use super::spec::{self, BalancedServiceSpec, PortRef};
 
 /// One problem with a spec: where and what.
@@ -133,6 +134,8 @@ pub fn validate(key: ServiceKey, spec: &BalancedServiceSpec) -> Result<Config, V
         .map(|r| rate_limit(&mut errs, "spec.rateLimit", r));
     let backends = backends(&mut errs, &spec.backends);
     let backend_tls = group_tls(&mut errs, spec);
+    let mut listeners = listeners;
+    sni_groups(&mut errs, &mut listeners, &backends);
     let routes = routes(&mut errs, &spec.routes, &backends, &retry, &timeouts);
     if !routes.is_empty() && !listeners.iter().any(|l| l.protocol == ListenerProtocol::Http) {
         errs.add(
@@ -428,7 +431,7 @@ fn routes(
     base_retry: &RetryPolicy,
     base_timeouts: &Timeouts,
 ) -> Vec<super::route::Route> {
-    use super::route::{BackendRef, HostMatch, PathMatch, Pattern, Route, RouteMatch, ValueMatch};
+    use super::route::{BackendRef, PathMatch, Pattern, Route, RouteMatch, ValueMatch};
     let mut names = HashSet::new();
     let mut out = Vec::with_capacity(specs.len());
     let regex = |errs: &mut Errors, path: String, pattern: &str| match Pattern::whole(pattern) {
@@ -532,23 +535,7 @@ fn routes(
                 }
             }
             for (k, h) in m.hostnames.iter().enumerate() {
-                let lower = h.to_ascii_lowercase();
-                let (host, wildcard) = match lower.strip_prefix("*.") {
-                    Some(rest) => (rest.to_string(), true),
-                    None => (lower.clone(), false),
-                };
-                if host.is_empty() || !host.split('.').all(is_dns_label) {
-                    errs.add(
-                        format!("{at}.hostnames[{k}]"),
-                        format!("must be a host name, optionally starting with \"*.\", got {h:?}"),
-                    );
-                    continue;
-                }
-                out_m.hosts.push(if wildcard {
-                    HostMatch::Wildcard(format!(".{host}"))
-                } else {
-                    HostMatch::Exact(host)
-                });
+                out_m.hosts.extend(host_match(errs, &format!("{at}.hostnames[{k}]"), h));
             }
             matches.push(out_m);
         }
@@ -698,11 +685,21 @@ fn listeners(errs: &mut Errors, specs: &[spec::Listener]) -> Vec<ListenerConfig>
             trust_forwarded_headers: l.trust_forwarded_headers,
             tls,
         });
-        if l.tls.is_some() && l.protocol == spec::ListenerProtocol::Tcp {
-            errs.add(
-                format!("{path}.tls"),
-                "terminates TLS on HTTP listeners only (a TCP listener passes TLS through untouched)",
-            );
+        if let Some(t) = &l.tls
+            && l.protocol == spec::ListenerProtocol::Http
+        {
+            if t.mode == Some(spec::TlsMode::Passthrough) {
+                errs.add(
+                    format!("{path}.tls.mode"),
+                    "Passthrough balances connections, not requests: it needs protocol TCP",
+                );
+            }
+            if !t.sni_routes.is_empty() {
+                errs.add(
+                    format!("{path}.tls.sniRoutes"),
+                    "route connections on TCP listeners; an HTTP listener routes requests with spec.routes",
+                );
+            }
         }
     }
     out
@@ -1016,6 +1013,27 @@ fn http_probe(errs: &mut Errors, h: &spec::HttpCheckSpec) -> HttpProbe {
     }
 }
 
+/// Points each SNI route at its group's index.
+fn sni_groups(errs: &mut Errors, listeners: &mut [ListenerConfig], backends: &[Backend]) {
+    for (i, l) in listeners.iter_mut().enumerate() {
+        for (j, r) in l.tls.iter_mut().flat_map(|t| &mut t.sni_routes).enumerate() {
+            match backends.iter().position(|b| b.name == r.backend) {
+                Some(g) => r.group = g + 1,
+                None if r.backend == "default" => r.group = 0,
+                None => {
+                    let names: Vec<&str> = std::iter::once("default")
+                        .chain(backends.iter().map(|b| b.name.as_str()))
+                        .collect();
+                    errs.add(
+                        format!("spec.listeners[{i}].tls.sniRoutes[{j}].backend"),
+                        format!("no backend named {:?} (there are {})", r.backend, names.join(", ")),
+                    );
+                }
+            }
+        }
+    }
+}
+
 /// Each group's TLS to its endpoints: its own `tls`, else `spec.backendTLS`.
 fn group_tls(errs: &mut Errors, spec: &BalancedServiceSpec) -> GroupTls {
     let top = spec
@@ -1051,50 +1069,131 @@ fn backend_tls(errs: &mut Errors, path: &str, t: &spec::BackendTlsSpec) -> Backe
     for (i, san) in t.subject_alt_names.iter().enumerate() {
         dns_name(errs, format!("{path}.subjectAltNames[{i}]"), san);
     }
-    if t.insecure_skip_verify && (t.ca_file.is_some() || !t.subject_alt_names.is_empty()) {
+    if t.insecure_skip_verify && (t.ca_file.is_some() || t.ca_secret_name.is_some() || !t.subject_alt_names.is_empty())
+    {
         errs.add(
             format!("{path}.insecureSkipVerify"),
-            "verifies nothing, so caFile and subjectAltNames would be ignored: set one or the other",
+            "verifies nothing, so caFile, caSecretName and subjectAltNames would be ignored: set one or the other",
         );
+    }
+    if t.ca_file.is_some() && t.ca_secret_name.is_some() {
+        errs.add(format!("{path}.caSecretName"), "takes the place of caFile: set one");
+    }
+    if let Some(name) = &t.ca_secret_name {
+        secret_name(errs, &format!("{path}.caSecretName"), name);
     }
     BackendTls {
         hostname: t.hostname.clone(),
         ca_file: t.ca_file.as_ref().map(Into::into),
         subject_alt_names: t.subject_alt_names.clone(),
-        client: t.client_certificate.as_ref().map(|c| CertificateFiles {
-            cert: (&c.cert_file).into(),
-            key: (&c.key_file).into(),
-        }),
+        ca_secret: t.ca_secret_name.clone(),
+        client: t
+            .client_certificate
+            .as_ref()
+            .and_then(|c| certificate(errs, &format!("{path}.clientCertificate"), c)),
         insecure_skip_verify: t.insecure_skip_verify,
+    }
+}
+
+/// A host name, exact or `*.` wildcard.
+fn host_match(errs: &mut Errors, path: &str, h: &str) -> Option<HostMatch> {
+    let lower = h.to_ascii_lowercase();
+    let (host, wildcard) = match lower.strip_prefix("*.") {
+        Some(rest) => (rest.to_string(), true),
+        None => (lower.clone(), false),
+    };
+    if host.is_empty() || !host.split('.').all(is_dns_label) {
+        errs.add(
+            path,
+            format!("must be a host name, optionally starting with \"*.\", got {h:?}"),
+        );
+        return None;
+    }
+    Some(if wildcard {
+        HostMatch::Wildcard(format!(".{host}"))
+    } else {
+        HostMatch::Exact(host)
+    })
+}
+
+/// One certificate: its two files, or a Secret.
+fn certificate(errs: &mut Errors, path: &str, c: &spec::CertificateFilesSpec) -> Option<CertificateFiles> {
+    match (&c.cert_file, &c.key_file, &c.secret_name) {
+        (Some(cert), Some(key), None) => Some(CertificateFiles {
+            cert: cert.into(),
+            key: key.into(),
+            secret: None,
+        }),
+        (None, None, Some(name)) => {
+            secret_name(errs, &format!("{path}.secretName"), name);
+            Some(CertificateFiles::secret(name))
+        }
+        (Some(_), None, None) => {
+            errs.add(format!("{path}.keyFile"), "is required with certFile");
+            None
+        }
+        (None, Some(_), None) => {
+            errs.add(format!("{path}.certFile"), "is required with keyFile");
+            None
+        }
+        (None, None, None) => {
+            errs.add(path, "needs certFile and keyFile, or secretName");
+            None
+        }
+        (_, _, Some(_)) => {
+            errs.add(
+                format!("{path}.secretName"),
+                "takes the place of certFile and keyFile: set one",
+            );
+            None
+        }
+    }
+}
+
+/// A Secret's name: an RFC 1123 subdomain.
+fn secret_name(errs: &mut Errors, path: &str, name: &str) {
+    let valid = name.len() <= 253 && name.split('.').all(is_dns_label);
+    if !valid {
+        errs.add(
+            path,
+            format!("must be a Secret name (lower-case letters, digits, '-', '.'), got {name:?}"),
+        );
     }
 }
 
 fn listener_tls(errs: &mut Errors, path: &str, t: &spec::ListenerTlsSpec) -> ListenerTls {
     let mut certificates = Vec::new();
-    match (&t.cert_file, &t.key_file, t.certificates.is_empty()) {
-        (Some(cert), Some(key), true) => certificates.push(CertificateFiles {
-            cert: cert.into(),
-            key: key.into(),
-        }),
-        (None, None, false) => {
-            for c in &t.certificates {
-                certificates.push(CertificateFiles {
-                    cert: (&c.cert_file).into(),
-                    key: (&c.key_file).into(),
-                });
+    let single = spec::CertificateFilesSpec {
+        cert_file: t.cert_file.clone(),
+        key_file: t.key_file.clone(),
+        secret_name: t.secret_name.clone(),
+    };
+    let has_single = single != spec::CertificateFilesSpec::default();
+    let passthrough = t.mode == Some(spec::TlsMode::Passthrough);
+    if passthrough && (has_single || !t.certificates.is_empty()) {
+        errs.add(
+            format!("{path}.mode"),
+            "Passthrough leaves TLS to the endpoints: it takes no certificate",
+        );
+    }
+    match (has_single, t.certificates.is_empty()) {
+        _ if passthrough => {}
+        (true, true) => certificates.extend(certificate(errs, path, &single)),
+        (false, false) => {
+            for (i, c) in t.certificates.iter().enumerate() {
+                certificates.extend(certificate(errs, &format!("{path}.certificates[{i}]"), c));
             }
         }
-        (None, None, true) => errs.add(path, "needs certFile and keyFile, or certificates"),
-        (Some(_), None, true) => errs.add(format!("{path}.keyFile"), "is required with certFile"),
-        (None, Some(_), true) => errs.add(format!("{path}.certFile"), "is required with keyFile"),
-        (_, _, false) => errs.add(path, "takes certFile and keyFile, or certificates (for SNI), not both"),
+        (false, true) => errs.add(path, "needs certFile and keyFile, secretName, or certificates"),
+        (true, false) => errs.add(path, "takes one certificate or certificates (for SNI), not both"),
     }
     let mut seen = HashSet::new();
     for (i, c) in certificates.iter().enumerate() {
-        if !seen.insert(&c.cert) {
+        if !seen.insert((&c.cert, &c.secret)) {
+            let field = if c.secret.is_some() { "secretName" } else { "certFile" };
             errs.add(
-                format!("{path}.certificates[{i}].certFile"),
-                format!("{:?} is listed twice", c.cert.display().to_string()),
+                format!("{path}.certificates[{i}].{field}"),
+                format!("{:?} is listed twice", c.shown()),
             );
         }
     }
@@ -1109,9 +1208,33 @@ fn listener_tls(errs: &mut Errors, path: &str, t: &spec::ListenerTlsSpec) -> Lis
             TlsVersion::V1_2
         }
     };
+    let sni_routes = t
+        .sni_routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let at = format!("{path}.sniRoutes[{i}]");
+            if r.hostnames.is_empty() {
+                errs.add(format!("{at}.hostnames"), "must name at least one host");
+            }
+            SniRoute {
+                hosts: r
+                    .hostnames
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(k, h)| host_match(errs, &format!("{at}.hostnames[{k}]"), h))
+                    .collect(),
+                backend: r.backend.clone(),
+                // Resolved once the backends are known.
+                group: 0,
+            }
+        })
+        .collect();
     ListenerTls {
         certificates,
         min_version,
+        passthrough,
+        sni_routes,
     }
 }
 
@@ -1263,6 +1386,60 @@ mod tests {
         assert!(
             errors.iter().any(|e| e == expected),
             "expected {expected:?} in {errors:#?}"
+        );
+    }
+
+    #[test]
+    fn backend_tls_falls_back_per_group_and_is_checked() {
+        let yaml = |y: &str| -> BalancedServiceSpec {
+            serde_saphyr::from_str(&format!(
+                "endpoints: [{{address: 127.0.0.1, port: 8081}}]\nlisteners: [{{name: http, port: 8080}}]\n{y}"
+            ))
+            .unwrap()
+        };
+        let s = yaml(
+            "backendTLS: {hostname: api.internal, caSecretName: ca}\nbackends: [{name: a, endpoints: [{address: 10.0.0.1, port: 443}]}, {name: b, endpoints: [{address: 10.0.0.2, port: 443}], tls: {insecureSkipVerify: true, clientCertificate: {secretName: client}}}]\n",
+        );
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        let tls = &cfg.backend_tls;
+        assert_eq!(tls.for_groups(0b001).unwrap().hostname.as_deref(), Some("api.internal"));
+        assert_eq!(
+            tls.for_groups(0b010),
+            tls.for_groups(0b001),
+            "a falls back to spec.backendTLS"
+        );
+        assert!(tls.for_groups(0b100).unwrap().insecure_skip_verify);
+        assert_eq!(tls.for_groups(0b110), tls.for_groups(0b010), "the first group decides");
+        assert_eq!(
+            cfg.endpoint_secret_names().into_iter().collect::<Vec<_>>(),
+            ["ca", "client"]
+        );
+        let resolved = tls.with_secret_files(&|n: &str| format!("/s/{n}").into());
+        assert_eq!(
+            resolved.for_groups(1).unwrap().ca_file.as_deref(),
+            Some(std::path::Path::new("/s/ca/ca.crt"))
+        );
+        let plain = validate(ServiceKey::new("default", "web"), &base()).unwrap();
+        assert!(!plain.backend_tls.any());
+
+        let errors = |y: &str| errors_of(|s| *s = yaml(y));
+        assert_eq!(
+            errors("backendTLS: {hostname: \"not a name\"}\n"),
+            ["spec.backendTLS.hostname: must be a DNS name, got \"not a name\""]
+        );
+        assert_eq!(
+            errors("backendTLS: {insecureSkipVerify: true, caFile: /ca.pem}\n"),
+            [
+                "spec.backendTLS.insecureSkipVerify: verifies nothing, so caFile, caSecretName and subjectAltNames would be ignored: set one or the other"
+            ]
+        );
+        assert_eq!(
+            errors("backendTLS: {clientCertificate: {certFile: /c.pem}}\n"),
+            ["spec.backendTLS.clientCertificate.keyFile: is required with certFile"]
+        );
+        assert_eq!(
+            errors("backendTLS: {subjectAltNames: [a.example, \"*bad*\"]}\n"),
+            ["spec.backendTLS.subjectAltNames[1]: must be a DNS name, got \"*bad*\""]
         );
     }
 
@@ -1425,8 +1602,13 @@ mod tests {
     fn listener_tls_is_checked_and_named() {
         let tls = |t: spec::ListenerTlsSpec| move |s: &mut BalancedServiceSpec| s.listeners[0].tls = Some(t);
         let files = |c: &str, k: &str| spec::CertificateFilesSpec {
-            cert_file: c.into(),
-            key_file: k.into(),
+            cert_file: Some(c.into()),
+            key_file: Some(k.into()),
+            secret_name: None,
+        };
+        let secret = |n: &str| spec::CertificateFilesSpec {
+            secret_name: Some(n.into()),
+            ..Default::default()
         };
         let mut s = base();
         tls(spec::ListenerTlsSpec {
@@ -1440,7 +1622,37 @@ mod tests {
         assert_eq!(t.min_version, TlsVersion::V1_3);
         assert_error(
             tls(spec::ListenerTlsSpec::default()),
-            "spec.listeners[0].tls: needs certFile and keyFile, or certificates",
+            "spec.listeners[0].tls: needs certFile and keyFile, secretName, or certificates",
+        );
+        // Secrets, one or by SNI, beside files.
+        let mut s = base();
+        tls(spec::ListenerTlsSpec {
+            certificates: vec![secret("site-a"), files("/b.pem", "/b.key")],
+            ..Default::default()
+        })(&mut s);
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        assert_eq!(cfg.secret_names().into_iter().collect::<Vec<_>>(), ["site-a"]);
+        let resolved = cfg.with_secret_files(|name| format!("/run/s/{name}").into());
+        let c = &resolved.listeners[0].tls.as_ref().unwrap().certificates[0];
+        assert_eq!(c.cert, std::path::Path::new("/run/s/site-a/tls.crt"));
+        assert_eq!(c.shown(), "secret/site-a");
+        assert_error(
+            tls(spec::ListenerTlsSpec {
+                secret_name: Some("Site_A".into()),
+                ..Default::default()
+            }),
+            "spec.listeners[0].tls.secretName: must be a Secret name (lower-case letters, digits, '-', '.'), got \"Site_A\"",
+        );
+        assert_error(
+            tls(spec::ListenerTlsSpec {
+                certificates: vec![spec::CertificateFilesSpec {
+                    cert_file: Some("/a.pem".into()),
+                    secret_name: Some("a".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            "spec.listeners[0].tls.certificates[0].secretName: takes the place of certFile and keyFile: set one",
         );
         assert_error(
             tls(spec::ListenerTlsSpec {
@@ -1456,7 +1668,7 @@ mod tests {
                 certificates: vec![files("/b.pem", "/b.key")],
                 ..Default::default()
             }),
-            "spec.listeners[0].tls: takes certFile and keyFile, or certificates (for SNI), not both",
+            "spec.listeners[0].tls: takes one certificate or certificates (for SNI), not both",
         );
         assert_error(
             tls(spec::ListenerTlsSpec {
@@ -1474,16 +1686,58 @@ mod tests {
             }),
             "spec.listeners[0].tls.minVersion: must be \"1.2\" or \"1.3\", got \"1.1\"",
         );
+        // TCP listeners terminate, or pass through and route by SNI.
+        let mut s = base();
+        s.listeners[0].protocol = ListenerProtocol::Tcp;
+        s.listeners[0].tls = Some(spec::ListenerTlsSpec {
+            secret_name: Some("site".into()),
+            ..Default::default()
+        });
+        assert!(validate(ServiceKey::new("default", "web"), &s).is_ok());
+        let passthrough = |routes: Vec<spec::SniRouteSpec>| spec::ListenerTlsSpec {
+            mode: Some(spec::TlsMode::Passthrough),
+            sni_routes: routes,
+            ..Default::default()
+        };
+        let route = |host: &str, backend: &str| spec::SniRouteSpec {
+            hostnames: vec![host.into()],
+            backend: backend.into(),
+        };
+        let mut s = base();
+        s.listeners[0].protocol = ListenerProtocol::Tcp;
+        s.listeners[0].tls = Some(passthrough(vec![
+            route("*.a.example", "a"),
+            route("b.example", "default"),
+        ]));
+        s.backends = serde_saphyr::from_str("[{name: a, endpoints: [{address: 10.0.0.1, port: 443}]}]").unwrap();
+        let cfg = validate(ServiceKey::new("default", "web"), &s).unwrap();
+        let t = cfg.listeners[0].tls.as_ref().unwrap();
+        assert!(t.passthrough && t.certificates.is_empty());
+        assert_eq!(t.group_for(Some("x.a.example")), 1);
+        assert_eq!(t.group_for(Some("b.example")), 0);
+        assert_eq!(t.group_for(Some("a.example")), 0, "a wildcard needs a label in front");
+        assert_eq!(t.group_for(None), 0);
+        assert_error(
+            |s| {
+                s.listeners[0].protocol = ListenerProtocol::Tcp;
+                s.listeners[0].tls = Some(passthrough(vec![route("c.example", "c")]));
+            },
+            "spec.listeners[0].tls.sniRoutes[0].backend: no backend named \"c\" (there are default)",
+        );
+        assert_error(
+            |s| s.listeners[0].tls = Some(passthrough(vec![])),
+            "spec.listeners[0].tls.mode: Passthrough balances connections, not requests: it needs protocol TCP",
+        );
         assert_error(
             |s| {
                 s.listeners[0].protocol = ListenerProtocol::Tcp;
                 s.listeners[0].tls = Some(spec::ListenerTlsSpec {
                     cert_file: Some("/a.pem".into()),
                     key_file: Some("/a.key".into()),
-                    ..Default::default()
+                    ..passthrough(vec![])
                 });
             },
-            "spec.listeners[0].tls: terminates TLS on HTTP listeners only (a TCP listener passes TLS through untouched)",
+            "spec.listeners[0].tls.mode: Passthrough leaves TLS to the endpoints: it takes no certificate",
         );
     }
 

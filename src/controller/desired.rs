@@ -7,8 +7,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service, ServiceAccount,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -152,25 +153,39 @@ fn service_account(bsvc: &BalancedService, cfg: &Config) -> ServiceAccount {
 }
 
 fn role(bsvc: &BalancedService, cfg: &Config) -> Role {
+    let secrets = cfg.secret_names();
+    // Only the Secrets the spec names, each read by a watch on its name.
+    let secret_rule = (!secrets.is_empty()).then(|| PolicyRule {
+        api_groups: Some(vec![String::new()]),
+        resources: Some(vec!["secrets".into()]),
+        resource_names: Some(secrets.into_iter().collect()),
+        verbs: vec!["get".into(), "list".into(), "watch".into()],
+        ..Default::default()
+    });
     Role {
         metadata: meta(bsvc, proxy_name(&cfg.key.name)),
-        rules: Some(vec![
-            PolicyRule {
-                api_groups: Some(vec!["balanced.dev".into()]),
-                resources: Some(vec!["balancedservices".into()]),
-                resource_names: Some(vec![cfg.key.name.clone()]),
-                verbs: vec!["get".into(), "list".into(), "watch".into()],
-                ..Default::default()
-            },
-            // Health comes from the healthy slices (a list/watch by label
-            // selector cannot be narrowed by name).
-            PolicyRule {
-                api_groups: Some(vec!["discovery.k8s.io".into()]),
-                resources: Some(vec!["endpointslices".into()]),
-                verbs: vec!["list".into(), "watch".into()],
-                ..Default::default()
-            },
-        ]),
+        rules: Some(
+            [
+                PolicyRule {
+                    api_groups: Some(vec!["balanced.dev".into()]),
+                    resources: Some(vec!["balancedservices".into()]),
+                    resource_names: Some(vec![cfg.key.name.clone()]),
+                    verbs: vec!["get".into(), "list".into(), "watch".into()],
+                    ..Default::default()
+                },
+                // Health comes from the healthy slices (a list/watch by label
+                // selector cannot be narrowed by name).
+                PolicyRule {
+                    api_groups: Some(vec!["discovery.k8s.io".into()]),
+                    resources: Some(vec!["endpointslices".into()]),
+                    verbs: vec!["list".into(), "watch".into()],
+                    ..Default::default()
+                },
+            ]
+            .into_iter()
+            .chain(secret_rule)
+            .collect(),
+        ),
     }
 }
 
@@ -220,8 +235,22 @@ fn deployment(bsvc: &BalancedService, cfg: &Config, opts: &RenderOptions) -> Dep
         failure_threshold: Some(3),
         ..Default::default()
     };
+    // The Secrets the proxy watches are written to memory, not the read-only
+    // root: an emptyDir on tmpfs, as the kubelet keeps Secret volumes. Always
+    // there, so naming a first Secret does not roll the pods for a volume.
+    let secrets_dir = "/run/balanced/secrets";
     let container = Container {
         name: "proxy".into(),
+        env: Some(vec![EnvVar {
+            name: "BALANCED_SECRETS_DIR".into(),
+            value: Some(secrets_dir.into()),
+            ..Default::default()
+        }]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "secrets".into(),
+            mount_path: secrets_dir.into(),
+            ..Default::default()
+        }]),
         image: Some(opts.image.clone()),
         args: Some(vec![
             "proxy".into(),
@@ -294,6 +323,15 @@ fn deployment(bsvc: &BalancedService, cfg: &Config, opts: &RenderOptions) -> Dep
                         ..Default::default()
                     }),
                     containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "secrets".into(),
+                        empty_dir: Some(EmptyDirVolumeSource {
+                            medium: Some("Memory".into()),
+                            size_limit: Some(Quantity("4Mi".into())),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
                     ..Default::default()
                 }),
             },

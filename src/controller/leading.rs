@@ -194,6 +194,10 @@ async fn run_leading(
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         prober: prober.clone(),
+        secrets: crate::source::secrets::SecretFiles::new(
+            client.clone(),
+            crate::source::secrets::SecretFiles::default_dir(),
+        ),
         render: opts.render.clone(),
         slices: slice_reader,
         views: Mutex::new(HashMap::new()),

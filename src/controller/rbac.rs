@@ -25,6 +25,12 @@ pub const API_CALLS: &[(&str, &str, &str)] = &[
     ("", "services", "watch"),
     ("", "services", "create"),
     ("", "services", "patch"),
+    // The Secrets endpoint TLS names (CA bundles, client certificates), each
+    // watched by name for the checks; held also so the proxy Roles may grant
+    // their own Secrets by name.
+    ("", "secrets", "get"),
+    ("", "secrets", "list"),
+    ("", "secrets", "watch"),
     ("", "serviceaccounts", "create"),
     ("", "serviceaccounts", "patch"),
     ("rbac.authorization.k8s.io", "roles", "create"),

@@ -66,6 +66,8 @@ pub(crate) struct View {
 pub(crate) struct Ctx {
     pub client: Client,
     pub prober: Prober,
+    /// The Secrets endpoint TLS names, written for the prober's connectors.
+    pub secrets: Arc<crate::source::secrets::SecretFiles>,
     pub render: RenderOptions,
     pub slices: Store<EndpointSlice>,
     pub views: Mutex<HashMap<ServiceKey, View>>,
@@ -221,7 +223,13 @@ async fn reconcile_inner(bsvc: &BalancedService, key: &ServiceKey, ctx: &Ctx) ->
                 .max(1),
         })
         .collect();
-    ctx.prober.update_service(key, &cfg.health, &cfg.backend_tls, &targets);
+    // Checks speak the endpoints' TLS, whose Secrets are written as files
+    // (a check fails with the reason until they are).
+    ctx.secrets.want(key, cfg.endpoint_secret_names());
+    let tls = cfg
+        .backend_tls
+        .with_secret_files(&|name| ctx.secrets.dir_of(&key.namespace, name));
+    ctx.prober.update_service(key, &cfg.health, &tls, &targets);
 
     let mut proxy = None;
     for object in desired(bsvc, &cfg, &ctx.render) {
@@ -358,6 +366,7 @@ pub(crate) fn error_policy(bsvc: Arc<BalancedService>, error: &Error, ctx: Arc<C
 
 pub(crate) fn forget(ctx: &Ctx, key: &ServiceKey) {
     ctx.prober.remove_service(key);
+    ctx.secrets.want(key, Default::default());
     ctx.views.lock().expect("views lock").remove(key);
     ctx.views_changed.send_modify(|g| *g += 1);
 }

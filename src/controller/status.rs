@@ -55,6 +55,9 @@ pub struct Observed<'a> {
     pub groups: Vec<String>,
     /// `spec.healthCheck.panicThreshold`.
     pub panic_threshold: u32,
+    /// With TLS to endpoints, the groups that skip verification (`None`
+    /// without TLS to endpoints: no condition about it).
+    pub unverified_tls: Option<Vec<String>>,
 }
 
 /// The most not-serving endpoints status lists; the rest are counted.
@@ -101,8 +104,21 @@ pub fn assemble(seen: &Observed<'_>, previous: Option<&BalancedServiceStatus>, n
             "proxy Deployment not observed yet".to_string(),
         ),
     };
+    let tls = seen.unverified_tls.as_ref().map(|groups| match groups.as_slice() {
+        [] => ("True", "CertificatesVerified", String::new()),
+        groups => (
+            "False",
+            "InsecureSkipVerify",
+            format!(
+                "group {}: {}",
+                groups.join(", "),
+                crate::tls::upstream::INSECURE_WARNING
+            ),
+        ),
+    });
     let conditions = [("Ready", ready), ("Degraded", degraded), ("ProxyAvailable", proxy)]
         .into_iter()
+        .chain(tls.map(|t| ("BackendTLSVerified", t)))
         .map(|(type_, (status, reason, message))| {
             let kept = previous
                 .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
@@ -254,6 +270,34 @@ mod tests {
             ..Default::default()
         };
         assemble(&seen, None, "t0")
+    }
+
+    #[test]
+    fn skipped_endpoint_verification_is_a_condition_that_names_the_groups() {
+        let eps = [view(1, Health::Healthy, true, false)];
+        let tls_of = |unverified: Option<Vec<String>>| {
+            let s = assemble(
+                &Observed {
+                    endpoints: &eps,
+                    unverified_tls: unverified,
+                    ..Default::default()
+                },
+                None,
+                "t0",
+            );
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "BackendTLSVerified")
+                .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+        };
+        assert_eq!(tls_of(None), None, "no TLS to endpoints, no condition");
+        assert_eq!(tls_of(Some(vec![])).unwrap().1, "CertificatesVerified");
+        let (status, reason, message) = tls_of(Some(vec!["default".into(), "admin".into()])).unwrap();
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "InsecureSkipVerify"));
+        assert!(
+            message.starts_with("group default, admin: insecureSkipVerify:"),
+            "{message}"
+        );
     }
 
     #[test]

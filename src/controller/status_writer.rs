@@ -146,6 +146,12 @@ async fn flush(ctx: &Ctx, key: &ServiceKey) -> bool {
             .map(|c| (0..=c.backends.len()).map(|i| c.group_name(i).to_string()).collect())
             .unwrap_or_default(),
         panic_threshold,
+        unverified_tls: view.config.as_ref().filter(|c| c.backend_tls.any()).map(|c| {
+            (0..c.backend_tls.0.len())
+                .filter(|&i| c.backend_tls.0[i].as_ref().is_some_and(|t| t.insecure_skip_verify))
+                .map(|i| c.group_name(i).to_string())
+                .collect()
+        }),
     };
     let status = assemble(&seen, view.written.as_ref(), &now);
     let mut ok = true;

@@ -117,7 +117,9 @@ impl Dataplane {
                 .clone();
             for (i, l) in config.listeners.iter().enumerate() {
                 let id = (config.key.clone(), l.name.clone());
-                let same_tls = |r: &Running| match (&r.tls, &l.tls) {
+                // What the proxy terminates: passthrough has no certificate to hold.
+                let terminated = l.tls.as_ref().filter(|t| !t.passthrough);
+                let same_tls = |r: &Running| match (&r.tls, terminated) {
                     (None, None) => true,
                     (Some(t), Some(settings)) => t.serves(settings),
                     _ => false,
@@ -130,9 +132,27 @@ impl Dataplane {
                     continue;
                 }
                 let addr = SocketAddr::new(self.bind, l.port);
+                // Other certificates on the same socket: swapped in for new
+                // connections, no rebind (the port is still held).
+                if let Some(r) = listeners.get(&id)
+                    && r.port == l.port
+                    && r.protocol == l.protocol
+                    && let (Some(t), Some(settings)) = (&r.tls, terminated)
+                {
+                    if let Err(e) = t.update(settings) {
+                        errors.push(ListenError {
+                            service: config.key.clone(),
+                            index: i,
+                            listener: l.name.clone(),
+                            addr,
+                            source: std::io::Error::other(e),
+                        });
+                    }
+                    continue;
+                }
                 // Certificates first: a listener whose files do not load does
                 // not start, and the one it would replace goes on serving.
-                let tls = match &l.tls {
+                let tls = match terminated {
                     None => None,
                     Some(settings) => match Terminator::load(settings, &self.metrics, runtime.label(), &l.name) {
                         Ok(t) => Some(t),
@@ -185,10 +205,14 @@ impl Dataplane {
                         ));
                     }
                     ListenerProtocol::Tcp => {
+                        if let Some(t) = &tls {
+                            self.tasks.spawn(t.clone().watch(stop.clone()));
+                        }
                         self.tasks.spawn(serve_tcp(
                             socket,
                             runtime.clone(),
                             l.name.clone(),
+                            tls.clone(),
                             self.serving.clone(),
                             self.tasks.scope(),
                             stop.clone(),

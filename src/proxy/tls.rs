@@ -26,7 +26,7 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// A listener's TLS: the server configuration new connections get, swapped
 /// when its files change.
 pub struct Terminator {
-    settings: ListenerTls,
+    settings: Mutex<ListenerTls>,
     config: ArcSwap<ServerConfig>,
     certificates: Mutex<Vec<Loaded>>,
     metrics: ProxyMetrics,
@@ -66,20 +66,10 @@ impl Terminator {
         service: &str,
         listener: &str,
     ) -> Result<Arc<Self>, String> {
-        let mut certificates = Vec::with_capacity(settings.certificates.len());
-        for (i, files) in settings.certificates.iter().enumerate() {
-            let stamp = stamp(files);
-            let (key, expiry) = read(files).map_err(|e| format!("tls.certificates[{i}]: {e}"))?;
-            certificates.push(Loaded {
-                files: files.clone(),
-                stamp: Some(stamp),
-                serving: Some((key, expiry)),
-                error: None,
-            });
-        }
+        let certificates = read_all(settings)?;
         let config = server_config(settings, &certificates)?;
         let terminator = Arc::new(Self {
-            settings: settings.clone(),
+            settings: Mutex::new(settings.clone()),
             config: ArcSwap::from_pointee(config),
             certificates: Mutex::new(certificates),
             metrics: metrics.clone(),
@@ -90,9 +80,22 @@ impl Terminator {
         Ok(terminator)
     }
 
+    /// Takes new settings (other certificates, another minimum version) for
+    /// new connections, on the socket it serves; settings that do not load
+    /// are refused and the current ones stay.
+    pub fn update(&self, settings: &ListenerTls) -> Result<(), String> {
+        let certificates = read_all(settings)?;
+        let config = server_config(settings, &certificates)?;
+        *self.certificates.lock().expect("certificates lock") = certificates;
+        *self.settings.lock().expect("settings lock") = settings.clone();
+        self.config.store(Arc::new(config));
+        self.publish_expiry();
+        Ok(())
+    }
+
     /// Whether this terminator was built from `settings`.
     pub fn serves(&self, settings: &ListenerTls) -> bool {
-        self.settings == *settings
+        *self.settings.lock().expect("settings lock") == *settings
     }
 
     /// The acceptor for the next connection.
@@ -125,13 +128,13 @@ impl Terminator {
             c.stamp = Some(now);
             match read(&c.files) {
                 Ok(loaded) => {
-                    tracing::info!(service = %self.service, listener = %self.listener, cert = %c.files.cert.display(), "certificate reloaded");
+                    tracing::info!(service = %self.service, listener = %self.listener, cert = %c.files.shown(), "certificate reloaded");
                     c.serving = Some(loaded);
                     c.error = None;
                     changed = true;
                 }
                 Err(e) => {
-                    tracing::error!(service = %self.service, listener = %self.listener, cert = %c.files.cert.display(), error = %e, "certificate not reloaded; the last good one keeps serving");
+                    tracing::error!(service = %self.service, listener = %self.listener, cert = %c.files.shown(), error = %e, "certificate not reloaded; the last good one keeps serving");
                     c.error = Some(format!("tls.certificates[{i}]: {e}"));
                     self.metrics
                         .tls_reload_failures
@@ -141,7 +144,8 @@ impl Terminator {
             }
         }
         if changed {
-            match server_config(&self.settings, &certificates) {
+            let settings = self.settings.lock().expect("settings lock").clone();
+            match server_config(&settings, &certificates) {
                 Ok(config) => self.config.store(Arc::new(config)),
                 Err(e) => {
                     tracing::error!(service = %self.service, listener = %self.listener, error = %e, "TLS configuration not rebuilt")
@@ -159,10 +163,13 @@ impl Terminator {
             certificates
                 .iter()
                 .map(|c| {
-                    let mut v = serde_json::json!({
-                        "certFile": c.files.cert.display().to_string(),
-                        "keyFile": c.files.key.display().to_string(),
-                    });
+                    let mut v = match &c.files.secret {
+                        Some(name) => serde_json::json!({ "secretName": name }),
+                        None => serde_json::json!({
+                            "certFile": c.files.cert.display().to_string(),
+                            "keyFile": c.files.key.display().to_string(),
+                        }),
+                    };
                     if let Some((_, expiry)) = &c.serving
                         && let Ok(t) = jiff::Timestamp::from_second(*expiry)
                     {
@@ -205,7 +212,7 @@ impl Terminator {
         CertificateLabels {
             service: self.service.clone(),
             listener: self.listener.clone(),
-            certificate: files.cert.display().to_string(),
+            certificate: files.shown(),
         }
     }
 
@@ -222,6 +229,25 @@ impl Terminator {
             }
         }
     }
+}
+
+/// Reads every certificate of `settings`; fails naming the first that does not load.
+fn read_all(settings: &ListenerTls) -> Result<Vec<Loaded>, String> {
+    settings
+        .certificates
+        .iter()
+        .enumerate()
+        .map(|(i, files)| {
+            let stamp = stamp(files);
+            let (key, expiry) = read(files).map_err(|e| format!("tls.certificates[{i}]: {e}"))?;
+            Ok(Loaded {
+                files: files.clone(),
+                stamp: Some(stamp),
+                serving: Some((key, expiry)),
+                error: None,
+            })
+        })
+        .collect()
 }
 
 /// The session facts of an accepted connection.

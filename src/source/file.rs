@@ -75,6 +75,17 @@ pub fn configs_from_text(text: &str) -> Result<Vec<Config>, LoadErrors> {
                         ));
                     }
                 }
+                let secrets = cfg.secret_names();
+                if !secrets.is_empty() {
+                    let names: Vec<String> = secrets.into_iter().collect();
+                    errors.push(invalid(
+                        "spec".into(),
+                        format!(
+                            "names Secrets ({}), which need the cluster; standalone reads PEM files (certFile and keyFile, caFile)",
+                            names.join(", ")
+                        ),
+                    ));
+                }
                 configs.push(cfg);
             }
             Err(errs) => errors.extend(errs.0.into_iter().map(|e| invalid(e.path, e.message))),
@@ -422,7 +433,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn standalone_refuses_service_and_named_ports() {
+    fn standalone_refuses_service_named_ports_and_secrets() {
         let text = "
 apiVersion: balanced.dev/v1alpha1
 kind: BalancedService
@@ -430,7 +441,8 @@ metadata: {name: web}
 spec:
   service: web
   endpoints: [{address: 127.0.0.1, port: 8081}]
-  listeners: [{name: http, port: 8080, targetPort: http}]
+  listeners: [{name: http, port: 8080, targetPort: http, tls: {secretName: site}}]
+  backendTLS: {caSecretName: ca}
 ";
         let err = configs_from_text(text).unwrap_err();
         assert_eq!(
@@ -438,6 +450,7 @@ spec:
             vec![
                 "document 1 (default/web): spec.service: standalone has no cluster to read a Service's endpoints from; list them in spec.endpoints",
                 "document 1 (default/web): spec.listeners[0].targetPort: the port name \"http\" needs a Service; standalone takes port numbers",
+                "document 1 (default/web): spec: names Secrets (ca, site), which need the cluster; standalone reads PEM files (certFile and keyFile, caFile)",
             ]
         );
     }

@@ -20,6 +20,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::secrets::SecretFiles;
 use super::{Change, Source, SourceView};
 use crate::api::config::{Config, ServiceKey};
 use crate::api::{BalancedService, validate};
@@ -48,6 +49,9 @@ pub struct ClusterSource {
     slices: Store<EndpointSlice>,
     slices_listed: bool,
     config: Option<Arc<Config>>,
+    // A valid spec held until the Secrets it names are written, and its generation.
+    waiting: Option<(Arc<Config>, Option<i64>)>,
+    secrets: Arc<SecretFiles>,
     view: Arc<ClusterView>,
     pending: Option<Change>,
 }
@@ -57,6 +61,7 @@ pub struct ClusterSource {
 enum Input {
     Object(Result<BalancedService, watcher::Error>),
     Slices(Result<watcher::Event<EndpointSlice>, watcher::Error>),
+    SecretsChanged,
 }
 
 struct ClusterView {
@@ -67,6 +72,7 @@ struct ClusterView {
     // failing, for `/status` (cleared by the next good spec or event).
     rejected: std::sync::Mutex<Option<String>>,
     watch_error: std::sync::Mutex<Option<String>>,
+    secrets: Arc<SecretFiles>,
 }
 
 impl ClusterSource {
@@ -81,6 +87,11 @@ impl ClusterSource {
             .applied_objects()
             .map(Input::Object);
         let (slices, writer) = reflector::store::<EndpointSlice>();
+        let secrets = SecretFiles::new(client.clone(), SecretFiles::default_dir());
+        let secret_changes = futures::stream::unfold(secrets.changed(), |mut rx| async move {
+            rx.changed().await.ok()?;
+            Some((Input::SecretsChanged, rx))
+        });
         let slice_api: Api<EndpointSlice> = Api::namespaced(client, &key.namespace);
         let slice_events = watcher(
             slice_api,
@@ -96,12 +107,15 @@ impl ClusterSource {
                 last: std::sync::Mutex::new(None),
                 rejected: std::sync::Mutex::new(None),
                 watch_error: std::sync::Mutex::new(None),
+                secrets: secrets.clone(),
             }),
             key,
-            inputs: futures::stream::select(objects, slice_events).boxed(),
+            inputs: futures::stream::select(futures::stream::select(objects, slice_events), secret_changes).boxed(),
             slices,
             slices_listed: false,
             config: None,
+            waiting: None,
+            secrets,
             pending: None,
         }
     }
@@ -116,6 +130,9 @@ impl ClusterSource {
                     route.rate_limit = route.rate_limit.take().map(|r| r.per_replica(cfg.replicas));
                 }
                 *self.view.rejected.lock().expect("rejected lock") = None;
+                self.secrets.want(&self.key, cfg.secret_names());
+                let namespace = self.key.namespace.clone();
+                let cfg = cfg.with_secret_files(|name| self.secrets.dir_of(&namespace, name));
                 Some(Arc::new(with_status_protocols(cfg, bsvc)))
             }
             Err(errors) => {
@@ -127,6 +144,28 @@ impl ClusterSource {
                 None
             }
         }
+    }
+
+    /// The config held for its Secrets, once they are all written: a listener
+    /// must not start (nor a running one be replaced) without its certificate,
+    /// as a Pod does not start without its Secret volumes.
+    fn take_waiting(&mut self) -> Option<Change> {
+        let (cfg, generation) = self.waiting.as_ref()?;
+        if let Err(why) = self.secrets.ready(&self.key.namespace, &cfg.secret_names()) {
+            tracing::info!(service = %self.key, %why, "spec held until its Secrets are written");
+            *self.view.rejected.lock().expect("rejected lock") =
+                Some(format!("generation {}: {why}", generation.unwrap_or_default()));
+            return None;
+        }
+        let (cfg, generation) = self.waiting.take()?;
+        *self.view.rejected.lock().expect("rejected lock") = None;
+        self.config = Some(cfg.clone());
+        // Endpoints wait for the slices' first list: before it, every
+        // endpoint would look unhealthy.
+        if self.slices_listed {
+            self.pending = Some(self.endpoints(&cfg, generation));
+        }
+        Some(Change::Services(vec![cfg]))
     }
 
     /// The endpoints of `cfg` as the healthy slices have them.
@@ -164,13 +203,10 @@ impl Source for ClusterSource {
                     match next {
                         Ok(bsvc) => {
                             let Some(cfg) = self.config(&bsvc) else { continue };
-                            self.config = Some(cfg.clone());
-                            // Endpoints wait for the slices' first list: before
-                            // it, every endpoint would look unhealthy.
-                            if self.slices_listed {
-                                self.pending = Some(self.endpoints(&cfg, bsvc.metadata.generation));
+                            self.waiting = Some((cfg, bsvc.metadata.generation));
+                            if let Some(change) = self.take_waiting() {
+                                return Some(change);
                             }
-                            return Some(Change::Services(vec![cfg]));
                         }
                         Err(e) => tracing::warn!(error = %e, "BalancedService watch failed; serving the last snapshot"),
                     }
@@ -185,6 +221,11 @@ impl Source for ClusterSource {
                     if let Some(cfg) = self.config.clone() {
                         self.view.has_snapshot.store(true, Ordering::Relaxed);
                         return Some(self.endpoints(&cfg, None));
+                    }
+                }
+                Input::SecretsChanged => {
+                    if let Some(change) = self.take_waiting() {
+                        return Some(change);
                     }
                 }
                 Input::Slices(Err(e)) => {
@@ -213,6 +254,14 @@ impl SourceView for ClusterView {
             "lastRejected": self.rejected.lock().expect("rejected lock").clone(),
             "watchError": self.watch_error.lock().expect("watch error lock").clone(),
         });
+        let secret_errors = self.secrets.errors(&self.key.namespace);
+        if !secret_errors.is_empty() {
+            value["secretErrors"] = secret_errors
+                .into_iter()
+                .map(|(name, e)| (name, serde_json::Value::from(e)))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
         super::add_live(&mut value, std::slice::from_ref(&self.key), dataplane);
         value
     }

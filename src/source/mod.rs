@@ -7,6 +7,7 @@
 
 pub mod file;
 pub mod kube;
+pub mod secrets;
 
 use std::collections::VecDeque;
 use std::future::Future;

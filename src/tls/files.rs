@@ -176,7 +176,11 @@ mod tests {
             std::fs::write(&p, text).unwrap();
             p
         };
-        let files = |cert, key| CertificateFiles { cert, key };
+        let files = |cert, key| CertificateFiles {
+            cert,
+            key,
+            secret: None,
+        };
         let good = files(write("a.pem", &pem), write("a.key", &key));
         assert!(read(&good).is_ok());
         let err = read(&files(write("a2.pem", &pem), write("b.key", &other_key))).unwrap_err();

@@ -19,6 +19,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 
 import helm_python
 import jsonschema
@@ -60,6 +61,9 @@ def validate_objects(values, expect_kinds):
     missing = set(expect_kinds) - set(kinds)
     assert not missing, f"kinds missing from render: {missing} (got {kinds})"
     for path, doc in docs:
+        if doc["apiVersion"].startswith("balanced.dev/"):
+            # Our CRD's kind: tls_values_example checks it against the CRD schema.
+            continue
         if doc["apiVersion"].startswith("monitoring.coreos.com/"):
             # Not a Kubernetes built-in: checked for shape only.
             assert doc["spec"]["endpoints"][0]["port"] == "metrics", path
@@ -126,6 +130,33 @@ def xds_renders():
     assert "--xds=0.0.0.0:18001" in container["args"], container["args"]
     assert {"name": "xds", "containerPort": 18001, "protocol": "TCP"} in container["ports"], container["ports"]
     validate_objects({"xds": {"enabled": True}}, ["Deployment", "Service"])
+
+
+def tls_values_example():
+    """charts/balanced/examples/tls-values.yaml renders a BalancedService the
+    CRD accepts and `balanced validate` passes, with its listener's Secret."""
+    values = yaml.safe_load((CHART / "examples" / "tls-values.yaml").read_text())
+    docs, _ = render(values)
+    services = [d for _, d in docs if d["kind"] == "BalancedService"]
+    assert len(services) == 1, services
+    bsvc = services[0]
+    assert bsvc["metadata"]["namespace"] == "balanced-system", bsvc["metadata"]
+    crd = yaml.safe_load((ROOT / "crds" / "balancedservices.balanced.dev.yaml").read_text())
+    jsonschema.validate(bsvc, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    https = bsvc["spec"]["listeners"][0]
+    assert https["tls"]["secretName"] == "shop-tls", https
+    binary = ROOT / "target" / "debug" / "balanced"
+    assert binary.exists(), f"{binary} is missing: build it first (cargo build)"
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(bsvc, f)
+        f.flush()
+        out = subprocess.run([str(binary), "render", "-f", f.name], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    role = next(d for d in yaml.safe_load_all(out.stdout) if d and d["kind"] == "Role")
+    granted = [r for r in role["rules"] if r["resources"] == ["secrets"]]
+    assert granted and granted[0]["resourceNames"] == ["internal-ca", "shop-tls"], role["rules"]
+    # The rest of the release is unchanged by it.
+    validate_objects(values, ["Deployment", "ClusterRole"])
 
 
 def examples_match_crd():
@@ -202,6 +233,7 @@ check("non-default values render valid Kubernetes objects",
 check("defaults: restricted container, proxy image and resources passed, NOTES", defaults_render)
 check("values.schema.json rejects bad values", bad_values_rejected)
 check("examples validate against the CRD schema", examples_match_crd)
+check("the TLS values example renders a BalancedService the CRD and balanced accept", tls_values_example)
 check("xds.enabled adds the flag, the container port and a Service", xds_renders)
 check("tests/image/run.sh runs the image as the chart's and the proxies' pods", image_test_runs_as_the_pods_do)
 

@@ -29,8 +29,8 @@ RATE=${RATE:-200}
 # The pod's constraints, as the chart's securityContext and the proxy
 # Deployments the controller renders set them (tests check the two agree):
 # a read-only root, user and group 65532, no capabilities, no privilege
-# escalation. The chart mounts no volume, so no tmpfs either.
-POD_FLAGS=(--read-only --user 65532:65532 --cap-drop ALL --security-opt no-new-privileges)
+# escalation, and a memory volume where the Secrets they read are written.
+POD_FLAGS=(--read-only --user 65532:65532 --cap-drop ALL --security-opt no-new-privileges --tmpfs /run/balanced/secrets)
 
 say() { printf '[run] %s\n' "$*" >&2; }
 names=(bt-b1 bt-b2 bt-b3 bt-p1 bt-p2 bt-client)

@@ -37,6 +37,7 @@ fn resource_info(plural: &str) -> Option<(&'static str, &'static str, bool)> {
         "deployments" => ("apps/v1", "Deployment", true),
         "services" => ("v1", "Service", true),
         "serviceaccounts" => ("v1", "ServiceAccount", false),
+        "secrets" => ("v1", "Secret", false),
         "roles" => ("rbac.authorization.k8s.io/v1", "Role", false),
         "rolebindings" => ("rbac.authorization.k8s.io/v1", "RoleBinding", false),
         "leases" => ("coordination.k8s.io/v1", "Lease", false),
@@ -325,6 +326,21 @@ impl ApiServer {
             .unwrap()
             .calls
             .push((group, resource, verb.to_string()));
+        // Secrets are granted by name (a Role's resourceNames): Kubernetes
+        // authorizes a list or watch of them only with a field selector on
+        // one name, and refuses the rest.
+        if target.plural == "secrets"
+            && matches!(verb, "list" | "watch")
+            && !query
+                .get("fieldSelector")
+                .is_some_and(|f| f.starts_with("metadata.name=") && !f.contains(','))
+        {
+            return status_response(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "secrets is forbidden: a list or watch must select one Secret by name (metadata.name=...)",
+            );
+        }
         match (&method, &target.name) {
             (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
                 self.watch(target, query, api_version, kind)

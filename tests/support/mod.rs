@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod pki;
 pub mod standalone;
 
 use std::net::SocketAddr;
