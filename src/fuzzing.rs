@@ -1,7 +1,8 @@
 //! What the fuzz targets (`fuzz/`) run, one function per parser that takes
 //! input from the network or a file: a BalancedService file (load and
 //! validate), a request against routes, an agent's answer, a healthy
-//! EndpointSlice as the API server hands it to a proxy. `tests/fuzz_corpus.rs`
+//! EndpointSlice as the API server hands it to a proxy, an endpoint's answer
+//! to an HTTP check, a TLS ClientHello on a passthrough listener. `tests/fuzz_corpus.rs`
 //! replays the committed corpus through the same functions on every
 //! `cargo test`, so a finding stays fixed without a fuzzer in CI.
 //!
@@ -116,5 +117,29 @@ pub fn slices(data: &[u8]) {
     assert!(members.len() >= read.len());
     for m in &members {
         assert!(m.groups != 0 || !read.iter().any(|e| e.addr == m.addr && e.groups.is_empty()));
+    }
+}
+
+/// An endpoint's answer to an HTTP check, read by the probe's own parsers
+/// (status line, head, the end of a chunked body).
+pub fn probe_answer(data: &[u8]) {
+    crate::health::probe::fuzz_answer(data);
+}
+
+/// The first bytes of a connection to a passthrough listener, read for
+/// the ClientHello's name, whole and cut at every length a read could end.
+pub fn client_hello(data: &[u8]) {
+    use crate::proxy::tcp::sni::{Hello, parse};
+    let whole = parse(data);
+    if let Hello::Complete(Some(name)) = &whole {
+        assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase()));
+    }
+    for cut in (0..data.len()).step_by(7) {
+        // A prefix never says more than the whole does: incomplete, or the
+        // same verdict once the hello ends inside it.
+        match (parse(&data[..cut]), &whole) {
+            (Hello::Incomplete, _) => {}
+            (prefix, whole) => assert_eq!(&prefix, whole, "cut at {cut}"),
+        }
     }
 }

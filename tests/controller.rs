@@ -1073,3 +1073,60 @@ async fn the_test_api_server_refuses_what_kubernetes_refuses() {
         .unwrap_err();
     assert!(matches!(&err, kube::Error::Api(e) if e.code == 413), "{err}");
 }
+
+/// The controller's checks speak the endpoints' TLS, with the CA read from
+/// the Secret `backendTLS.caSecretName` names (watched by name): a verified
+/// endpoint is healthy, one whose certificate does not hold the name asked
+/// for fails with the reason in status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_over_tls_trust_the_ca_of_a_secret() {
+    use support::pki::{Pki, https_backend};
+    let server = ApiServer::start().await;
+    let pki = Pki::new("controller-ca");
+    let (cert, key) = pki.leaf("api", &["api.internal"], "api.internal");
+    let backend = https_backend("secure", &cert, &key, None).await;
+    let ca = std::fs::read(pki.ca()).unwrap();
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("web-ca-checks".into()),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        data: Some([("ca.crt".to_string(), k8s_openapi::ByteString(ca))].into()),
+        ..Default::default()
+    };
+    let mut secret = serde_json::to_value(secret).unwrap();
+    secret["apiVersion"] = "v1".into();
+    secret["kind"] = "Secret".into();
+    server.put("secrets", NS, secret);
+    slices_for(&server, &[backend.addr]);
+    let mut spec = web_spec(1);
+    spec["healthCheck"]["timeout"] = json!("150ms");
+    spec["backendTLS"] = json!({"hostname": "api.internal", "caSecretName": "web-ca-checks"});
+    server.put("balancedservices", NS, bsvc("web", spec.clone()));
+    let c = controller(&server, None).await;
+    wait_status(&server, Duration::from_secs(5), "healthy over TLS", |s| {
+        s["ready"] == "1/1"
+    })
+    .await;
+    let s = status(&server, "web");
+    assert_eq!(
+        condition(&s, "BackendTLSVerified"),
+        ("True".into(), "CertificatesVerified".into())
+    );
+    assert!(backend.handshakes.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+
+    spec["backendTLS"]["hostname"] = json!("other.internal");
+    server.put("balancedservices", NS, bsvc("web", spec));
+    wait_status(&server, Duration::from_secs(5), "the misnamed endpoint down", |s| {
+        s["endpoints"].as_array().is_some_and(|eps| {
+            eps.iter().any(|e| {
+                e["lastError"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("not valid for \"other.internal\"; it names api.internal"))
+            })
+        })
+    })
+    .await;
+    c.shut().await;
+}

@@ -38,3 +38,13 @@ fn the_agent_corpus_parses_without_panics() {
 fn the_slices_corpus_reads_without_panics() {
     replay("slices", balanced::fuzzing::slices);
 }
+
+#[test]
+fn the_probe_answer_corpus_parses_without_panics() {
+    replay("probe_answer", balanced::fuzzing::probe_answer);
+}
+
+#[test]
+fn the_client_hello_corpus_parses_without_panics() {
+    replay("client_hello", balanced::fuzzing::client_hello);
+}

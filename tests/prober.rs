@@ -698,3 +698,81 @@ async fn a_grpcio_health_server_turns_the_endpoint_unhealthy_and_back() {
         .unwrap_err();
     assert_eq!(err.message, "grpc: status NOT_FOUND");
 }
+
+/// A gRPC check over TLS, against grpcio's health service behind
+/// `ssl_server_credentials`: the endpoint's TLS (`backendTLS`) carries the
+/// check, verified against the test CA, and its answer decides. Needs python3
+/// with grpcio-health-checking; `.ci/run` runs the ignored tests of this file.
+#[tokio::test]
+#[ignore = "needs python3 -m pip install grpcio-health-checking; .ci/run runs it"]
+async fn a_grpc_check_speaks_the_endpoints_tls() {
+    use std::io::{BufRead, BufReader, Write};
+
+    use balanced::api::config::BackendTls;
+    use balanced::health::probe::probe_with;
+    use balanced::tls::upstream::Connector;
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pki = support::pki::Pki::new("grpc-check");
+    let (cert, key) = pki.leaf("grpc", &["grpc.internal"], "grpc.internal");
+    let mut server = Server(
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/health/grpc_health_server.py"
+            ))
+            .args([&cert, &key])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 on the PATH"),
+    );
+    let mut out = BufReader::new(server.0.stdout.take().unwrap());
+    let mut stdin = server.0.stdin.take().unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let port: u16 = line
+        .trim()
+        .parse()
+        .expect("the server's port (is grpcio-health-checking installed?)");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut set = |status: &str| {
+        writeln!(stdin, "orders {status}").unwrap();
+        let mut ok = String::new();
+        out.read_line(&mut ok).unwrap();
+        assert_eq!(ok.trim(), "ok");
+    };
+    set("SERVING");
+    let tls = TlsClients::default();
+    let connector = |hostname: &str| {
+        Connector::new(Arc::new(BackendTls {
+            hostname: Some(hostname.into()),
+            ca_file: Some(pki.ca()),
+            ca_secret: None,
+            subject_alt_names: Vec::new(),
+            client: None,
+            insecure_skip_verify: false,
+        }))
+    };
+    let good = connector("grpc.internal");
+    let kind = grpc_kind("orders");
+    assert_eq!(probe_with(&kind, addr, SECOND, &tls, Some(&good), None).await, Ok(None));
+    set("NOT_SERVING");
+    let err = probe_with(&kind, addr, SECOND, &tls, Some(&good), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.message, "grpc: service \"orders\" is NOT_SERVING");
+    set("SERVING");
+    let misnamed = connector("other.internal");
+    let err = probe_with(&kind, addr, SECOND, &tls, Some(&misnamed), None)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("not valid for \"other.internal\""), "{err:?}");
+    // Plain h2 to a TLS port is no answer.
+    assert!(probe(&kind, addr, SECOND, &tls).await.is_err());
+}

@@ -14,7 +14,7 @@ use balanced::demo::backend::{Backend, Behavior, http_get};
 use balanced::standalone::{self, Options};
 use balanced::testing::{eventually, free_port};
 use serde_json::Value;
-use support::pki::{Pki, curl, s_client};
+use support::pki::{Pki, curl, https_backend, s_client};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -321,96 +321,6 @@ async fn grpc_over_tls_spreads_calls_over_the_endpoints() {
     assert_eq!(seen.values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 30);
 }
 
-/// An HTTPS endpoint we control: answers every request with its name (and
-/// whether the client presented a certificate), speaks h2 and http/1.1 by
-/// ALPN, closes each HTTP/1.1 connection after one answer so every request
-/// is a new handshake, may require a client certificate signed by
-/// `client_ca`, and counts handshakes and resumed ones.
-struct TlsBackend {
-    addr: SocketAddr,
-    handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    resumed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TlsBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn tls_backend(name: &'static str, cert: &Path, key: &Path, client_ca: Option<&Path>) -> TlsBackend {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    let chain = CertificateDer::pem_file_iter(cert)
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(key).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in CertificateDer::pem_file_iter(ca).unwrap() {
-                roots.add(c.unwrap()).unwrap();
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .unwrap();
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder.with_single_cert(chain, key).unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (handshakes, resumed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (h, r) = (handshakes.clone(), resumed.clone());
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else { return };
-            let (acceptor, h, r) = (acceptor.clone(), h.clone(), r.clone());
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else { return };
-                h.fetch_add(1, Ordering::Relaxed);
-                let conn = tls.get_ref().1;
-                if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
-                    r.fetch_add(1, Ordering::Relaxed);
-                }
-                let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
-                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
-                    let mut resp = http::Response::builder();
-                    if req.version() == http::Version::HTTP_11 {
-                        resp = resp.header("connection", "close");
-                    }
-                    let body = format!("{name} client-cert={client_cert} {:?}", req.version());
-                    Ok::<_, std::convert::Infallible>(
-                        resp.body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap(),
-                    )
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                    .await;
-            });
-        }
-    });
-    TlsBackend {
-        addr,
-        handshakes,
-        resumed,
-        task,
-    }
-}
-
 /// The endpoints' states and errors on `/status`, by port.
 async fn endpoint_states(admin: SocketAddr) -> Vec<(u16, String, String)> {
     let doc = status(admin).await;
@@ -432,7 +342,7 @@ async fn endpoint_states(admin: SocketAddr) -> Vec<(u16, String, String)> {
 async fn endpoints_over_tls_are_verified_checked_over_https_and_resume_their_sessions() {
     let pki = Pki::new("upstream");
     let (cert, key) = pki.leaf("api", &["api.internal"], "api.internal");
-    let backend = tls_backend("secure", &cert, &key, None).await;
+    let backend = https_backend("secure", &cert, &key, None).await;
     let spec = format!(
         "  listeners: [{{name: web, port: PORT}}]\n  healthCheck: {{protocol: HTTP, interval: 300ms, timeout: 250ms, rise: 1, http: {{path: /healthz}}}}\n  backendTLS: {{hostname: api.internal, caFile: {}}}\n",
         pki.ca().display()
@@ -460,7 +370,7 @@ async fn endpoints_over_tls_are_verified_checked_over_https_and_resume_their_ses
 async fn an_endpoint_over_h2_gets_h2_by_alpn() {
     let pki = Pki::new("upstream-h2");
     let (cert, key) = pki.leaf("api", &["api.internal"], "api.internal");
-    let backend = tls_backend("secure", &cert, &key, None).await;
+    let backend = https_backend("secure", &cert, &key, None).await;
     let spec = format!(
         "  listeners: [{{name: web, port: PORT, appProtocol: kubernetes.io/h2c}}]\n  healthCheck: {{interval: 300ms, timeout: 250ms, rise: 1}}\n  backendTLS: {{hostname: api.internal, caFile: {}}}\n",
         pki.ca().display()
@@ -475,8 +385,8 @@ async fn an_expired_or_misnamed_endpoint_certificate_fails_the_check_and_the_req
     let pki = Pki::new("upstream-bad");
     let (expired, expired_key) = pki.leaf_until("old", &["api.internal"], "api.internal", 2001);
     let (other, other_key) = pki.leaf("other", &["other.internal"], "other.internal");
-    let old = tls_backend("old", &expired, &expired_key, None).await;
-    let misnamed = tls_backend("misnamed", &other, &other_key, None).await;
+    let old = https_backend("old", &expired, &expired_key, None).await;
+    let misnamed = https_backend("misnamed", &other, &other_key, None).await;
     let tls = format!("{{hostname: api.internal, caFile: {}}}", pki.ca().display());
 
     // The HTTP check speaks the same TLS: both endpoints fail it, each with why.
@@ -528,7 +438,7 @@ async fn mutual_tls_to_an_endpoint_that_requires_a_client_certificate() {
     let pki = Pki::new("upstream-mtls");
     let (cert, key) = pki.leaf("api", &["api.internal"], "api.internal");
     let (client, client_key) = pki.leaf("client", &["proxy.balanced"], "proxy.balanced");
-    let backend = tls_backend("mtls", &cert, &key, Some(&pki.ca())).await;
+    let backend = https_backend("mtls", &cert, &key, Some(&pki.ca())).await;
 
     // Without a client certificate the endpoint refuses, and the check says so.
     let spec = format!(
@@ -564,7 +474,7 @@ async fn mutual_tls_to_an_endpoint_that_requires_a_client_certificate() {
 async fn insecure_skip_verify_connects_to_anything_and_status_warns() {
     let pki = Pki::new("upstream-insecure");
     let (cert, key) = pki.leaf_until("old", &["whatever.internal"], "whatever", 2001);
-    let backend = tls_backend("anything", &cert, &key, None).await;
+    let backend = https_backend("anything", &cert, &key, None).await;
     let spec = "  listeners: [{name: web, port: PORT}]\n  healthCheck: {interval: 300ms, timeout: 250ms, rise: 1}\n  backendTLS: {insecureSkipVerify: true}\n";
     let p = start_spec(&pki.dir, &[backend.addr], spec, 1, None).await;
     let (code, _) = http_get(p.listen, "/").await.unwrap();
@@ -611,8 +521,8 @@ async fn passthrough_routes_connections_by_sni_without_ending_their_tls() {
     let pki = Pki::new("passthrough");
     let (a_cert, a_key) = pki.leaf("a", &["a.example"], "a.example");
     let (b_cert, b_key) = pki.leaf("b", &["b.example", "other.example"], "b.example");
-    let a = tls_backend("a", &a_cert, &a_key, None).await;
-    let b = tls_backend("b", &b_cert, &b_key, None).await;
+    let a = https_backend("a", &a_cert, &a_key, None).await;
+    let b = https_backend("b", &b_cert, &b_key, None).await;
     let spec = format!(
         "  listeners: [{{name: tls, port: PORT, protocol: TCP, tls: {{mode: Passthrough, sniRoutes: [{{hostnames: [a.example], backend: a}}]}}}}]\n  backends: [{{name: a, endpoints: [{{address: 127.0.0.1, port: {}}}]}}]\n  healthCheck: {{interval: 300ms, timeout: 250ms, rise: 1}}\n",
         a.addr.port()

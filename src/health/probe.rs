@@ -591,6 +591,26 @@ async fn http_probe(
     }
 }
 
+/// What the fuzz target checks: the probe's own parsers of an endpoint's
+/// answer (status line, head, chunked body end) return for any bytes, and
+/// what they find is within the bytes given.
+#[cfg(any(test, feature = "test-util"))]
+pub fn fuzz_answer(data: &[u8]) {
+    let agent = http::HeaderName::from_static("x-agent");
+    let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap_or(data.len());
+    if let Ok(status) = parse_status_line(&data[..line_end]) {
+        assert!((100..=599).contains(&status));
+    }
+    for head_request in [false, true] {
+        if let Ok(head) = parse_head(data, Some(&agent), head_request) {
+            assert!((100..=599).contains(&head.status));
+        }
+    }
+    if let Ok(Some(end)) = chunked_end(data) {
+        assert!(end <= data.len(), "chunked end {end} past {} bytes", data.len());
+    }
+}
+
 /// Reads just the status line: the check module and HAProxy decide on it alone.
 async fn read_status(stream: &mut MaybeTls, buf: &mut [u8]) -> Result<u16, ProbeError> {
     let mut len = 0;

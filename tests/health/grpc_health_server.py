@@ -1,7 +1,8 @@
 """A grpcio server with the standard health service (grpcio-health-checking),
 for tests/prober.rs: prints its port, then sets statuses read from stdin as
 `SERVICE STATUS` lines (`- SERVING` for the server as a whole), answering
-`ok` to each. Ends when stdin closes."""
+`ok` to each. Ends when stdin closes. With `CERT KEY` arguments (PEM files)
+it serves over TLS."""
 
 import sys
 from concurrent import futures
@@ -14,7 +15,12 @@ def main():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if len(sys.argv) == 3:
+        with open(sys.argv[1], "rb") as cert, open(sys.argv[2], "rb") as key:
+            credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    else:
+        port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
     for line in sys.stdin:

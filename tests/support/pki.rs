@@ -1,8 +1,11 @@
 //! A test CA (rcgen) and what it signs, written as PEM files, and the
 //! TLS clients we did not write (curl, `openssl s_client`) that check them.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use tokio::net::TcpListener;
 
 /// A CA and what it signs, written as PEM files under `dir`.
 pub struct Pki {
@@ -114,4 +117,97 @@ pub async fn s_client(port: u16, servername: &str, alpn: &str) -> String {
     })
     .await
     .unwrap()
+}
+
+/// An HTTPS endpoint we control: answers every request with its name (and
+/// whether the client presented a certificate), speaks h2 and http/1.1 by
+/// ALPN, closes each HTTP/1.1 connection after one answer so every request
+/// is a new handshake, may require a client certificate signed by
+/// `client_ca`, and counts handshakes and resumed ones.
+pub struct HttpsBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Handshakes completed.
+    pub handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Of those, the resumed ones.
+    pub resumed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HttpsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn https_backend(name: &'static str, cert: &Path, key: &Path, client_ca: Option<&Path>) -> HttpsBackend {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let chain = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).unwrap() {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (handshakes, resumed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (h, r) = (handshakes.clone(), resumed.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, h, r) = (acceptor.clone(), h.clone(), r.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                h.fetch_add(1, Ordering::Relaxed);
+                let conn = tls.get_ref().1;
+                if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
+                let client_cert = conn.peer_certificates().is_some_and(|c| !c.is_empty());
+                let service = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| async move {
+                    let mut resp = http::Response::builder();
+                    if req.version() == http::Version::HTTP_11 {
+                        resp = resp.header("connection", "close");
+                    }
+                    let body = format!("{name} client-cert={client_cert} {:?}", req.version());
+                    Ok::<_, std::convert::Infallible>(
+                        resp.body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap(),
+                    )
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    HttpsBackend {
+        addr,
+        handshakes,
+        resumed,
+        task,
+    }
 }
