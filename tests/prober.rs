@@ -628,6 +628,61 @@ async fn a_grpc_check_passes_on_serving_and_names_any_other_answer() {
     assert!(err.message.starts_with("grpc: "), "{err:?}");
 }
 
+/// grpcio's health service (tests/health/grpc_health_server.py), over TLS
+/// when given a certificate and key; its statuses set through its stdin.
+struct GrpcioHealth {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    stdin: std::process::ChildStdin,
+    addr: SocketAddr,
+}
+
+impl GrpcioHealth {
+    fn start(args: &[&std::path::Path]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/health/grpc_health_server.py"
+            ))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 on the PATH");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let stdin = child.stdin.take().unwrap();
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        let port: u16 = line
+            .trim()
+            .parse()
+            .expect("the server's port (is grpcio-health-checking installed?)");
+        Self {
+            child,
+            out,
+            stdin,
+            addr: ([127, 0, 0, 1], port).into(),
+        }
+    }
+
+    /// Sets `service`'s status (`SERVING`, `NOT_SERVING`).
+    fn set(&mut self, service: &str, status: &str) {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{service} {status}").unwrap();
+        let mut ok = String::new();
+        self.out.read_line(&mut ok).unwrap();
+        assert_eq!(ok.trim(), "ok");
+    }
+}
+
+impl Drop for GrpcioHealth {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// grpcio's own health service (grpcio-health-checking), switched between
 /// `SERVING` and `NOT_SERVING`, turns the endpoint Unhealthy and back through
 /// fall and rise. Needs python3 with grpcio-health-checking; `.ci/run`
@@ -635,40 +690,9 @@ async fn a_grpc_check_passes_on_serving_and_names_any_other_answer() {
 #[tokio::test]
 #[ignore = "needs python3 -m pip install grpcio-health-checking; .ci/run runs it"]
 async fn a_grpcio_health_server_turns_the_endpoint_unhealthy_and_back() {
-    use std::io::{BufRead, BufReader, Write};
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut server = Server(
-        std::process::Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/health/grpc_health_server.py"
-            ))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 on the PATH"),
-    );
-    let mut out = BufReader::new(server.0.stdout.take().unwrap());
-    let mut stdin = server.0.stdin.take().unwrap();
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let port: u16 = line
-        .trim()
-        .parse()
-        .expect("the server's port (is grpcio-health-checking installed?)");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut set = |status: &str| {
-        writeln!(stdin, "orders {status}").unwrap();
-        let mut ok = String::new();
-        out.read_line(&mut ok).unwrap();
-        assert_eq!(ok.trim(), "ok");
-    };
+    let mut server = GrpcioHealth::start(&[]);
+    let addr = server.addr;
+    let mut set = |status: &str| server.set("orders", status);
     set("SERVING");
 
     let prober = Prober::new(Metrics::new().probe, CancellationToken::new());
@@ -706,47 +730,14 @@ async fn a_grpcio_health_server_turns_the_endpoint_unhealthy_and_back() {
 #[tokio::test]
 #[ignore = "needs python3 -m pip install grpcio-health-checking; .ci/run runs it"]
 async fn a_grpc_check_speaks_the_endpoints_tls() {
-    use std::io::{BufRead, BufReader, Write};
-
     use balanced::api::config::BackendTls;
     use balanced::health::probe::probe_with;
     use balanced::tls::upstream::Connector;
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     let pki = support::pki::Pki::new("grpc-check");
     let (cert, key) = pki.leaf("grpc", &["grpc.internal"], "grpc.internal");
-    let mut server = Server(
-        std::process::Command::new("python3")
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/health/grpc_health_server.py"
-            ))
-            .args([&cert, &key])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 on the PATH"),
-    );
-    let mut out = BufReader::new(server.0.stdout.take().unwrap());
-    let mut stdin = server.0.stdin.take().unwrap();
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let port: u16 = line
-        .trim()
-        .parse()
-        .expect("the server's port (is grpcio-health-checking installed?)");
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut set = |status: &str| {
-        writeln!(stdin, "orders {status}").unwrap();
-        let mut ok = String::new();
-        out.read_line(&mut ok).unwrap();
-        assert_eq!(ok.trim(), "ok");
-    };
+    let mut server = GrpcioHealth::start(&[cert.as_path(), key.as_path()]);
+    let addr = server.addr;
+    let mut set = |status: &str| server.set("orders", status);
     set("SERVING");
     let tls = TlsClients::default();
     let connector = |hostname: &str| {

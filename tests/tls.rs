@@ -14,7 +14,7 @@ use balanced::demo::backend::{Backend, Behavior, http_get};
 use balanced::standalone::{self, Options};
 use balanced::testing::{eventually, free_port};
 use serde_json::Value;
-use support::pki::{Pki, curl, https_backend, s_client};
+use support::pki::{Pki, curl, https_backend, rotate_under_load, s_client};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -163,39 +163,10 @@ async fn a_replaced_certificate_serves_new_connections_and_a_broken_one_is_refus
     assert!(s_client(port, "site.example", "h2").await.contains("CN = first"));
 
     // New connections, 50 a second, across the replacement: none fails.
-    let ca = pki.ca();
-    let load = tokio::spawn(async move {
-        let mut failures = Vec::new();
-        for _ in 0..100 {
-            let got = curl(&ca, "site.example", port, "--http1.1").await;
-            if got != "backend 1.1 200" {
-                failures.push(got);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        failures
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let replaced = std::time::Instant::now();
-    pki.leaf("site", &["site.example"], "second");
-    eventually(
-        Duration::from_secs(3),
-        "new connections to get the new certificate",
-        || async {
-            s_client(port, "site.example", "h2")
-                .await
-                .contains("CN = second")
-                .then_some(())
-        },
-    )
+    rotate_under_load(&pki.ca(), "site.example", port, "second", || {
+        pki.leaf("site", &["site.example"], "second");
+    })
     .await;
-    let took = replaced.elapsed();
-    assert!(took < Duration::from_secs(3), "{took:?}");
-    assert_eq!(
-        load.await.unwrap(),
-        Vec::<String>::new(),
-        "requests failed across the rotation"
-    );
 
     // A key that is not the certificate's: refused, named in status, and the
     // second certificate keeps serving.

@@ -132,6 +132,13 @@ impl Dataplane {
                     continue;
                 }
                 let addr = SocketAddr::new(self.bind, l.port);
+                let failed = |source: std::io::Error| ListenError {
+                    service: config.key.clone(),
+                    index: i,
+                    listener: l.name.clone(),
+                    addr,
+                    source,
+                };
                 // Other certificates on the same socket: swapped in for new
                 // connections, no rebind (the port is still held).
                 if let Some(r) = listeners.get(&id)
@@ -140,13 +147,7 @@ impl Dataplane {
                     && let (Some(t), Some(settings)) = (&r.tls, terminated)
                 {
                     if let Err(e) = t.update(settings) {
-                        errors.push(ListenError {
-                            service: config.key.clone(),
-                            index: i,
-                            listener: l.name.clone(),
-                            addr,
-                            source: std::io::Error::other(e),
-                        });
+                        errors.push(failed(std::io::Error::other(e)));
                     }
                     continue;
                 }
@@ -157,13 +158,7 @@ impl Dataplane {
                     Some(settings) => match Terminator::load(settings, &self.metrics, runtime.label(), &l.name) {
                         Ok(t) => Some(t),
                         Err(e) => {
-                            errors.push(ListenError {
-                                service: config.key.clone(),
-                                index: i,
-                                listener: l.name.clone(),
-                                addr,
-                                source: std::io::Error::other(e),
-                            });
+                            errors.push(failed(std::io::Error::other(e)));
                             continue;
                         }
                     },
@@ -171,13 +166,7 @@ impl Dataplane {
                 let socket = match bind(addr) {
                     Ok(s) => s,
                     Err(source) => {
-                        errors.push(ListenError {
-                            service: config.key.clone(),
-                            index: i,
-                            listener: l.name.clone(),
-                            addr,
-                            source,
-                        });
+                        errors.push(failed(source));
                         continue;
                     }
                 };

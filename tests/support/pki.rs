@@ -119,6 +119,44 @@ pub async fn s_client(port: u16, servername: &str, alpn: &str) -> String {
     .unwrap()
 }
 
+/// Replaces a listener's certificate (`replace`) while curl opens 50 new
+/// HTTPS connections a second to `name:port` (expecting `backend 1.1
+/// 200`): none may fail, and new connections must present the certificate
+/// of `common_name` within 3 s.
+pub async fn rotate_under_load(ca: &Path, name: &str, port: u16, common_name: &str, replace: impl FnOnce()) {
+    let (ca, host) = (ca.to_path_buf(), name.to_string());
+    let load = tokio::spawn(async move {
+        let mut failures = Vec::new();
+        for _ in 0..100 {
+            let got = curl(&ca, &host, port, "--http1.1").await;
+            if got != "backend 1.1 200" {
+                failures.push(got);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        failures
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let replaced = std::time::Instant::now();
+    replace();
+    let want = format!("CN = {common_name}");
+    loop {
+        if s_client(port, name, "h2").await.contains(&want) {
+            break;
+        }
+        assert!(
+            replaced.elapsed() < std::time::Duration::from_secs(3),
+            "new connections did not get {want} within 3 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        load.await.unwrap(),
+        Vec::<String>::new(),
+        "requests failed across the rotation"
+    );
+}
+
 /// An HTTPS endpoint we control: answers every request with its name (and
 /// whether the client presented a certificate), speaks h2 and http/1.1 by
 /// ALPN, closes each HTTP/1.1 connection after one answer so every request
