@@ -125,31 +125,36 @@ pub async fn s_client(port: u16, servername: &str, alpn: &str) -> String {
 /// of `common_name` within 3 s.
 pub async fn rotate_under_load(ca: &Path, name: &str, port: u16, common_name: &str, replace: impl FnOnce()) {
     let (ca, host) = (ca.to_path_buf(), name.to_string());
+    let (going, started) = tokio::sync::oneshot::channel();
     let load = tokio::spawn(async move {
         let mut failures = Vec::new();
-        for _ in 0..100 {
+        let mut going = Some(going);
+        for i in 0..100 {
             let got = curl(&ca, &host, port, "--http1.1").await;
             if got != "backend 1.1 200" {
                 failures.push(got);
             }
+            if i == 20 {
+                let _ = going.take().map(|g| g.send(()));
+            }
+            // The load's pace against real processes (curl): 50 connections a second.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         failures
     });
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // The replacement lands mid-load, once 20 connections went through.
+    started.await.expect("the load runs");
     let replaced = std::time::Instant::now();
     replace();
     let want = format!("CN = {common_name}");
-    loop {
-        if s_client(port, name, "h2").await.contains(&want) {
-            break;
-        }
-        assert!(
-            replaced.elapsed() < std::time::Duration::from_secs(3),
-            "new connections did not get {want} within 3 s"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    balanced::testing::eventually(
+        std::time::Duration::from_secs(3),
+        "new connections to get the new certificate",
+        || async { s_client(port, name, "h2").await.contains(&want).then_some(()) },
+    )
+    .await;
+    let took = replaced.elapsed();
+    assert!(took < std::time::Duration::from_secs(3), "{took:?}");
     assert_eq!(
         load.await.unwrap(),
         Vec::<String>::new(),
