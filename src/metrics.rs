@@ -286,6 +286,17 @@ pub struct DownstreamLabels {
     pub code: &'static str,
 }
 
+/// Labels of `balanced_http1_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    /// `namespace/name`.
+    pub service: String,
+    /// Listener name.
+    pub listener: String,
+    /// `fast` (the proxy's own HTTP/1.1 path) or `hyper`.
+    pub path: &'static str,
+}
+
 /// Labels of per-listener gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
@@ -441,6 +452,8 @@ pub struct ProxyMetrics {
     pub lifted: Family<EndpointLabels, Counter>,
     /// Answers to clients by listener and class.
     pub downstream: Family<DownstreamLabels, Counter>,
+    /// HTTP/1.1 requests by the path that served them.
+    pub http1_path: Family<PathLabels, Counter>,
     /// Client connections open per listener.
     pub connections: Family<ListenerLabels, Gauge>,
     /// Client connections the proxy closed on a timeout or evicted, by reason.
@@ -471,6 +484,7 @@ impl ProxyMetrics {
             ejections: Family::default(),
             lifted: Family::default(),
             downstream: Family::default(),
+            http1_path: Family::default(),
             connections: Family::default(),
             closed: Family::default(),
             limited: Family::default(),
@@ -544,6 +558,11 @@ impl ProxyMetrics {
             "balanced_downstream_requests",
             "Responses to clients by listener and status class",
             m.downstream.clone(),
+        );
+        registry.register(
+            "balanced_http1_requests",
+            "HTTP/1.1 requests by the path that served them: fast (the proxy's own parser and upstream connections) or hyper (upgrades, chunked or large bodies, h2c endpoints, hedging)",
+            m.http1_path.clone(),
         );
         registry.register(
             "balanced_downstream_connections",

@@ -122,6 +122,11 @@ impl ConnState {
         true
     }
 
+    /// Whether the connection was asked to close.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Relaxed)
+    }
+
     /// Resolves when the connection was asked to close.
     pub async fn close_asked(&self) {
         self.close.notified().await

@@ -19,6 +19,7 @@
 
 pub mod answer;
 pub mod body;
+pub mod fast;
 pub mod forward;
 pub mod headers;
 pub mod hedge;
@@ -50,7 +51,7 @@ use super::client::conn::InFlight;
 use super::gate::Pass;
 use super::service::{Current, ServiceRuntime};
 use crate::api::config::{Config, Limits};
-use crate::metrics::{ConnectionLabels, DownstreamLabels, ServiceLabels};
+use crate::metrics::{ConnectionLabels, DownstreamLabels, PathLabels, ServiceLabels};
 
 /// With `debug.endpointHeader`, names the route that took the request.
 pub const ROUTE_HEADER: &str = "x-balanced-route";
@@ -64,6 +65,8 @@ pub struct HttpProxy {
     meters: Meters,
     // Resolved once: label lookups cost more than the rest of the metrics work.
     downstream: [Counter; 5],
+    // HTTP/1.1 requests served by the fast path, and by hyper.
+    paths: [Counter; 2],
 }
 
 /// What the phases after admission return: the answer, the route that took
@@ -124,6 +127,16 @@ impl HttpProxy {
                 })
                 .clone(),
         };
+        let paths = ["fast", "hyper"].map(|path| {
+            metrics
+                .http1_path
+                .get_or_create(&PathLabels {
+                    service: service.label().to_string(),
+                    listener: listener.to_string(),
+                    path,
+                })
+                .clone()
+        });
         let names = (Arc::from(service.label()), Arc::from(listener));
         Self {
             service,
@@ -132,6 +145,7 @@ impl HttpProxy {
             names,
             meters,
             downstream,
+            paths,
         }
     }
 
@@ -148,6 +162,9 @@ impl HttpProxy {
     /// Answers one client request; `flight` marks it on its connection until
     /// the answer's last byte is gone.
     pub async fn handle(&self, req: Request<Incoming>, client: &Downstream, flight: InFlight) -> Response<ClientBody> {
+        if req.version() <= http::Version::HTTP_11 {
+            self.paths[1].inc();
+        }
         let logged = self.access_log.as_ref().map(|_| Logged::of(&req));
         let (answer, pass) = match self.admit(&req, client).await {
             Ok((current, pass)) => (self.proxy(req, client, &current).await, pass),
@@ -159,9 +176,9 @@ impl HttpProxy {
     /// Phase 1: the service's rate limit, then a slot under
     /// `limits.maxRequests`. Upgraded tunnels are connections, not requests
     /// (`limits.maxConnections` holds them), and take no slot.
-    async fn admit(
+    async fn admit<B>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         client: &Downstream,
     ) -> Result<(Arc<Current>, Option<Pass>), Answer> {
         if let Some(limiter) = self.service.limiter()

@@ -78,7 +78,32 @@ pub struct Pool {
     settings: PoolSettings,
     tls: Option<Arc<Connector>>,
     idle: Mutex<VecDeque<Idle>>,
+    raw: Mutex<VecDeque<(RawConn, Instant)>>,
     h2: Mutex<Vec<H2Conn>>,
+}
+
+/// An HTTP/1.1 connection the fast path speaks on itself (no hyper task
+/// behind it): the stream and what was read from it beyond the last answer.
+#[derive(Debug)]
+pub struct RawConn {
+    /// The stream.
+    pub io: MaybeTls,
+    /// Read buffer, kept with the connection so its allocation is reused.
+    pub buf: bytes::BytesMut,
+    /// Taken from the idle list (it may have been closed by the endpoint meanwhile).
+    pub reused: bool,
+}
+
+impl RawConn {
+    /// Whether an idle connection still looks usable: no end of stream, no
+    /// error and no unasked-for bytes waiting on it.
+    fn is_open(&mut self) -> bool {
+        use tokio::io::AsyncRead;
+        let mut probe = [0u8; 1];
+        let mut rb = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut rb), Poll::Pending)
+    }
 }
 
 #[derive(Debug)]
@@ -130,8 +155,14 @@ impl Pool {
             settings,
             tls,
             idle: Mutex::new(VecDeque::new()),
+            raw: Mutex::new(VecDeque::new()),
             h2: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The endpoint's address.
+    pub fn target(&self) -> SocketAddr {
+        self.target
     }
 
     /// The settings it was made with.
@@ -188,6 +219,49 @@ impl Pool {
         self.connect_h1().await
     }
 
+    /// A connection for the fast path: the most recently used idle one that
+    /// is still open, or a new one.
+    pub async fn checkout_raw(&self) -> Result<RawConn, Failure> {
+        loop {
+            let popped = self.raw.lock().expect("pool lock poisoned").pop_back();
+            let Some((mut conn, since)) = popped else {
+                break;
+            };
+            if since.elapsed() < self.settings.idle_timeout && conn.is_open() {
+                conn.reused = true;
+                return Ok(conn);
+            }
+        }
+        self.fresh_raw().await
+    }
+
+    /// A new connection for the fast path, never taken from the idle list.
+    pub async fn fresh_raw(&self) -> Result<RawConn, Failure> {
+        Ok(RawConn {
+            io: self.connect(Alpn::Http1).await?,
+            buf: bytes::BytesMut::new(),
+            reused: false,
+        })
+    }
+
+    /// Gives back a fast-path connection whose response ended cleanly.
+    pub fn release_raw(&self, mut conn: RawConn) {
+        if self.settings.max_idle == 0 || !conn.buf.is_empty() {
+            return;
+        }
+        conn.reused = false;
+        let mut raw = self.raw.lock().expect("pool lock poisoned");
+        let now = Instant::now();
+        while raw
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.settings.idle_timeout)
+            || raw.len() >= self.settings.max_idle
+        {
+            raw.pop_front();
+        }
+        raw.push_back((conn, now));
+    }
+
     /// Gives back an HTTP/1.1 connection whose response ended cleanly.
     pub fn release(&self, sender: http1::SendRequest<UpBody>) {
         if sender.is_closed() || self.settings.max_idle == 0 {
@@ -215,6 +289,10 @@ impl Pool {
             .lock()
             .expect("pool lock poisoned")
             .retain(|i| !i.sender.is_closed() && now.duration_since(i.since) < timeout);
+        self.raw
+            .lock()
+            .expect("pool lock poisoned")
+            .retain_mut(|(conn, since)| now.duration_since(*since) < timeout && conn.is_open());
         self.h2.lock().expect("pool lock poisoned").retain(|c| {
             !c.sender.is_closed()
                 && (c.streams.load(Ordering::Relaxed) > 0 || now.duration_since(c.last_used) < timeout)
@@ -223,7 +301,7 @@ impl Pool {
 
     /// Idle HTTP/1.1 connections now.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().expect("pool lock poisoned").len()
+        self.idle.lock().expect("pool lock poisoned").len() + self.raw.lock().expect("pool lock poisoned").len()
     }
 
     /// Open HTTP/2 connections now.

@@ -1,0 +1,339 @@
+//! The HTTP/1.1 fast path: for the common request (keep-alive HTTP/1.1, no
+//! body or a `Content-Length` one that fits the replay buffer, no upgrade,
+//! an HTTP/1.1 endpoint, no hedging), one loop per client connection reads
+//! the head with httparse into reused buffers, runs the same phases as the
+//! hyper path (admission, checks, route, forwarding headers, the attempt
+//! loop), writes the request on a pooled connection of its own and relays
+//! the answer, all in the connection's task, as pingora's HTTP/1 session
+//! does. A request the fast path does not take hands the connection, with
+//! the bytes already read, to hyper for the rest of its life, so whatever
+//! hyper refused or handled before it still refuses and handles the same.
+//!
+//! `BALANCED_HTTP1=hyper` turns the fast path off (every HTTP/1.1 request on
+//! hyper); `balanced_http1_requests_total{path}` says which path served what.
+
+pub mod forward;
+pub mod head;
+
+use std::sync::OnceLock;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use self::forward::{Reply, Wire};
+use self::head::{Parsed, parse_request, write_date, write_headers, write_request};
+use super::headers::{add_forwarding, shape_for, strip_hop_by_hop, upstream_protocol};
+use super::route::hash_key;
+use super::{Answer, HttpProxy, Logged, ROUTE_HEADER, answer, check, route};
+use crate::proxy::access::{self, Entry, Flags};
+use crate::proxy::client::Downstream;
+use crate::proxy::client::conn::ClientIo;
+use crate::proxy::service::Current;
+use crate::proxy::upstream::pool::Protocol;
+
+/// Whether the fast path is on: unless `BALANCED_HTTP1=hyper` (the switch
+/// back, should the fast path ever misbehave where hyper does not).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BALANCED_HTTP1").map_or(true, |v| v != "hyper"))
+}
+
+/// How the fast path left a connection.
+pub enum Served {
+    /// Closed (or the client left).
+    Closed,
+    /// A request it does not take: hyper goes on from these bytes.
+    Hyper(Bytes),
+}
+
+/// Serves `io` until it closes or a request needs hyper. `max_head`:
+/// `limits.maxRequestHeadersBytes` (a longer head goes to hyper, which
+/// answers 431).
+pub async fn serve(io: &mut ClientIo, proxy: &HttpProxy, client: &Downstream, max_head: usize) -> Served {
+    let state = &client.conn;
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let current = proxy.service.current();
+        let config = &current.config;
+        let parsed = loop {
+            if !buf.is_empty() {
+                match parse_request(&buf, config.retry.max_body_bytes) {
+                    Parsed::Partial if buf.len() < max_head => {}
+                    Parsed::Partial | Parsed::Hyper => return Served::Hyper(buf.freeze()),
+                    fast @ Parsed::Fast { .. } => break fast,
+                }
+            } else if state.is_closing() {
+                return Served::Closed;
+            }
+            buf.reserve(4096);
+            let read = if buf.is_empty() {
+                // Between requests the connection may be asked to close
+                // (shutdown, eviction): it is idle, so it just closes.
+                tokio::select! {
+                    r = io.read_buf(&mut buf) => r,
+                    _ = state.close_asked() => return Served::Closed,
+                }
+            } else {
+                io.read_buf(&mut buf).await
+            };
+            if !matches!(read, Ok(n) if n > 0) {
+                return Served::Closed;
+            }
+        };
+        let Parsed::Fast { req, len, body } = parsed else {
+            return Served::Closed;
+        };
+        if !takes(&current, proxy, &req) {
+            return Served::Hyper(buf.freeze());
+        }
+        buf.advance(len);
+        let flight = state.begin();
+        let timeout = config.timeouts.request_body;
+        let body = match read_body(io, &mut buf, body, timeout).await {
+            Ok(b) => b,
+            Err(timed_out) => {
+                let answer = if timed_out {
+                    proxy.meters.body_timeouts.inc();
+                    answer::request_timeout(timeout)
+                } else {
+                    answer::bad_request("cannot read request body: the client closed the connection")
+                };
+                let _ = write_local(answer, false, true, io, &mut out).await;
+                drop(flight);
+                return Served::Closed;
+            }
+        };
+        drop(current);
+        proxy.paths[0].inc();
+        let logged = proxy.access_log.as_ref().map(|_| Logged::of(&req));
+        let close = wants_close(&req) || state.is_closing();
+        let (answer, pass) = match proxy.admit(&req, client).await {
+            Ok((current, pass)) => (proxy.fast(req, body, client, &current, close).await, pass),
+            Err(refused) => (Fast::from(refused), None),
+        };
+        let status = answer.status();
+        proxy.downstream[usize::from(status / 100).clamp(1, 5) - 1].inc();
+        let head_request = answer.head_request;
+        let (bytes_out, ok) = match answer.reply {
+            Reply::Local(resp) => write_local(resp, head_request, close, io, &mut out).await,
+            Reply::Upstream(up) => {
+                let relayed = forward::relay(*up, io).await;
+                (relayed.bytes, relayed.client_ok)
+            }
+        };
+        drop(pass);
+        drop(flight);
+        if let (Some(logged), Some(log)) = (logged, &proxy.access_log) {
+            let mut upstream = answer.upstream;
+            if !ok {
+                upstream.flags.set(Flags::DOWNSTREAM_CLOSED);
+            }
+            log.send(Entry {
+                tls: client.tls.clone(),
+                start: logged.start,
+                client: client.peer,
+                service: proxy.names.0.clone(),
+                listener: proxy.names.1.clone(),
+                method: Some(logged.method),
+                uri: Some(logged.uri),
+                authority: logged.authority,
+                version: Some(logged.version),
+                status,
+                bytes_in: upstream.bytes_in,
+                bytes_out,
+                duration: logged.started.elapsed(),
+                upstream,
+            });
+        }
+        if !ok || close {
+            let _ = io.shutdown().await;
+            return Served::Closed;
+        }
+    }
+}
+
+/// Whether the fast path takes this request under this config: its
+/// endpoints speak HTTP/1.1 and no retry policy hedges (a hedge races two
+/// attempts, which the hyper path does).
+fn takes(current: &Current, proxy: &HttpProxy, req: &Request<()>) -> bool {
+    let config = &current.config;
+    let Some(listener) = current.listener(&proxy.listener) else {
+        return false;
+    };
+    upstream_protocol(config.listeners[listener].app_protocol, req.headers()) == Protocol::Http1
+        && !config.retry.hedge
+        && !config.routes.iter().any(|r| r.retry.hedge)
+}
+
+/// `Connection: close` from the client.
+fn wants_close(req: &Request<()>) -> bool {
+    req.headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
+}
+
+/// Reads a `len`-byte body, part of it perhaps in `buf` already, each read
+/// within `timeout`. Err(true): the client paused too long; Err(false): it
+/// closed first.
+async fn read_body(io: &mut ClientIo, buf: &mut BytesMut, len: u64, timeout: std::time::Duration) -> Result<Bytes, bool> {
+    let len = len as usize;
+    while buf.len() < len {
+        buf.reserve(len - buf.len());
+        match tokio::time::timeout(timeout, io.read_buf(buf)).await {
+            Err(_) => return Err(true),
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return Err(false),
+        }
+    }
+    Ok(buf.split_to(len).freeze())
+}
+
+/// Writes one of the proxy's own answers (their bodies are whole in memory).
+async fn write_local(
+    resp: http::Response<super::body::ProxyBody>,
+    head_request: bool,
+    close: bool,
+    io: &mut ClientIo,
+    out: &mut Vec<u8>,
+) -> (u64, bool) {
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    write_headers(&parts.headers, out);
+    if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        out.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        write_date(out);
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    let sent = if head_request { 0 } else { body.len() };
+    out.extend_from_slice(&body[..sent]);
+    let ok = io.write_all(out).await.is_ok();
+    (sent as u64, ok)
+}
+
+/// The fast path's answer: what the phases decided, and whether the
+/// request was HEAD.
+struct Fast {
+    reply: Reply,
+    upstream: access::Upstream,
+    head_request: bool,
+}
+
+impl Fast {
+    fn status(&self) -> u16 {
+        match &self.reply {
+            Reply::Local(r) => r.status().as_u16(),
+            Reply::Upstream(u) => u.status,
+        }
+    }
+}
+
+impl From<Answer> for Fast {
+    fn from(a: Answer) -> Self {
+        Self {
+            reply: Reply::Local(a.response),
+            upstream: a.upstream,
+            head_request: false,
+        }
+    }
+}
+
+impl HttpProxy {
+    /// Phases 2 to 5 of the fast path, the hyper path's `proxy` and
+    /// `request` with the body already read and the forward phase our own.
+    async fn fast(&self, req: Request<()>, body: Bytes, client: &Downstream, current: &Current, close: bool) -> Fast {
+        let head_request = req.method() == Method::HEAD;
+        let local = |response| Fast {
+            reply: Reply::Local(response),
+            upstream: access::Upstream::default(),
+            head_request,
+        };
+        let Some(listener) = current.listener(&self.listener) else {
+            return local(answer::plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"));
+        };
+        let config = &current.config;
+        if let Some(refused) = check(&req, &config.limits) {
+            return local(refused);
+        }
+        let routed = match route::route(current, req.method(), req.uri(), req.headers(), Some(&body), client.peer).await {
+            Ok(routed) => routed,
+            Err(limited) => {
+                current.count_route(limited.route, 429);
+                let mut response = limited.response;
+                self.name_route(config, limited.route, &mut response);
+                let mut answer = local(response);
+                answer.upstream.flags.set(Flags::RATE_LIMITED);
+                return answer;
+            }
+        };
+        let (mut parts, ()) = req.into_parts();
+        let key = hash_key(config, &parts.headers, client.peer);
+        strip_hop_by_hop(&mut parts.headers, true);
+        add_forwarding(
+            &mut parts.headers,
+            client,
+            config.listeners[listener].trust_forwarded_headers,
+        );
+        shape_for(&mut parts, Protocol::Http1);
+        let mut bytes = Vec::with_capacity(256 + body.len());
+        write_request(&parts, &mut bytes);
+        bytes.extend_from_slice(&body);
+        let route_name = routed
+            .route
+            .filter(|_| config.endpoint_header)
+            .map(|r| config.routes[r].name.as_str());
+        let wire = Wire {
+            bytes: &bytes,
+            method: &parts.method,
+            head_request,
+            endpoint_header: config.endpoint_header,
+            route: route_name,
+            close,
+        };
+        let up = access::Upstream {
+            bytes_in: body.len() as u64,
+            ..Default::default()
+        };
+        let (mut reply, upstream) =
+            forward::forward(&self.service, &self.meters, current, listener, &wire, &routed, key, up).await;
+        if let Some(r) = routed.route {
+            let status = match &reply {
+                Reply::Local(resp) => resp.status().as_u16(),
+                Reply::Upstream(u) => u.status,
+            };
+            current.count_route(r, status);
+            if let Reply::Local(resp) = &mut reply {
+                self.name_route(config, r, resp);
+            }
+        }
+        Fast {
+            reply,
+            upstream,
+            head_request,
+        }
+    }
+
+    /// With `debug.endpointHeader`, names route `r` on one of the proxy's own answers.
+    fn name_route(&self, config: &crate::api::config::Config, r: usize, resp: &mut http::Response<super::body::ProxyBody>) {
+        if config.endpoint_header
+            && let Ok(v) = HeaderValue::from_str(&config.routes[r].name)
+        {
+            resp.headers_mut().insert(HeaderName::from_static(ROUTE_HEADER), v);
+        }
+    }
+}
