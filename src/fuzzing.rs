@@ -143,3 +143,77 @@ pub fn client_hello(data: &[u8]) {
         }
     }
 }
+
+/// A client's bytes as the HTTP/1.1 fast path reads its head: a head it
+/// takes is taken the same from any longer input (what follows is the
+/// body or the next request), and a prefix of it is never taken; the
+/// request it builds writes back out as a head that reads the same.
+pub fn http1_head(data: &[u8]) {
+    use crate::proxy::http::fast::head::{Parsed, parse_request, write_request};
+    let Parsed::Fast {
+        req,
+        len,
+        body,
+        chunked,
+    } = parse_request(data, u64::MAX)
+    else {
+        return;
+    };
+    assert!(len <= data.len());
+    for cut in (0..len).step_by(5) {
+        assert!(
+            matches!(parse_request(&data[..cut], u64::MAX), Parsed::Partial | Parsed::Hyper),
+            "a prefix of {cut} bytes read as a whole head"
+        );
+    }
+    let (parts, ()) = req.into_parts();
+    let mut again = Vec::new();
+    write_request(&parts, &mut again);
+    let Parsed::Fast {
+        req: reread,
+        body: body2,
+        chunked: chunked2,
+        ..
+    } = parse_request(&again, u64::MAX)
+    else {
+        panic!(
+            "the head written back does not read: {:?}",
+            String::from_utf8_lossy(&again)
+        );
+    };
+    assert_eq!(reread.method(), parts.method);
+    assert_eq!(reread.headers(), &parts.headers);
+    assert_eq!((body, chunked), (body2, chunked2));
+}
+
+/// An endpoint's chunked body as the fast path follows it: split anywhere,
+/// the same verdict and the same end.
+pub fn chunked(data: &[u8]) {
+    use crate::proxy::http::fast::head::Chunked;
+    let scan = |step: usize| {
+        let mut c = Chunked::default();
+        let mut used = 0;
+        for piece in data.chunks(step.max(1)) {
+            match c.scan(piece) {
+                Ok(n) => {
+                    used += n;
+                    if n < piece.len() {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((used, c.done()))
+    };
+    let whole = scan(data.len());
+    for step in [1, 2, 3, 7, 64] {
+        assert_eq!(scan(step).is_ok(), whole.is_ok(), "step {step}");
+        if let (Ok(a), Ok(b)) = (scan(step), &whole) {
+            assert_eq!(&a, b, "step {step}");
+        }
+    }
+    if let Ok((used, true)) = whole {
+        assert!(used <= data.len());
+    }
+}

@@ -48,3 +48,13 @@ fn the_probe_answer_corpus_parses_without_panics() {
 fn the_client_hello_corpus_parses_without_panics() {
     replay("client_hello", balanced::fuzzing::client_hello);
 }
+
+#[test]
+fn the_http1_head_corpus_reads_without_panics() {
+    replay("http1_head", balanced::fuzzing::http1_head);
+}
+
+#[test]
+fn the_chunked_corpus_scans_without_panics() {
+    replay("chunked", balanced::fuzzing::chunked);
+}

@@ -744,3 +744,78 @@ async fn a_streamed_body_still_fails_over_when_the_connect_fails() {
         assert!(body.ends_with(&big), "the streamed body arrives whole");
     }
 }
+
+/// The value of one metric series in a Prometheus text page (0 when absent).
+fn series(metrics: &str, prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_path_serves_plain_requests_and_hands_the_rest_to_hyper() {
+    let a = Backend::http("a", Behavior::Status(200)).await;
+    let p = proxy(&[a.addr], "HTTP", "  debug: {endpointHeader: true}", 1).await;
+    let stream = TcpStream::connect(p.listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // A plain GET, a GET with more header fields than the fast path reads
+    // (hyper's from there on, on the same connection), then a GET again.
+    let get = || {
+        http::Request::get("/work")
+            .header("host", "a")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let mut crowded = get();
+    for i in 0..70 {
+        crowded.headers_mut().insert(
+            http::HeaderName::from_bytes(format!("x-field-{i}").as_bytes()).unwrap(),
+            http::HeaderValue::from_static("v"),
+        );
+    }
+    for req in [get(), crowded, get()] {
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-backend"], "a");
+        assert_eq!(resp.headers()["x-balanced-endpoint"], a.addr.to_string().as_str());
+        resp.into_body().collect().await.unwrap();
+    }
+    let (_, metrics) = http_get(p.admin, "/metrics").await.unwrap();
+    let fast = series(
+        &metrics,
+        "balanced_http1_requests_total{service=\"default/web\",listener=\"main\",path=\"fast\"}",
+    );
+    let hyper = series(
+        &metrics,
+        "balanced_http1_requests_total{service=\"default/web\",listener=\"main\",path=\"hyper\"}",
+    );
+    // Each path keeps its own idle upstream connections.
+    if balanced::proxy::http::fast::enabled() {
+        assert_eq!((fast, hyper), (1, 2), "{metrics}");
+        assert_eq!(a.accepted(), 2, "one upstream connection per path");
+    } else {
+        assert_eq!((fast, hyper), (0, 3), "BALANCED_HTTP1=hyper: {metrics}");
+        assert_eq!(a.accepted(), 1, "one upstream connection, reused");
+    }
+
+    // Two requests in one write (pipelined), the second closing.
+    let mut raw = TcpStream::connect(p.listen).await.unwrap();
+    raw.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nHEAD /2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), raw.read_to_string(&mut answer))
+        .await
+        .expect("the proxy closes after the second answer")
+        .unwrap();
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "no body after HEAD: {answer}");
+    assert!(answer.contains("connection: close\r\n"), "{answer}");
+}

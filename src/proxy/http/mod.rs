@@ -176,11 +176,7 @@ impl HttpProxy {
     /// Phase 1: the service's rate limit, then a slot under
     /// `limits.maxRequests`. Upgraded tunnels are connections, not requests
     /// (`limits.maxConnections` holds them), and take no slot.
-    async fn admit<B>(
-        &self,
-        req: &Request<B>,
-        client: &Downstream,
-    ) -> Result<(Arc<Current>, Option<Pass>), Answer> {
+    async fn admit<B>(&self, req: &Request<B>, client: &Downstream) -> Result<(Arc<Current>, Option<Pass>), Answer> {
         if let Some(limiter) = self.service.limiter()
             && let Some(key) = limiter.key_of(req.headers(), client.peer.ip())
             && let Err(limited) = limiter.acquire(&key).await

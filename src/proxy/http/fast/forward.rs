@@ -8,14 +8,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
-use super::head::{Added, Framing, Response, parse_response};
+use super::head::{Added, Chunked, Framing, Response, parse_response};
 use crate::balance::ActiveGuard;
 use crate::net::io_text;
 use crate::proxy::access::{self, Flags};
 use crate::proxy::attempt::RequestFacts;
+use crate::proxy::client::conn::ClientIo;
 use crate::proxy::http::answer;
 use crate::proxy::http::body::ProxyBody;
 use crate::proxy::http::relay::Meters;
@@ -55,6 +58,74 @@ pub enum Reply {
     Upstream(Box<Upstreamed>),
 }
 
+/// A chunked request body larger than the replay buffer, streamed from
+/// the client to the one endpoint it goes to, one read at a time: however
+/// small its chunks, a read of them costs one scan and one write (the
+/// chunks go on as they came, their framing checked on the way).
+pub struct Upload<'a> {
+    /// The client.
+    pub client: &'a mut ClientIo,
+    /// The client's read buffer, starting with body bytes not sent yet.
+    pub buf: &'a mut BytesMut,
+    /// Where the body is in its framing.
+    pub chunked: Chunked,
+    /// `timeouts.requestBody`, between reads.
+    pub timeout: Duration,
+    /// Body bytes sent so far (beyond the first write).
+    pub sent: u64,
+    /// Why the client's side of the upload failed, if it did.
+    pub failed: Option<UploadFailed>,
+}
+
+/// How a streamed upload failed on the client's side: its failure, not the endpoint's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UploadFailed {
+    /// No bytes for `timeouts.requestBody`.
+    TimedOut,
+    /// The client closed, or its chunks were malformed.
+    Broke,
+}
+
+impl Upload<'_> {
+    /// Sends the rest of the body to `to`, each write within `timeout`.
+    async fn pump(&mut self, to: &mut crate::tls::upstream::MaybeTls, timeout: Duration) -> Result<(), Failure> {
+        loop {
+            if !self.buf.is_empty() {
+                let n = match self.chunked.scan(self.buf) {
+                    Ok(n) => n,
+                    Err(why) => {
+                        tracing::debug!(why, "malformed chunked request body");
+                        self.failed = Some(UploadFailed::Broke);
+                        return Err(Failure::Error(format!("request body: {why}")));
+                    }
+                };
+                match tokio::time::timeout(timeout, to.write_all(&self.buf[..n])).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(Failure::Error(io_text(&e))),
+                    Err(_) => return Err(Failure::Timeout),
+                }
+                self.buf.advance(n);
+                self.sent += n as u64;
+            }
+            if self.chunked.done() {
+                return Ok(());
+            }
+            self.buf.reserve(READ_SIZE);
+            match tokio::time::timeout(self.timeout, self.client.read_buf(self.buf)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => {
+                    self.failed = Some(UploadFailed::Broke);
+                    return Err(Failure::Error("the request body broke off".into()));
+                }
+                Err(_) => {
+                    self.failed = Some(UploadFailed::TimedOut);
+                    return Err(Failure::Error("the request body timed out".into()));
+                }
+            }
+        }
+    }
+}
+
 /// The request as every attempt sends it.
 pub struct Wire<'a> {
     /// Head and body, ready to write.
@@ -69,6 +140,10 @@ pub struct Wire<'a> {
     pub route: Option<&'a str>,
     /// The client's connection closes after the answer.
     pub close: bool,
+    /// The consistent-hash key, when the algorithm hashes.
+    pub key: Option<u64>,
+    /// The rest of a body too large to buffer, sent after `bytes`.
+    pub upload: Option<Upload<'a>>,
 }
 
 /// Runs the attempts of `wire` through `listener`'s pools.
@@ -77,27 +152,38 @@ pub async fn forward(
     meters: &Meters,
     current: &Current,
     listener: usize,
-    wire: &Wire<'_>,
+    wire: &mut Wire<'_>,
     routed: &Routed<'_>,
-    key: Option<u64>,
     mut up: access::Upstream,
 ) -> (Reply, access::Upstream) {
     let config = &current.config;
-    let mut attempts = routed.attempts(service, current, key);
+    let mut attempts = routed.attempts(service, current, wire.key);
+    let method = wire.method.clone();
     let facts = RequestFacts {
-        method: Some(wire.method),
-        replayable: true,
+        method: Some(&method),
+        replayable: wire.upload.is_none(),
     };
+    let mut sent = false;
     let attempt_timeout = routed.retry.attempt_timeout(routed.response_timeout);
     let mut fallback: Option<Box<Upstreamed>> = None;
     while let Some(i) = attempts.next_endpoint() {
         let member = &current.snap.members[i];
         let pool = current.pool(listener, i);
         let guard = ActiveGuard::new(member.endpoint.clone());
+        if sent && wire.upload.is_some() {
+            // A streamed body went once; it cannot go again.
+            break;
+        }
         let conn = match pool.checkout_raw().await {
             Ok(c) => c,
             Err(failure) => {
-                if attempts.failed(i, failure, facts) {
+                // No connection, so the body is untouched: even a streamed
+                // one can still go elsewhere.
+                let untouched = RequestFacts {
+                    replayable: true,
+                    ..facts
+                };
+                if attempts.failed(i, failure, untouched) {
                     continue;
                 }
                 break;
@@ -106,6 +192,7 @@ pub async fn forward(
         let started = Instant::now();
         up.endpoint = Some(member.spec.addr);
         let resend = attempts.may_retry_after_send(facts);
+        sent = true;
         let outcome = exchange(pool, conn, wire, member.spec.addr, attempt_timeout, resend).await;
         meters.duration.observe(started.elapsed());
         up.attempts = attempts.tries() as u32;
@@ -130,6 +217,19 @@ pub async fn forward(
             }
             Err(failure) => {
                 drop(guard);
+                // The client's upload broke off: its failure, not the endpoint's.
+                match wire.upload.as_ref().and_then(|u| u.failed) {
+                    Some(UploadFailed::TimedOut) => {
+                        meters.body_timeouts.inc();
+                        let timeout = config.timeouts.request_body;
+                        return (Reply::Local(answer::request_timeout(timeout)), up);
+                    }
+                    Some(UploadFailed::Broke) => {
+                        up.flags.set(Flags::DOWNSTREAM_CLOSED);
+                        return (Reply::Local(answer::bad_request("the request body broke off")), up);
+                    }
+                    None => {}
+                }
                 if !attempts.failed(i, failure, facts) {
                     break;
                 }
@@ -156,37 +256,56 @@ type Exchanged = (u16, Vec<u8>, Framing, bool, RawConn);
 async fn exchange(
     pool: &Arc<Pool>,
     conn: RawConn,
-    wire: &Wire<'_>,
+    wire: &mut Wire<'_>,
     endpoint: SocketAddr,
     timeout: Duration,
     resend: bool,
 ) -> Result<Exchanged, Failure> {
     let reused = conn.reused;
-    let first = tokio::time::timeout(timeout, send(conn, wire, endpoint)).await;
-    match first {
-        Err(_) => return Err(Failure::Timeout),
-        Ok(Ok(answer)) => return Ok(answer),
-        Ok(Err((failure @ Failure::Error(_), unsent))) if reused && (unsent || resend) => {
+    match send(conn, wire, endpoint, timeout).await {
+        Ok(answer) => return Ok(answer),
+        Err((failure @ Failure::Error(_), unsent)) if reused && (unsent || resend) => {
             tracing::debug!(%endpoint, %failure, "a reused connection failed; once more on a new one");
         }
-        Ok(Err((failure, _))) => return Err(failure),
+        Err((failure, _)) => return Err(failure),
     }
-    let started = Instant::now();
     let conn = pool.fresh_raw().await?;
-    let left = timeout.saturating_sub(started.elapsed());
-    match tokio::time::timeout(left, send(conn, wire, endpoint)).await {
-        Err(_) => Err(Failure::Timeout),
-        Ok(r) => r.map_err(|(failure, _)| failure),
+    send(conn, wire, endpoint, timeout)
+        .await
+        .map_err(|(failure, _)| failure)
+}
+
+/// Writes the request (and streams the rest of its body), then reads the
+/// final response head, each within `timeout` (the head's counted from the
+/// end of the upload, nginx `proxy_read_timeout`). A failure says whether
+/// the request certainly never left (its first write failed).
+async fn send(
+    mut conn: RawConn,
+    wire: &mut Wire<'_>,
+    endpoint: SocketAddr,
+    timeout: Duration,
+) -> Result<Exchanged, (Failure, bool)> {
+    match tokio::time::timeout(timeout, conn.io.write_all(wire.bytes)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err((Failure::Error(io_text(&e)), true)),
+        Err(_) => return Err((Failure::Timeout, false)),
+    }
+    if let Some(upload) = wire.upload.as_mut() {
+        upload.pump(&mut conn.io, timeout).await.map_err(|f| (f, false))?;
+    }
+    match tokio::time::timeout(timeout, read_head(conn, wire, endpoint)).await {
+        Ok(r) => r,
+        Err(_) => Err((Failure::Timeout, false)),
     }
 }
 
-/// Writes the request and reads the final response head. A failure says
-/// whether the request certainly never left (its write failed).
-async fn send(mut conn: RawConn, wire: &Wire<'_>, endpoint: SocketAddr) -> Result<Exchanged, (Failure, bool)> {
-    if let Err(e) = conn.io.write_all(wire.bytes).await {
-        return Err((Failure::Error(io_text(&e)), true));
-    }
-    let endpoint_text = endpoint.to_string();
+/// Reads the final response head and writes the client's version of it.
+async fn read_head(mut conn: RawConn, wire: &Wire<'_>, endpoint: SocketAddr) -> Result<Exchanged, (Failure, bool)> {
+    let endpoint_text = if wire.endpoint_header {
+        endpoint.to_string()
+    } else {
+        String::new()
+    };
     let added = Added {
         endpoint: wire.endpoint_header.then_some(endpoint_text.as_str()),
         route: wire.route,

@@ -23,8 +23,8 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use self::forward::{Reply, Wire};
-use self::head::{Parsed, parse_request, write_date, write_headers, write_request};
+use self::forward::{Reply, Upload, Wire};
+use self::head::{Chunked, Parsed, parse_request, write_date, write_headers, write_request};
 use super::headers::{add_forwarding, shape_for, strip_hop_by_hop, upstream_protocol};
 use super::route::hash_key;
 use super::{Answer, HttpProxy, Logged, ROUTE_HEADER, answer, check, route};
@@ -84,23 +84,38 @@ pub async fn serve(io: &mut ClientIo, proxy: &HttpProxy, client: &Downstream, ma
                 return Served::Closed;
             }
         };
-        let Parsed::Fast { req, len, body } = parsed else {
+        let Parsed::Fast {
+            req,
+            len,
+            body,
+            chunked,
+        } = parsed
+        else {
             return Served::Closed;
         };
-        if !takes(&current, proxy, &req) {
+        if !takes(&current, proxy, &req, chunked) {
             return Served::Hyper(buf.freeze());
         }
         buf.advance(len);
         let flight = state.begin();
         let timeout = config.timeouts.request_body;
-        let body = match read_body(io, &mut buf, body, timeout).await {
+        let read = if chunked {
+            read_chunked(io, &mut buf, config.retry.max_body_bytes, timeout).await
+        } else {
+            read_body(io, &mut buf, body, timeout).await.map(Body::Whole)
+        };
+        let body = match read {
             Ok(b) => b,
-            Err(timed_out) => {
-                let answer = if timed_out {
-                    proxy.meters.body_timeouts.inc();
-                    answer::request_timeout(timeout)
-                } else {
-                    answer::bad_request("cannot read request body: the client closed the connection")
+            Err(failed) => {
+                let answer = match failed {
+                    BodyError::TimedOut => {
+                        proxy.meters.body_timeouts.inc();
+                        answer::request_timeout(timeout)
+                    }
+                    BodyError::Closed => {
+                        answer::bad_request("cannot read request body: the client closed the connection")
+                    }
+                    BodyError::Malformed(why) => answer::bad_request(&format!("cannot read request body: {why}")),
                 };
                 let _ = write_local(answer, false, true, io, &mut out).await;
                 drop(flight);
@@ -111,10 +126,17 @@ pub async fn serve(io: &mut ClientIo, proxy: &HttpProxy, client: &Downstream, ma
         proxy.paths[0].inc();
         let logged = proxy.access_log.as_ref().map(|_| Logged::of(&req));
         let close = wants_close(&req) || state.is_closing();
+        let streaming = matches!(body, Body::Streaming(..));
         let (answer, pass) = match proxy.admit(&req, client).await {
-            Ok((current, pass)) => (proxy.fast(req, body, client, &current, close).await, pass),
+            Ok((current, pass)) => {
+                let client_side = (&mut *io, &mut buf);
+                (proxy.fast(req, body, client, &current, close, client_side).await, pass)
+            }
             Err(refused) => (Fast::from(refused), None),
         };
+        // A streamed body not read to its end leaves the connection
+        // mid-request: it cannot carry another.
+        let close = close || (streaming && !answer.upload_done);
         let status = answer.status();
         proxy.downstream[usize::from(status / 100).clamp(1, 5) - 1].inc();
         let head_request = answer.head_request;
@@ -157,37 +179,95 @@ pub async fn serve(io: &mut ClientIo, proxy: &HttpProxy, client: &Downstream, ma
 }
 
 /// Whether the fast path takes this request under this config: its
-/// endpoints speak HTTP/1.1 and no retry policy hedges (a hedge races two
-/// attempts, which the hyper path does).
-fn takes(current: &Current, proxy: &HttpProxy, req: &Request<()>) -> bool {
+/// endpoints speak HTTP/1.1, no retry policy hedges (a hedge races two
+/// attempts, which the hyper path does), and a chunked body meets no route
+/// that matches on bodies (the hyper path decodes it for them).
+fn takes(current: &Current, proxy: &HttpProxy, req: &Request<()>, chunked: bool) -> bool {
     let config = &current.config;
     let Some(listener) = current.listener(&proxy.listener) else {
         return false;
     };
+    let reads_bodies = || {
+        config
+            .routes
+            .iter()
+            .any(|r| r.matches.iter().any(|m| !m.body.is_empty()))
+    };
     upstream_protocol(config.listeners[listener].app_protocol, req.headers()) == Protocol::Http1
         && !config.retry.hedge
         && !config.routes.iter().any(|r| r.retry.hedge)
+        && (!chunked || !reads_bodies())
+}
+
+/// A request body as the fast path holds it.
+enum Body {
+    /// A `Content-Length` body, whole.
+    Whole(Bytes),
+    /// A chunked body, whole, its framing kept (it goes on as it came).
+    Chunked(Bytes),
+    /// The start of a chunked body larger than `retry.maxBodyBytes`: the
+    /// rest is streamed to the one endpoint it goes to.
+    Streaming(Bytes, Chunked),
+}
+
+/// Why a request body could not be read.
+enum BodyError {
+    TimedOut,
+    Closed,
+    Malformed(&'static str),
+}
+
+/// Reads a chunked body whole when it ends within `limit` bytes, else its
+/// first `limit` bytes and where its framing stands; each read within `timeout`.
+async fn read_chunked(
+    io: &mut ClientIo,
+    buf: &mut BytesMut,
+    limit: u64,
+    timeout: std::time::Duration,
+) -> Result<Body, BodyError> {
+    let mut chunked = Chunked::default();
+    let mut scanned = 0;
+    loop {
+        scanned += chunked.scan(&buf[scanned..]).map_err(BodyError::Malformed)?;
+        if chunked.done() {
+            return Ok(Body::Chunked(buf.split_to(scanned).freeze()));
+        }
+        if scanned as u64 > limit {
+            return Ok(Body::Streaming(buf.split_to(scanned).freeze(), chunked));
+        }
+        buf.reserve(16 * 1024);
+        match tokio::time::timeout(timeout, io.read_buf(buf)).await {
+            Err(_) => return Err(BodyError::TimedOut),
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return Err(BodyError::Closed),
+        }
+    }
 }
 
 /// `Connection: close` from the client.
 fn wants_close(req: &Request<()>) -> bool {
-    req.headers()
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| v.as_bytes().split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")))
+    req.headers().get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+    })
 }
 
 /// Reads a `len`-byte body, part of it perhaps in `buf` already, each read
-/// within `timeout`. Err(true): the client paused too long; Err(false): it
-/// closed first.
-async fn read_body(io: &mut ClientIo, buf: &mut BytesMut, len: u64, timeout: std::time::Duration) -> Result<Bytes, bool> {
+/// within `timeout`.
+async fn read_body(
+    io: &mut ClientIo,
+    buf: &mut BytesMut,
+    len: u64,
+    timeout: std::time::Duration,
+) -> Result<Bytes, BodyError> {
     let len = len as usize;
     while buf.len() < len {
         buf.reserve(len - buf.len());
         match tokio::time::timeout(timeout, io.read_buf(buf)).await {
-            Err(_) => return Err(true),
+            Err(_) => return Err(BodyError::TimedOut),
             Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => return Err(false),
+            Ok(_) => return Err(BodyError::Closed),
         }
     }
     Ok(buf.split_to(len).freeze())
@@ -232,6 +312,8 @@ struct Fast {
     reply: Reply,
     upstream: access::Upstream,
     head_request: bool,
+    // A streamed body was read to its end.
+    upload_done: bool,
 }
 
 impl Fast {
@@ -249,6 +331,7 @@ impl From<Answer> for Fast {
             reply: Reply::Local(a.response),
             upstream: a.upstream,
             head_request: false,
+            upload_done: false,
         }
     }
 }
@@ -256,12 +339,21 @@ impl From<Answer> for Fast {
 impl HttpProxy {
     /// Phases 2 to 5 of the fast path, the hyper path's `proxy` and
     /// `request` with the body already read and the forward phase our own.
-    async fn fast(&self, req: Request<()>, body: Bytes, client: &Downstream, current: &Current, close: bool) -> Fast {
+    async fn fast(
+        &self,
+        req: Request<()>,
+        body: Body,
+        client: &Downstream,
+        current: &Current,
+        close: bool,
+        (io, buf): (&mut ClientIo, &mut BytesMut),
+    ) -> Fast {
         let head_request = req.method() == Method::HEAD;
         let local = |response| Fast {
             reply: Reply::Local(response),
             upstream: access::Upstream::default(),
             head_request,
+            upload_done: false,
         };
         let Some(listener) = current.listener(&self.listener) else {
             return local(answer::plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"));
@@ -270,7 +362,11 @@ impl HttpProxy {
         if let Some(refused) = check(&req, &config.limits) {
             return local(refused);
         }
-        let routed = match route::route(current, req.method(), req.uri(), req.headers(), Some(&body), client.peer).await {
+        let whole = match &body {
+            Body::Whole(b) => Some(b),
+            _ => None,
+        };
+        let routed = match route::route(current, req.method(), req.uri(), req.headers(), whole, client.peer).await {
             Ok(routed) => routed,
             Err(limited) => {
                 current.count_route(limited.route, 429);
@@ -290,27 +386,51 @@ impl HttpProxy {
             config.listeners[listener].trust_forwarded_headers,
         );
         shape_for(&mut parts, Protocol::Http1);
-        let mut bytes = Vec::with_capacity(256 + body.len());
+        let (first, rest) = match body {
+            Body::Whole(b) => (b, None),
+            Body::Chunked(b) => (b, Some(None)),
+            Body::Streaming(b, chunked) => (b, Some(Some(chunked))),
+        };
+        if rest.is_some() {
+            parts
+                .headers
+                .insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
+        let mut bytes = Vec::with_capacity(256 + first.len());
         write_request(&parts, &mut bytes);
-        bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&first);
+        let upload = rest.flatten().map(|chunked| Upload {
+            client: io,
+            buf,
+            chunked,
+            timeout: config.timeouts.request_body,
+            sent: 0,
+            failed: None,
+        });
         let route_name = routed
             .route
             .filter(|_| config.endpoint_header)
             .map(|r| config.routes[r].name.as_str());
-        let wire = Wire {
+        let mut wire = Wire {
             bytes: &bytes,
             method: &parts.method,
             head_request,
             endpoint_header: config.endpoint_header,
             route: route_name,
             close,
+            key,
+            upload,
         };
         let up = access::Upstream {
-            bytes_in: body.len() as u64,
+            bytes_in: first.len() as u64,
             ..Default::default()
         };
-        let (mut reply, upstream) =
-            forward::forward(&self.service, &self.meters, current, listener, &wire, &routed, key, up).await;
+        let (mut reply, mut upstream) =
+            forward::forward(&self.service, &self.meters, current, listener, &mut wire, &routed, up).await;
+        let upload_done = wire.upload.as_ref().is_none_or(|u| u.chunked.done());
+        if let Some(u) = &wire.upload {
+            upstream.bytes_in += u.sent;
+        }
         if let Some(r) = routed.route {
             let status = match &reply {
                 Reply::Local(resp) => resp.status().as_u16(),
@@ -325,11 +445,17 @@ impl HttpProxy {
             reply,
             upstream,
             head_request,
+            upload_done,
         }
     }
 
     /// With `debug.endpointHeader`, names route `r` on one of the proxy's own answers.
-    fn name_route(&self, config: &crate::api::config::Config, r: usize, resp: &mut http::Response<super::body::ProxyBody>) {
+    fn name_route(
+        &self,
+        config: &crate::api::config::Config,
+        r: usize,
+        resp: &mut http::Response<super::body::ProxyBody>,
+    ) {
         if config.endpoint_header
             && let Ok(v) = HeaderValue::from_str(&config.routes[r].name)
         {
