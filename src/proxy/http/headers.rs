@@ -194,11 +194,14 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
 /// HTTP/1.1) and no `Host`, which h2 servers such as nginx reject as a
 /// duplicate; an HTTP/1.0 client that named no host is sent as `localhost`.
 pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = match parts.uri.path_and_query() {
+        // `http://a?q` has an empty path: origin-form sends `/?q` (RFC 9112 3.2.1).
+        Some(p) if !p.as_str().starts_with('/') && p.as_str() != "*" => {
+            PathAndQuery::try_from(format!("/{}", p.as_str())).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+        }
+        Some(p) => p.clone(),
+        None => PathAndQuery::from_static("/"),
+    };
     match protocol {
         Protocol::Http1 => {
             // An absolute-form target's authority replaces Host (RFC 9112

@@ -383,16 +383,18 @@ pub async fn relay<W: tokio::io::AsyncWrite + Unpin>(answer: Upstreamed, client:
             match framing {
                 Framing::Length(_) => {
                     let n = (left as usize).min(conn.buf.len());
-                    out.extend_from_slice(&conn.buf[..n]);
-                    let _ = conn.buf.split_to(n);
+                    if pass_on(&mut out, &mut conn.buf, n, client).await.is_err() {
+                        return relayed;
+                    }
                     left -= n as u64;
                     relayed.bytes += n as u64;
                     ended = left == 0;
                 }
                 Framing::Chunked => match chunked.scan(&conn.buf) {
                     Ok(n) => {
-                        out.extend_from_slice(&conn.buf[..n]);
-                        let _ = conn.buf.split_to(n);
+                        if pass_on(&mut out, &mut conn.buf, n, client).await.is_err() {
+                            return relayed;
+                        }
                         relayed.bytes += n as u64;
                         ended = chunked.done();
                     }
@@ -420,7 +422,7 @@ pub async fn relay<W: tokio::io::AsyncWrite + Unpin>(answer: Upstreamed, client:
             if client.write_all(&out).await.is_err() {
                 return relayed;
             }
-            out.clear();
+            out = Vec::new();
         }
         if ended || !upstream_ok {
             break;
@@ -446,4 +448,30 @@ pub async fn relay<W: tokio::io::AsyncWrite + Unpin>(answer: Upstreamed, client:
         pool.release_raw(conn);
     }
     relayed
+}
+
+/// Body bytes up to this many ride in the head's write; more are written
+/// from the read buffer itself (no copy, and no second buffer that size
+/// held while a client reads slowly).
+const COALESCE: usize = 4 * 1024;
+
+/// Passes on the first `n` bytes of `buf`: appended to `out` (the head not
+/// written yet) when few, else written after it straight from `buf`.
+async fn pass_on<W: tokio::io::AsyncWrite + Unpin>(
+    out: &mut Vec<u8>,
+    buf: &mut BytesMut,
+    n: usize,
+    client: &mut W,
+) -> std::io::Result<()> {
+    if !out.is_empty() && n <= COALESCE {
+        out.extend_from_slice(&buf[..n]);
+    } else {
+        if !out.is_empty() {
+            client.write_all(out).await?;
+            *out = Vec::new();
+        }
+        client.write_all(&buf[..n]).await?;
+    }
+    buf.advance(n);
+    Ok(())
 }

@@ -134,6 +134,11 @@ pub fn write_request(parts: &http::request::Parts, out: &mut Vec<u8>) {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // An absolute-form target with an empty path (`http://a?q`) is sent as
+    // `/?q` (RFC 9112 3.2.1: the origin-form path is never empty).
+    if !target.starts_with('/') && target != "*" {
+        out.push(b'/');
+    }
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     write_headers(&parts.headers, out);
@@ -576,6 +581,25 @@ mod tests {
         ));
         let many: String = (0..FIELDS + 1).map(|i| format!("x-{i}: v\r\n")).collect();
         hyper(&format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n"));
+    }
+
+    #[test]
+    fn an_empty_path_is_sent_as_a_slash() {
+        for (target, sent) in [
+            ("http://a.example?q=1", "GET /?q=1 HTTP/1.1\r\n"),
+            ("/p?q", "GET /p?q HTTP/1.1\r\n"),
+        ] {
+            let (req, _, _) = fast(&format!("GET {target} HTTP/1.1\r\nHost: a.example\r\n\r\n"));
+            let (mut parts, ()) = req.into_parts();
+            crate::proxy::http::headers::shape_for(&mut parts, crate::proxy::upstream::pool::Protocol::Http1);
+            let mut out = Vec::new();
+            write_request(&parts, &mut out);
+            assert!(
+                String::from_utf8_lossy(&out).starts_with(sent),
+                "{:?}",
+                String::from_utf8_lossy(&out)
+            );
+        }
     }
 
     fn response(input: &str, head: bool) -> (Result<Response, String>, String) {
