@@ -175,6 +175,16 @@ impl<'a> Attempts<'a> {
         false
     }
 
+    /// No connection to endpoint `i` could be had: nothing was sent, so
+    /// even a body that cannot be sent twice can still go elsewhere.
+    pub fn unreached(&mut self, i: usize, failure: Failure, request: RequestFacts<'_>) -> bool {
+        let untouched = RequestFacts {
+            replayable: true,
+            ..request
+        };
+        self.failed(i, failure, untouched)
+    }
+
     /// Endpoint `i` failed: counts it, and says whether to try another.
     pub fn failed(&mut self, i: usize, failure: Failure, request: RequestFacts<'_>) -> bool {
         let member = &self.snap.members[i];

@@ -297,26 +297,14 @@ impl HttpProxy {
         let status = response.status().as_u16();
         self.downstream[usize::from(status / 100).clamp(1, 5) - 1].inc();
         let log = match (logged, &self.access_log) {
-            (Some(logged), Some(log)) => Some(Box::new((
-                log.clone(),
-                logged.started,
-                Entry {
-                    tls: client.tls.clone(),
-                    start: logged.start,
-                    client: client.peer,
-                    service: self.names.0.clone(),
-                    listener: self.names.1.clone(),
-                    method: Some(logged.method),
-                    uri: Some(logged.uri),
-                    authority: logged.authority,
-                    version: Some(logged.version),
-                    status,
-                    bytes_in: upstream.bytes_in,
-                    bytes_out: 0,
-                    duration: Duration::ZERO,
-                    upstream,
-                },
-            ))),
+            (Some(logged), Some(log)) => {
+                let started = logged.started;
+                Some(Box::new((
+                    log.clone(),
+                    started,
+                    logged.entry(self, client, status, upstream),
+                )))
+            }
             _ => None,
         };
         response.map(|body| ClientBody::new(body, flight, pass, log))
@@ -396,6 +384,27 @@ impl Logged {
             uri: req.uri().clone(),
             authority: req.headers().get(http::header::HOST).cloned(),
             version: req.version(),
+        }
+    }
+
+    /// The access-log line of this request, answered `status` by `proxy`
+    /// (its bytes out and duration filled in when the answer ends).
+    fn entry(self, proxy: &HttpProxy, client: &Downstream, status: u16, upstream: access::Upstream) -> Entry {
+        Entry {
+            tls: client.tls.clone(),
+            start: self.start,
+            client: client.peer,
+            service: proxy.names.0.clone(),
+            listener: proxy.names.1.clone(),
+            method: Some(self.method),
+            uri: Some(self.uri),
+            authority: self.authority,
+            version: Some(self.version),
+            status,
+            bytes_in: upstream.bytes_in,
+            bytes_out: 0,
+            duration: Duration::ZERO,
+            upstream,
         }
     }
 }

@@ -177,13 +177,7 @@ pub async fn forward(
         let conn = match pool.checkout_raw().await {
             Ok(c) => c,
             Err(failure) => {
-                // No connection, so the body is untouched: even a streamed
-                // one can still go elsewhere.
-                let untouched = RequestFacts {
-                    replayable: true,
-                    ..facts
-                };
-                if attempts.failed(i, failure, untouched) {
+                if attempts.unreached(i, failure, facts) {
                     continue;
                 }
                 break;

@@ -28,7 +28,7 @@ use self::head::{Chunked, Parsed, parse_request, write_date, write_headers, writ
 use super::headers::{add_forwarding, shape_for, strip_hop_by_hop, upstream_protocol};
 use super::route::hash_key;
 use super::{Answer, HttpProxy, Logged, ROUTE_HEADER, answer, check, route};
-use crate::proxy::access::{self, Entry, Flags};
+use crate::proxy::access::{self, Flags};
 use crate::proxy::client::Downstream;
 use crate::proxy::client::conn::ClientIo;
 use crate::proxy::service::Current;
@@ -154,22 +154,11 @@ pub async fn serve(io: &mut ClientIo, proxy: &HttpProxy, client: &Downstream, ma
             if !ok {
                 upstream.flags.set(Flags::DOWNSTREAM_CLOSED);
             }
-            log.send(Entry {
-                tls: client.tls.clone(),
-                start: logged.start,
-                client: client.peer,
-                service: proxy.names.0.clone(),
-                listener: proxy.names.1.clone(),
-                method: Some(logged.method),
-                uri: Some(logged.uri),
-                authority: logged.authority,
-                version: Some(logged.version),
-                status,
-                bytes_in: upstream.bytes_in,
-                bytes_out,
-                duration: logged.started.elapsed(),
-                upstream,
-            });
+            let started = logged.started;
+            let mut entry = logged.entry(proxy, client, status, upstream);
+            entry.bytes_out = bytes_out;
+            entry.duration = started.elapsed();
+            log.send(entry);
         }
         if !ok || close {
             let _ = io.shutdown().await;
