@@ -347,15 +347,8 @@ async fn prepare(
     listener: usize,
 ) -> Result<Prepared, ReadError> {
     let (mut parts, body) = req.into_parts();
-    let key = hash_key(config, &parts.headers, client.peer);
     let protocol = upstream_protocol(config.listeners[listener].app_protocol, &parts.headers);
-    strip_hop_by_hop(&mut parts.headers, true);
-    add_forwarding(
-        &mut parts.headers,
-        client,
-        config.listeners[listener].trust_forwarded_headers,
-    );
-    shape_for(&mut parts, protocol);
+    let key = shape_head(&mut parts, client, config, listener, protocol);
     let body = RequestBody::read(body, config.retry.max_body_bytes, config.timeouts.request_body).await?;
     Ok(Prepared {
         parts,
@@ -363,6 +356,27 @@ async fn prepare(
         protocol,
         key,
     })
+}
+
+/// The head as the endpoints get it, on both HTTP/1.1 paths: the hash key
+/// read from the client's own headers (returned), hop-by-hop headers out,
+/// forwarding headers in, the target and `Host` shaped for `protocol`.
+fn shape_head(
+    parts: &mut http::request::Parts,
+    client: &Downstream,
+    config: &Config,
+    listener: usize,
+    protocol: crate::proxy::upstream::pool::Protocol,
+) -> Option<u64> {
+    let key = hash_key(config, &parts.headers, client.peer);
+    strip_hop_by_hop(&mut parts.headers, true);
+    add_forwarding(
+        &mut parts.headers,
+        client,
+        config.listeners[listener].trust_forwarded_headers,
+    );
+    shape_for(parts, protocol);
+    key
 }
 
 /// What the access log needs of a request, taken before it is forwarded.

@@ -25,9 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::forward::{Reply, Upload, Wire};
 use self::head::{Chunked, Parsed, parse_request, write_date, write_headers, write_request};
-use super::headers::{add_forwarding, shape_for, strip_hop_by_hop, upstream_protocol};
-use super::route::hash_key;
-use super::{Answer, HttpProxy, Logged, ROUTE_HEADER, answer, check, route};
+use super::headers::upstream_protocol;
+use super::{Answer, HttpProxy, Logged, ROUTE_HEADER, answer, check, route, shape_head};
 use crate::proxy::access::{self, Flags};
 use crate::proxy::client::Downstream;
 use crate::proxy::client::conn::ClientIo;
@@ -367,14 +366,7 @@ impl HttpProxy {
             }
         };
         let (mut parts, ()) = req.into_parts();
-        let key = hash_key(config, &parts.headers, client.peer);
-        strip_hop_by_hop(&mut parts.headers, true);
-        add_forwarding(
-            &mut parts.headers,
-            client,
-            config.listeners[listener].trust_forwarded_headers,
-        );
-        shape_for(&mut parts, Protocol::Http1);
+        let key = shape_head(&mut parts, client, config, listener, Protocol::Http1);
         let (first, rest) = match body {
             Body::Whole(b) => (b, None),
             Body::Chunked(b) => (b, Some(None)),
