@@ -499,3 +499,108 @@ async fn ten_megabytes_in_one_byte_chunks_reach_the_endpoint_intact() {
         "{answer}"
     );
 }
+
+/// A keep-alive backend: `GET /big` is `len` bytes of a pattern with a
+/// `Content-Length`, anything else `ok`; it records which of its connections
+/// (numbered as accepted) served each request.
+async fn sized_backend(len: usize) -> (SocketAddr, Arc<Mutex<Vec<usize>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served: Arc<Mutex<Vec<usize>>> = Arc::default();
+    let log = served.clone();
+    let body = Bytes::from(pattern(len));
+    tokio::spawn(async move {
+        let mut accepted = 0;
+        while let Ok((mut s, _)) = listener.accept().await {
+            accepted += 1;
+            let (body, log, id) = (body.clone(), log.clone(), accepted);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    while find(&buf, b"\r\n\r\n").is_none() {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = find(&buf, b"\r\n\r\n").unwrap();
+                    let big = buf.starts_with(b"GET /big ");
+                    buf.drain(..end + 4);
+                    log.lock().unwrap().push(id);
+                    let answer = if big { body.clone() } else { Bytes::from_static(b"ok") };
+                    let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", answer.len());
+                    if s.write_all(head.as_bytes()).await.is_err() || s.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, served)
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// Reads one answer with a `Content-Length` from `s`, a little at a time;
+/// returns its body.
+async fn read_answer(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut piece = [0u8; 1024];
+    let end = loop {
+        if let Some(end) = find(&got, b"\r\n\r\n") {
+            break end;
+        }
+        let n = s.read(&mut piece).await.unwrap();
+        assert!(n > 0, "closed before a head: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&piece[..n]);
+    };
+    let head = String::from_utf8_lossy(&got[..end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = got.split_off(end + 4);
+    while body.len() < len {
+        let n = s.read(&mut piece).await.unwrap();
+        assert!(n > 0, "closed after {} of {len} bytes", body.len());
+        body.extend_from_slice(&piece[..n]);
+    }
+    assert_eq!(body.len(), len, "more than the answer arrived");
+    body
+}
+
+/// A multi-megabyte answer (spliced on the fast path) read a little at a
+/// time by a client with a small window arrives intact, and both connections carry on: the
+/// next request on the client's connection is answered on the same endpoint
+/// connection (nothing of the next answer was taken with the body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_read_slowly_arrives_intact_and_the_connections_carry_on() {
+    const LEN: usize = 4 * 1024 * 1024 + 7;
+    let (backend, served) = sized_backend(LEN).await;
+    let p = proxy(&[backend], "HTTP", "", 1).await;
+    let s = std::net::TcpStream::connect(p.listen).unwrap();
+    // Small enough that the proxy's writes wait on the client; a window of a
+    // few KiB would make the transfer crawl at delayed-ACK pace.
+    socket2::SockRef::from(&s).set_recv_buffer_size(64 * 1024).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let mut s = TcpStream::from_std(s).unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        assert!(read_answer(&mut s).await == pattern(LEN), "the body arrived changed");
+        s.write_all(b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        assert_eq!(read_answer(&mut s).await, b"ok");
+    }
+    let served = served.lock().unwrap().clone();
+    assert_eq!(served.len(), 4, "{served:?}");
+    assert!(
+        served.iter().all(|&c| c == served[0]),
+        "the endpoint connection was not reused after the large answers: {served:?}"
+    );
+}

@@ -278,6 +278,22 @@ impl ClientIo {
         }
     }
 
+    /// The plain TCP socket under this connection, for splice(2), with
+    /// `timeouts.responseWrite`: `None` over TLS, or while sniffed bytes
+    /// wait to be replayed.
+    pub fn plain_socket(&self) -> Option<(&TcpStream, Duration)> {
+        match &self.inner {
+            ClientStream::Plain(s) if self.prefix_at == self.prefix_len => Some((s, self.clock.response_write)),
+            _ => None,
+        }
+    }
+
+    /// Counts a write to this client that stalled for `timeouts.responseWrite`
+    /// outside [`AsyncWrite`] (a splice).
+    pub fn count_write_timeout(&self) {
+        self.counters.write_timeout.inc();
+    }
+
     /// A write's outcome, bounded by `timeouts.responseWrite`: the time a
     /// client may leave the socket full (nginx `send_timeout`). The only
     /// memory a stalled reader holds is then what the kernel and hyper's

@@ -25,7 +25,9 @@ use crate::proxy::http::relay::Meters;
 use crate::proxy::http::route::Routed;
 use crate::proxy::retry::Failure;
 use crate::proxy::service::{Current, ServiceRuntime};
+use crate::proxy::tcp::splice::{self, Cut};
 use crate::proxy::upstream::pool::{Pool, RawConn};
+use crate::tls::upstream::MaybeTls;
 
 /// Bytes read from an endpoint per read, and the most a response holds
 /// between the endpoint and a client that reads slowly.
@@ -48,6 +50,13 @@ pub struct Upstreamed {
     pub pool: Arc<Pool>,
     /// Holds the endpoint's active count until the body ends.
     pub guard: ActiveGuard,
+}
+
+impl Upstreamed {
+    /// A body long enough to be spliced.
+    pub fn is_long(&self) -> bool {
+        matches!(self.framing, Framing::Length(n) if n >= SPLICE_MIN)
+    }
 }
 
 /// What the forward phase answers.
@@ -88,7 +97,7 @@ pub enum UploadFailed {
 
 impl Upload<'_> {
     /// Sends the rest of the body to `to`, each write within `timeout`.
-    async fn pump(&mut self, to: &mut crate::tls::upstream::MaybeTls, timeout: Duration) -> Result<(), Failure> {
+    async fn pump(&mut self, to: &mut MaybeTls, timeout: Duration) -> Result<(), Failure> {
         loop {
             if !self.buf.is_empty() {
                 let n = match self.chunked.scan(self.buf) {
@@ -349,9 +358,9 @@ pub struct Relayed {
 
 /// Writes the answer's head and body to `client`, reading the body from the
 /// endpoint only as fast as the client takes it (one read of at most
-/// [`READ_SIZE`] in hand), then gives the connection back when the body
-/// ended cleanly.
-pub async fn relay<W: tokio::io::AsyncWrite + Unpin>(answer: Upstreamed, client: &mut W) -> Relayed {
+/// [`READ_SIZE`] in hand, or a large body spliced), then gives the
+/// connection back when the body ended cleanly.
+pub async fn relay(answer: Upstreamed, client: &mut ClientIo) -> Relayed {
     let Upstreamed {
         mut head,
         framing,
@@ -421,6 +430,29 @@ pub async fn relay<W: tokio::io::AsyncWrite + Unpin>(answer: Upstreamed, client:
         if ended || !upstream_ok {
             break;
         }
+        if left >= SPLICE_MIN
+            && conn.buf.is_empty()
+            && let (MaybeTls::Plain(from), Some((to, stall))) = (&conn.io, client.plain_socket())
+        {
+            // Not held while the client reads slowly: the pipe holds the body.
+            conn.buf = BytesMut::new();
+            if let Ok((n, cut)) = splice::forward_exact(from, to, left, stall).await {
+                relayed.bytes += n;
+                match cut {
+                    Ok(()) => ended = true,
+                    Err(Cut::From(e)) => {
+                        tracing::debug!(endpoint = %pool.target(), error = %e, "the answer's body broke off");
+                        upstream_ok = false;
+                    }
+                    Err(Cut::Stalled) => {
+                        client.count_write_timeout();
+                        return relayed;
+                    }
+                    Err(Cut::To(_)) => return relayed,
+                }
+                break;
+            }
+        }
         let mut buf = std::mem::take(&mut conn.buf);
         buf.reserve(READ_SIZE);
         let read = conn.io.read_buf(&mut buf).await;
@@ -443,6 +475,12 @@ pub async fn relay<W: tokio::io::AsyncWrite + Unpin>(answer: Upstreamed, client:
     }
     relayed
 }
+
+/// A `Content-Length` body with at least this much still to come is spliced
+/// (endpoint socket -> pipe -> client socket) when neither side is TLS: one
+/// pipe's setup is worth it, and a client that reads slowly holds kernel
+/// pipe pages instead of our read buffer.
+const SPLICE_MIN: u64 = 64 * 1024;
 
 /// Body bytes up to this many ride in the head's write; more are written
 /// from the read buffer itself (no copy, and no second buffer that size

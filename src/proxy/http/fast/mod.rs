@@ -142,6 +142,10 @@ pub async fn serve(io: &mut ClientIo, proxy: &HttpProxy, client: &Downstream, ma
         let (bytes_out, ok) = match answer.reply {
             Reply::Local(resp) => write_local(resp, head_request, close, io, &mut out).await,
             Reply::Upstream(up) => {
+                if buf.is_empty() && up.is_long() {
+                    // Not held for as long as a slow client takes to read it.
+                    buf = BytesMut::new();
+                }
                 let relayed = forward::relay(*up, io).await;
                 (relayed.bytes, relayed.client_ok)
             }
