@@ -6,6 +6,8 @@
 #   bench/ab.sh OLD_BIN NEW_BIN [TURNS] [SECONDS]     (defaults: 6 turns of 5 s)
 #   PROTO=h2 bench/ab.sh ...    h2c clients to h2c backends (h2load) instead of
 #                               HTTP/1.1 keep-alive (wrk)
+#   URL_PATH=/256k bench/ab.sh  256 KiB answers instead of 2 bytes
+#   UPLOAD=FILE URL_PATH=/sink PROTO=h2 ...   each request POSTs FILE (h2load -d)
 #
 # Prints per turn and in median: req/s and CPU microseconds per request of
 # each build, and NEW/OLD.
@@ -17,6 +19,8 @@ NEW=$2
 TURNS=${3:-6}
 DUR=${4:-5}
 PROTO=${PROTO:-h1}
+URL_PATH=${URL_PATH:-/}
+UPLOAD=${UPLOAD:-}
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() {
@@ -54,10 +58,10 @@ sleep 1.5 # every endpoint healthy
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 load() { # port -> requests done
   if [ "$PROTO" = h2 ]; then
-    taskset -c 1 h2load -c32 -m10 -D"$DUR" "http://127.0.0.1:$1/" 2>/dev/null |
+    taskset -c 1 h2load -c32 -m10 -D"$DUR" ${UPLOAD:+-d "$UPLOAD"} "http://127.0.0.1:$1$URL_PATH" 2>/dev/null |
       awk '/^requests:/ {print $8}'
   else
-    taskset -c 1 wrk -t1 -c32 -d"${DUR}s" "http://127.0.0.1:$1/" 2>/dev/null |
+    taskset -c 1 wrk -t1 -c32 -d"${DUR}s" "http://127.0.0.1:$1$URL_PATH" 2>/dev/null |
       awk '/^Requests\/sec/ {print int($2 * '"$DUR"')}'
   fi
 }

@@ -78,6 +78,9 @@ def wait_port(port):
 
 def main():
     work = tempfile.mkdtemp(prefix="hostile-")
+    # nginx's worker runs as nobody: it must read the 50 MB file (else every
+    # client gets a 404 and the run measures idle connections).
+    os.chmod(work, 0o755)
     procs = []
     try:
         with open(f"{work}/big", "wb") as f:
@@ -162,9 +165,13 @@ http {{
                 s.connect(("127.0.0.1", port))
                 s.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
                 socks.append(s)
+            # One client reads its status line (then stalls like the rest).
+            socks[0].settimeout(5)
+            status = socks[0].recv(64).split(b"\r\n")[0].decode(errors="replace")
             time.sleep(3)
             after = rss_kib(pids)
-            print(f"   {name:9} {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB   growth {(after - before) / 1024:7.1f} MiB")
+            print(f"   {name:9} {status:16} {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB"
+                  f"   growth {(after - before) / 1024:7.1f} MiB")
             for s in socks:
                 s.close()
             time.sleep(1)

@@ -4,6 +4,7 @@
 #
 #   bench/profile.sh [h1|h2] [SECONDS]      (defaults: h1, 8 s)
 #   BALANCED_ARGS="--access-log /tmp/a.log" bench/profile.sh    extra flags for balanced
+#   KEEP=/tmp/perf.data bench/profile.sh    keeps perf.data (perf report -i it, e.g. --call-graph caller)
 #
 # Needs perf (Debian linux-perf). The release profile keeps line tables, so
 # symbols resolve. Prints the report to stdout; perf.data stays in a temp dir.
@@ -46,6 +47,7 @@ wait $PERF || true
 echo "== by thread"; perf report -i "$WORK/perf.data" --no-children --stdio --sort comm -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | head -4
 echo "== by object"; perf report -i "$WORK/perf.data" --no-children --stdio --sort dso -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | head -8
 echo "== inclusive, our code and hyper/tokio"
-perf report -i "$WORK/perf.data" --children --percent-limit 3 --stdio --sort symbol -g none --dsos balanced 2>/dev/null | grep -v "^#" | grep -v "^$" | cut -c1-160 | head -40
+perf report -i "$WORK/perf.data" --children --percent-limit 3 --stdio --sort symbol -g none --dsos balanced 2>/dev/null | grep -v "^#" | grep -v "^$" | cut -c1-160 | head -40 || true # head closes the pipe early: not a failure
+[ -n "${KEEP:-}" ] && cp "$WORK/perf.data" "$KEEP"
 echo "== top symbols"
-perf report -i "$WORK/perf.data" --no-children --percent-limit 0.5 --stdio --sort dso,symbol -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | cut -c1-150 | head -70
+perf report -i "$WORK/perf.data" --no-children --percent-limit 0.5 --stdio --sort dso,symbol -g none 2>/dev/null | grep -v "^#" | grep -v "^$" | cut -c1-150 | head -70 || true
