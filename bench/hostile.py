@@ -4,9 +4,12 @@ same nginx backend, each proxy pinned to core 0, backend and clients on core 1.
 
   python3 bench/hostile.py [CLIENTS] [UPLOAD_MB]      (defaults: 300 clients, 4 MB)
 
+0. With IDLE=1 only: CLIENTS keep-alive connections idle after a 2-byte
+   answer (what a connection costs by itself). Printed: each proxy's
+   resident memory growth (all its processes).
 1. Stalled readers: CLIENTS clients with a 4 KiB receive buffer send
    `GET /big HTTP/1.1` (a 50 MB file) and never read. Printed: each proxy's
-   resident memory growth (all its processes) after 3 s.
+   resident memory growth after 3 s (run without IDLE=1 to see it alone).
 2. Tiny chunks: UPLOAD_MB sent to `POST /sink` as 1-byte chunks (nginx reads
    and discards the body). Printed: each proxy's CPU seconds per MB, the wall
    time, and how many bytes reached the backend (its access log).
@@ -26,6 +29,9 @@ import time
 CLIENTS = int(sys.argv[1]) if len(sys.argv) > 1 else 300
 UPLOAD_MB = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 BIN = os.environ.get("BALANCED_BIN", "target/release/balanced")
+# IDLE=1: step 0 first (each step's growth counts from the high-water mark
+# the one before left, so the two are compared in separate runs).
+IDLE = os.environ.get("IDLE") == "1"
 BACKEND = 18481
 PORTS = {"balanced": 27401, "haproxy": 28401, "nginx": 29401}
 CLK = os.sysconf("SC_CLK_TCK")
@@ -153,6 +159,27 @@ http {{
         nginx_master = int(open(f"{work}/nginx.pid").read())
         roots = {"balanced": b.pid, "haproxy": h.pid, "nginx": nginx_master}
         os.sched_setaffinity(0, {1})
+
+        if IDLE:
+            print(f"0. {CLIENTS} keep-alive connections idle after a 2-byte answer: what a connection costs by itself")
+            for name, port in PORTS.items():
+                pids = pids_of(roots[name])
+                before = rss_kib(pids)
+                socks = []
+                for _ in range(CLIENTS):
+                    s = socket.create_connection(("127.0.0.1", port))
+                    s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
+                    socks.append(s)
+                for s in socks:
+                    s.settimeout(5)
+                    s.recv(4096)
+                time.sleep(1)
+                after = rss_kib(pids)
+                print(f"   {name:9} {'idle':16} {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB"
+                      f"   growth {(after - before) / 1024:7.1f} MiB")
+                for s in socks:
+                    s.close()
+                time.sleep(1)
 
         print(f"1. {CLIENTS} clients that never read a 50 MB answer (RSS growth after 3 s)")
         for name, port in PORTS.items():
