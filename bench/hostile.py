@@ -160,48 +160,40 @@ http {{
         roots = {"balanced": b.pid, "haproxy": h.pid, "nginx": nginx_master}
         os.sched_setaffinity(0, {1})
 
-        if IDLE:
-            print(f"0. {CLIENTS} keep-alive connections idle after a 2-byte answer: what a connection costs by itself")
+        def growth(title, connect, settle):
+            """Each proxy's RSS growth with CLIENTS sockets from `connect`."""
+            print(title)
             for name, port in PORTS.items():
                 pids = pids_of(roots[name])
                 before = rss_kib(pids)
-                socks = []
-                for _ in range(CLIENTS):
-                    s = socket.create_connection(("127.0.0.1", port))
-                    s.sendall(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
-                    socks.append(s)
-                for s in socks:
-                    s.settimeout(5)
-                    s.recv(4096)
-                time.sleep(1)
+                socks = [connect(port) for _ in range(CLIENTS)]
+                # One client reads its status line (a stalled one then stalls like the rest).
+                socks[0].settimeout(5)
+                status = socks[0].recv(64).split(b"\r\n")[0].decode(errors="replace")
+                time.sleep(settle)
                 after = rss_kib(pids)
-                print(f"   {name:9} {'idle':16} {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB"
+                print(f"   {name:9} {status:16} {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB"
                       f"   growth {(after - before) / 1024:7.1f} MiB")
                 for s in socks:
                     s.close()
                 time.sleep(1)
 
-        print(f"1. {CLIENTS} clients that never read a 50 MB answer (RSS growth after 3 s)")
-        for name, port in PORTS.items():
-            pids = pids_of(roots[name])
-            before = rss_kib(pids)
-            socks = []
-            for _ in range(CLIENTS):
+        def asking(path, rcvbuf=None):
+            def connect(port):
                 s = socket.socket()
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                if rcvbuf:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
                 s.connect(("127.0.0.1", port))
-                s.sendall(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
-                socks.append(s)
-            # One client reads its status line (then stalls like the rest).
-            socks[0].settimeout(5)
-            status = socks[0].recv(64).split(b"\r\n")[0].decode(errors="replace")
-            time.sleep(3)
-            after = rss_kib(pids)
-            print(f"   {name:9} {status:16} {before / 1024:7.1f} MiB -> {after / 1024:7.1f} MiB"
-                  f"   growth {(after - before) / 1024:7.1f} MiB")
-            for s in socks:
-                s.close()
-            time.sleep(1)
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+                return s
+            return connect
+
+        if IDLE:
+            # The 2-byte answers sit in the sockets unread: the connections are idle.
+            growth(f"0. {CLIENTS} keep-alive connections idle after a 2-byte answer: what a connection costs by itself",
+                   asking("/ok"), 1)
+        growth(f"1. {CLIENTS} clients that never read a 50 MB answer (RSS growth after 3 s)",
+               asking("/big", 4096), 3)
 
         print(f"2. {UPLOAD_MB} MB uploaded as 1-byte chunks to POST /sink")
         for name, port in PORTS.items():
