@@ -57,21 +57,25 @@ pub async fn serve_http(
             // head's time (HAProxy counts it in `timeout http-request` too).
             let (stream, session) = match tls {
                 None => (ClientStream::Plain(stream), None),
-                Some(t) => match tokio::time::timeout(clock.request_header, t.acceptor().accept(stream)).await {
-                    Ok(Ok(s)) => {
-                        let session = crate::proxy::tls::session(s.get_ref().1);
-                        (ClientStream::Tls(Box::new(s)), Some(session))
+                // Boxed, as the hyper half below: a plain connection's task
+                // does not carry a handshake's state.
+                Some(t) => {
+                    match tokio::time::timeout(clock.request_header, Box::pin(t.acceptor().accept(stream))).await {
+                        Ok(Ok(s)) => {
+                            let session = crate::proxy::tls::session(s.get_ref().1);
+                            (ClientStream::Tls(Box::new(s)), Some(session))
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(peer = %state.peer, error = %e, "TLS handshake failed");
+                            t.handshake_failed(&e);
+                            return;
+                        }
+                        Err(_) => {
+                            t.handshake_timed_out();
+                            return;
+                        }
                     }
-                    Ok(Err(e)) => {
-                        tracing::debug!(peer = %state.peer, error = %e, "TLS handshake failed");
-                        t.handshake_failed(&e);
-                        return;
-                    }
-                    Err(_) => {
-                        t.handshake_timed_out();
-                        return;
-                    }
-                },
+                }
             };
             let io = ClientIo::new(stream, state.clone(), clock, counters);
             serve_connection(io, proxy, state, clock, limits, conn_tasks, session).await;
@@ -108,6 +112,31 @@ async fn serve_connection(
         }
     }
     let io = Rewind { prefix, io };
+    // Boxed: the connection's task is as large as its largest state, and
+    // the connections the fast path serves (most) then never carry hyper's.
+    Box::pin(serve_with_hyper(
+        io,
+        h2,
+        proxy,
+        client,
+        state,
+        clock,
+        (max_headers, max_fields),
+    ))
+    .await;
+}
+
+/// The rest of a connection on hyper: h2c, or HTTP/1.1 from the request the
+/// fast path did not take.
+async fn serve_with_hyper(
+    io: Rewind,
+    h2: bool,
+    proxy: Arc<HttpProxy>,
+    client: Arc<Downstream>,
+    state: Arc<ConnState>,
+    clock: Clock,
+    (max_headers, max_fields): (usize, usize),
+) {
     let service = service_fn(move |req| {
         let flight = client.conn.begin();
         let proxy = proxy.clone();
