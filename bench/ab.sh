@@ -10,7 +10,7 @@
 #   UPLOAD=FILE URL_PATH=/sink PROTO=h2 ...   each request POSTs FILE (h2load -d)
 #
 # Prints per turn and in median: req/s and CPU microseconds per request of
-# each build, and NEW/OLD.
+# each build, and NEW/OLD; then each one's peak RSS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -93,3 +93,10 @@ ro=$(median "${OLD_RPS[@]}") rn=$(median "${NEW_RPS[@]}")
 printf '%-5s %12s %10s %12s %10s\n' median "$ro" "$mo" "$rn" "$mn"
 awk -v mo="$mo" -v mn="$mn" -v ro="$ro" -v rn="$rn" -v p="$PROTO" \
   'BEGIN { printf "%s new/old: cpu per request %.3fx, throughput %.3fx\n", p, mn / mo, rn / ro }'
+# Peak resident memory of each over the whole run (anonymous part apart:
+# the rest is the binary's own pages, shared with nothing but still counted).
+for who in OLD NEW; do
+  pid=${who}_PID
+  awk -v w="$who" '/VmHWM/ {h = $2} /RssAnon/ {a = $2} /RssFile/ {f = $2}
+    END { printf "%s peak RSS %.1f MiB (now: anonymous %.1f, file %.1f)\n", w, h / 1024, a / 1024, f / 1024 }' "/proc/${!pid}/status"
+done

@@ -11,7 +11,6 @@ use std::pin::Pin;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use http::Response;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::answer;
@@ -23,8 +22,8 @@ use crate::proxy::access::{self, Flags};
 use crate::proxy::attempt::{Attempts, RequestFacts};
 use crate::proxy::retry::Failure;
 use crate::proxy::service::Current;
-use crate::proxy::upstream::exchange;
 use crate::proxy::upstream::pool::{Protocol, Release};
+use crate::proxy::upstream::{EndpointBody, exchange};
 
 /// What one racing attempt brings back: its endpoint, its count on that
 /// endpoint, when it started, and the response head or why there is none.
@@ -32,7 +31,7 @@ type Finished = (
     usize,
     ActiveGuard,
     Instant,
-    Result<(Response<Incoming>, Release), Failure>,
+    Result<(Response<EndpointBody>, Release), Failure>,
 );
 
 type Racer<'a> = Pin<Box<dyn std::future::Future<Output = Finished> + Send + 'a>>;

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 
 use super::body::ProxyBody;
@@ -14,6 +13,7 @@ use super::headers::strip_hop_by_hop;
 use crate::balance::ActiveGuard;
 use crate::metrics::AtomicHistogram;
 use crate::proxy::access;
+use crate::proxy::upstream::EndpointBody;
 use crate::proxy::upstream::body::UpBody;
 use crate::proxy::upstream::pool::{Release, Tracked};
 
@@ -48,7 +48,7 @@ pub fn upstream_request(parts: &http::request::Parts, headers: http::HeaderMap, 
 /// `debug.endpointHeader` the endpoint named, and its body holding the
 /// endpoint's active count and connection until the last byte.
 pub fn relayed(
-    resp: Response<Incoming>,
+    resp: Response<EndpointBody>,
     guard: ActiveGuard,
     release: Release,
     endpoint: SocketAddr,

@@ -18,8 +18,8 @@ use crate::proxy::attempt::{self, Connected};
 use crate::proxy::client::Downstream;
 use crate::proxy::service::{Current, ServiceRuntime};
 use crate::proxy::upstream::body::{UpBody, Upload};
-use crate::proxy::upstream::classify;
 use crate::proxy::upstream::pool::{Protocol, Release};
+use crate::proxy::upstream::{EndpointBody, classify};
 use crate::tls::upstream::Alpn;
 
 /// Forwards an upgrade through `listener`; once the request is sent it is
@@ -99,7 +99,13 @@ pub async fn tunnel(
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         return (
-            relayed(resp, guard, Release::None, endpoint, config.endpoint_header),
+            relayed(
+                resp.map(EndpointBody::H1),
+                guard,
+                Release::None,
+                endpoint,
+                config.endpoint_header,
+            ),
             up,
         );
     }

@@ -1,20 +1,26 @@
 //! The endpoint's side of a request: the connections kept per endpoint
-//! ([`pool`]), the request body as it goes up ([`body`]), and one exchange on
-//! a connection: send, wait for the response head, and sort what went wrong
-//! into a [`Failure`] the retry rules understand.
+//! ([`pool`]), the request body as it goes up ([`body`]), HTTP/2 spoken on
+//! the request's own task ([`http2`]), and one exchange on a connection: send,
+//! wait for the response head, and sort what went wrong into a [`Failure`]
+//! the retry rules understand.
 
 pub mod body;
+pub mod http2;
 pub mod pool;
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use self::body::{UpBody, UploadState};
+use self::body::{BoxError, UpBody, UploadState};
+use self::http2::H2Body;
 use self::pool::{Conn, Pool, Release};
 use crate::net::io_text;
 use crate::proxy::retry::Failure;
@@ -34,7 +40,7 @@ pub async fn exchange(
     copy: impl FnOnce() -> Option<Request<UpBody>>,
     upload: Option<&UploadState>,
     timeout: Duration,
-) -> Result<(Response<Incoming>, Release), Failure> {
+) -> Result<(Response<EndpointBody>, Release), Failure> {
     let reused = matches!(conn, Conn::H1 { reused: true, .. });
     let outcome = after_upload(upload, timeout, send(pool, conn, request)).await;
     let (failure, unsent) = match outcome {
@@ -75,20 +81,55 @@ async fn send(
     pool: &Arc<Pool>,
     conn: Conn,
     req: Request<UpBody>,
-) -> Result<(Response<Incoming>, Release), (Failure, Option<Request<UpBody>>)> {
+) -> Result<(Response<EndpointBody>, Release), (Failure, Option<Request<UpBody>>)> {
     match conn {
         Conn::H1 { mut sender, .. } => match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp, Release::H1(pool.clone(), sender))),
+            Ok(resp) => Ok((resp.map(EndpointBody::H1), Release::H1(pool.clone(), sender))),
             Err(mut e) => match e.take_message() {
                 // Nothing went out: as good as a connect failure.
                 Some(unsent) => Err((Failure::Connect(classify(e.error()).1), Some(unsent))),
                 None => Err((classify(e.error()).0, None)),
             },
         },
-        Conn::H2 { mut sender, slot } => match sender.send_request(req).await {
-            Ok(resp) => Ok((resp, Release::H2(slot))),
-            Err(e) => Err((classify(&e).0, None)),
+        Conn::H2 { sender, slot } => match http2::send(sender, req).await {
+            Ok(resp) => Ok((resp.map(EndpointBody::H2), Release::H2(slot))),
+            Err(failure) => Err((failure, None)),
         },
+    }
+}
+
+/// An endpoint's answer body, as hyper's HTTP/1.1 client or our HTTP/2 one read it.
+#[derive(Debug)]
+pub enum EndpointBody {
+    /// From an HTTP/1.1 connection.
+    H1(Incoming),
+    /// From an HTTP/2 stream.
+    H2(H2Body),
+}
+
+impl Body for EndpointBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+            Self::H2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::H2(b) => b.size_hint(),
+        }
     }
 }
 

@@ -19,13 +19,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::EndpointBody;
 use super::body::{BoxError, UpBody};
+use super::http2::{self, H2Sender};
 use crate::balance::ActiveGuard;
 use crate::net::{io_text, is_local_exhaustion};
 use crate::proxy::retry::Failure;
@@ -114,7 +116,7 @@ struct Idle {
 
 #[derive(Debug)]
 struct H2Conn {
-    sender: http2::SendRequest<UpBody>,
+    sender: H2Sender,
     streams: Arc<AtomicUsize>,
     last_used: Instant,
 }
@@ -131,7 +133,7 @@ pub enum Conn {
     /// A stream slot on a shared HTTP/2 connection.
     H2 {
         /// The sender (a handle on the shared connection).
-        sender: http2::SendRequest<UpBody>,
+        sender: H2Sender,
         /// Holds the stream slot until the response body ends.
         slot: StreamSlot,
     },
@@ -390,24 +392,10 @@ impl Pool {
 
     async fn connect_h2(&self) -> Result<H2Conn, Failure> {
         let stream = self.connect(Alpn::H2).await?;
-        let handshake = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            // Large windows: a loopback or in-cluster endpoint should never wait
-            // for WINDOW_UPDATE on ordinary responses.
-            .initial_stream_window_size(4 * 1024 * 1024)
-            .initial_connection_window_size(16 * 1024 * 1024)
-            .max_concurrent_reset_streams(64)
-            .handshake(TokioIo::new(stream));
-        let (sender, conn) = tokio::time::timeout(self.settings.connect_timeout, handshake)
+        let sender = tokio::time::timeout(self.settings.connect_timeout, http2::handshake(stream, self.target))
             .await
             .map_err(|_| Failure::Timeout)?
             .map_err(|e| Failure::Connect(format!("h2 handshake: {e}")))?;
-        let target = self.target;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %target, error = %e, "upstream h2 connection ended with an error");
-            }
-        });
         Ok(H2Conn {
             sender,
             streams: Arc::new(AtomicUsize::new(0)),
@@ -429,14 +417,14 @@ pub enum Release {
 /// An upstream response body that holds its endpoint's active count, and its
 /// connection, until it ends.
 pub struct Tracked {
-    inner: Incoming,
+    inner: EndpointBody,
     guard: Option<ActiveGuard>,
     release: Release,
 }
 
 impl Tracked {
     /// Wraps `inner`, releasing `guard` and `release` at end of stream or drop.
-    pub fn new(inner: Incoming, guard: ActiveGuard, release: Release) -> Self {
+    pub fn new(inner: EndpointBody, guard: ActiveGuard, release: Release) -> Self {
         Self {
             inner,
             guard: Some(guard),
@@ -465,7 +453,7 @@ impl Body for Tracked {
             Poll::Ready(Some(Err(_))) => self.finish(false),
             _ => {}
         }
-        polled.map(|f| f.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

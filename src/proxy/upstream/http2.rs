@@ -1,0 +1,405 @@
+//! HTTP/2 to an endpoint on the `h2` crate directly, the request's own task
+//! sending it and reading its answer. hyper's h2 client runs a dispatch task
+//! per connection and spawns one more task per request, so a request crossed
+//! four tasks (ours, the dispatch, the per-request one, the connection's) and
+//! back through two channels; here it wakes the connection's task and is woken
+//! by it, as the h2 crate allows any task to open a stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+
+use super::body::BoxError;
+use crate::net::io_text;
+use crate::proxy::retry::Failure;
+use crate::tls::upstream::MaybeTls;
+
+/// The most response header bytes an endpoint may send (hyper's default).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// Request body bytes queued on a stream beyond what the endpoint's window
+/// takes (hyper's client default).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+
+/// A handle on one HTTP/2 connection; cheap to clone, one per request.
+#[derive(Clone, Debug)]
+pub struct H2Sender {
+    sender: SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+impl H2Sender {
+    /// Whether the connection has ended (it takes no new streams).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// Speaks HTTP/2 on `io` and runs the connection in a task of its own.
+pub async fn handshake(io: MaybeTls, endpoint: std::net::SocketAddr) -> Result<H2Sender, h2::Error> {
+    let (sender, conn) = h2::client::Builder::new()
+        // Large windows: a loopback or in-cluster endpoint should never wait
+        // for WINDOW_UPDATE on ordinary responses.
+        .initial_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_concurrent_reset_streams(64)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .enable_push(false)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ended = closed.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%endpoint, error = %e, "upstream h2 connection ended with an error");
+        }
+        ended.store(true, Ordering::Relaxed);
+    });
+    Ok(H2Sender { sender, closed })
+}
+
+/// Sends `req` and waits for the response head. The body, when there is
+/// one, goes up from a task of its own (it may outlive the head: a gRPC
+/// stream sends while it receives), reset if this future is dropped first.
+pub async fn send<B>(sender: H2Sender, req: Request<B>) -> Result<Response<H2Body>, Failure>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    let closed = sender.closed;
+    let mut sender = match sender.sender.ready().await {
+        Ok(ready) => ready,
+        Err(_) => {
+            // A GOAWAY came, or the connection ended: the pool stops handing it out.
+            closed.store(true, Ordering::Relaxed);
+            return Err(unsent());
+        }
+    };
+    let (mut head, body) = req.into_parts();
+    strip_connection_headers(&mut head.headers);
+    if let Some(len) = body.size_hint().exact()
+        && (len != 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH))
+        && !head.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    let eos = body.is_end_stream();
+    let (response, stream) = sender.send_request(Request::from_parts(head, ()), eos).map_err(|e| {
+        if is_user(&e) {
+            Failure::Error(e.to_string())
+        } else {
+            unsent()
+        }
+    })?;
+    let cancel = if eos {
+        None
+    } else {
+        let (cancel, cancelled) = oneshot::channel();
+        tokio::spawn(pump(body, stream, cancelled));
+        Some(CancelOnDrop(Some(cancel)))
+    };
+    let resp = response.await.map_err(|e| classify(&e))?;
+    if let Some(mut c) = cancel {
+        c.0 = None;
+    }
+    let content_length = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    Ok(resp.map(|recv| H2Body {
+        recv,
+        content_length,
+        data_done: false,
+    }))
+}
+
+/// Resets the stream's upload if the request is dropped before its answer
+/// (a hedge that lost, a client that left).
+struct CancelOnDrop(Option<oneshot::Sender<()>>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            let _ = c.send(());
+        }
+    }
+}
+
+/// Copies `body` to `stream` within the endpoint's flow control window.
+async fn pump<B: Body<Data = Bytes> + Unpin>(
+    mut body: B,
+    mut stream: SendStream<Bytes>,
+    mut cancelled: oneshot::Receiver<()>,
+) {
+    let outcome = std::future::poll_fn(|cx| {
+        if let Poll::Ready(Ok(())) = Pin::new(&mut cancelled).poll(cx) {
+            return Poll::Ready(Err(h2::Reason::CANCEL));
+        }
+        poll_pump(&mut body, &mut stream, cx)
+    })
+    .await;
+    if let Err(reason) = outcome {
+        stream.send_reset(reason);
+    }
+}
+
+fn poll_pump<B: Body<Data = Bytes> + Unpin>(
+    body: &mut B,
+    stream: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), h2::Reason>> {
+    loop {
+        // Room first (what the window takes plus the send buffer), so a client
+        // faster than the endpoint waits on us instead of piling up here.
+        stream.reserve_capacity(1);
+        if stream.capacity() == 0 {
+            loop {
+                match ready!(stream.poll_capacity(cx)) {
+                    Some(Ok(0)) => {}
+                    Some(Ok(_)) => break,
+                    // The endpoint reset the stream or the connection ended.
+                    Some(Err(_)) | None => return Poll::Ready(Ok(())),
+                }
+            }
+        } else if stream.poll_reset(cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    if stream.send_data(data, end).is_err() || end {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = stream.send_trailers(trailers);
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            },
+            Some(Err(_)) => return Poll::Ready(Err(h2::Reason::INTERNAL_ERROR)),
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Headers HTTP/2 forbids (RFC 9113 8.2.2), in case a route or a filter put one back.
+fn strip_connection_headers(headers: &mut http::HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::HeaderName::from_static("keep-alive"),
+        header::HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+/// An endpoint's HTTP/2 answer body: its data, then its trailers, giving the
+/// window back as it is read.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: RecvStream,
+    content_length: Option<u64>,
+    data_done: bool,
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.content_length {
+            Some(n) if self.recv.is_end_stream() || n == 0 => SizeHint::with_exact(0),
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
+
+/// An error from the h2 crate about our own request (a header it will not
+/// send), not about the endpoint or the connection.
+fn is_user(e: &h2::Error) -> bool {
+    e.reason().is_none() && !e.is_io() && !e.is_go_away()
+}
+
+/// A request that never left: the connection closed or is going away.
+fn unsent() -> Failure {
+    Failure::Refused("the connection closed before the request was sent".into())
+}
+
+/// Sorts an h2 error on a sent request into a failure the retry rules know.
+pub fn classify(e: &h2::Error) -> Failure {
+    if e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        return Failure::Refused("the endpoint refused the stream (REFUSED_STREAM)".into());
+    }
+    if e.is_go_away() && e.is_remote() {
+        return Failure::Refused("the endpoint's GOAWAY came before the stream".into());
+    }
+    match e.get_io() {
+        Some(io) if io.kind() == std::io::ErrorKind::TimedOut => Failure::Timeout,
+        Some(io) => Failure::Error(io_text(io)),
+        None => Failure::Error(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::proxy::upstream::body::UpBody;
+
+    /// An h2c endpoint that reads each request's body whole and answers its
+    /// length, then a trailer; or, not `reading`, reads nothing (the upload
+    /// stalls on its window). `reset` gets the reason of any stream the
+    /// client reset.
+    async fn endpoint(reset: tokio::sync::mpsc::UnboundedSender<h2::Reason>, reading: bool) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            // A small window: a big upload has to wait for WINDOW_UPDATEs.
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(16 * 1024)
+                .handshake::<_, Bytes>(tcp)
+                .await
+                .unwrap();
+            while let Some(Ok((req, mut respond))) = conn.accept().await {
+                let reset = reset.clone();
+                tokio::spawn(async move {
+                    if !reading {
+                        let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                        let _ = reset.send(reason.unwrap_or(h2::Reason::NO_ERROR));
+                        drop(req);
+                        return;
+                    }
+                    let mut body = req.into_body();
+                    let mut len = 0;
+                    while let Some(chunk) = body.data().await {
+                        match chunk {
+                            Ok(chunk) => {
+                                len += chunk.len();
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                            }
+                            Err(e) => {
+                                let _ = reset.send(e.reason().unwrap_or(h2::Reason::NO_ERROR));
+                                return;
+                            }
+                        }
+                    }
+                    let mut send = respond.send_response(Response::new(()), false).unwrap();
+                    send.send_data(Bytes::from(len.to_string()), false).unwrap();
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                    send.send_trailers(trailers).unwrap();
+                });
+            }
+        });
+        addr
+    }
+
+    fn post<B>(body: B) -> Request<B> {
+        Request::post("http://endpoint/upload").body(body).unwrap()
+    }
+
+    async fn connect(addr: std::net::SocketAddr) -> H2Sender {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        handshake(MaybeTls::Plain(tcp), addr).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_window_goes_up_whole_and_the_trailers_come_back() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let sender = connect(endpoint(tx, true).await).await;
+        let body = UpBody::Full(Some(Bytes::from(vec![7u8; 3 * 1024 * 1024 + 5])));
+        let resp = send(sender.clone(), post(body)).await.unwrap();
+        assert!(
+            resp.body().size_hint().exact().is_none(),
+            "no Content-Length, no exact size"
+        );
+        let collected = resp.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers relayed");
+        assert_eq!(collected.to_bytes(), (3 * 1024 * 1024 + 5).to_string());
+        assert_eq!(trailers["grpc-status"], "0");
+        // The connection carries on: a second request, no body.
+        let resp = send(sender, post(UpBody::Empty)).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "0");
+    }
+
+    #[tokio::test]
+    async fn a_request_dropped_before_its_answer_resets_its_upload() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sender = connect(endpoint(tx, false).await).await;
+        // A streamed upload, still going when the request is dropped (a
+        // buffered one is all queued at once, and h2 resets that stream itself).
+        let (more, chunks) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        more.send(Ok(Frame::data(Bytes::from_static(b"first")))).await.unwrap();
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(chunks));
+        let sending = send(sender, post(body));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), sending)
+                .await
+                .is_err(),
+            "the endpoint never answers"
+        );
+        assert!(!more.is_closed(), "the upload was still waiting for the client");
+        let reason = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the endpoint saw the stream end")
+            .unwrap();
+        assert_eq!(reason, h2::Reason::CANCEL);
+    }
+
+    #[test]
+    fn errors_are_sorted_for_the_retry_rules() {
+        let refused = h2::Error::from(h2::Reason::REFUSED_STREAM);
+        assert!(matches!(classify(&refused), Failure::Refused(_)));
+        let cancelled = h2::Error::from(h2::Reason::CANCEL);
+        assert!(matches!(classify(&cancelled), Failure::Error(_)));
+        assert!(!is_user(&refused));
+    }
+}
