@@ -9,7 +9,11 @@ Three grpcio servers (a real gRPC implementation we did not write) on their
 own loopback addresses behind `balanced standalone`; 8 client threads share
 one channel to the proxy; a third of the way through each run one server is
 stopped abruptly. Streams it refused or never processed must be resent to
-another endpoint. Prints failed calls per run; exits non-zero if any failed.
+another endpoint, and calls the server answered UNAVAILABLE without a message
+(what grpcio does with the calls it had not started) are retried with
+`retry.on: [GrpcUnavailable]`. DIRECT=1 runs the same load with no proxy
+(grpcio's own round robin over the servers); NO_GRPC_RETRY=1 leaves
+GrpcUnavailable out. Prints failed calls per run; exits non-zero if any failed.
 """
 
 import os
@@ -90,6 +94,11 @@ def run_once(run):
     port = free_port(IPS[0])
     servers = [start_server(n, ip, port) for n, ip in zip("abc", IPS)]
     listen, admin = free_port(), free_port()
+    # grpcio (1.85) answers the calls it had not started UNAVAILABLE as it
+    # stops, to a direct client as well (DIRECT=1): the retry Envoy users set
+    # for gRPC (`retry_on: unavailable`) resends them. NO_GRPC_RETRY=1 leaves
+    # it out.
+    retry = "" if os.environ.get("NO_GRPC_RETRY") else "  retry: {on: [Error, Timeout, GrpcUnavailable]}\n"
     spec = f"""apiVersion: balanced.dev/v1alpha1
 kind: BalancedService
 metadata: {{name: grpc}}
@@ -97,7 +106,7 @@ spec:
   endpoints: [{', '.join(f'{{address: {ip}, port: {port}}}' for ip in IPS)}]
   listeners: [{{name: grpc, port: {listen}, appProtocol: kubernetes.io/h2c}}]
   healthCheck: {{protocol: TCP, interval: 500ms, timeout: 200ms, rise: 1, fall: 2}}
-"""
+{retry}"""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(spec)
     log = os.environ.get("ACCESS_LOG")
@@ -107,7 +116,14 @@ spec:
                              env=dict(os.environ, BALANCED_LOG=os.environ.get("BALANCED_LOG", "error")))
     failures = []
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{listen}")
+        if os.environ.get("DIRECT"):
+            # No proxy: grpcio's own round robin over the three servers, to
+            # tell the servers' answers from ours.
+            target = "ipv4:" + ",".join(f"{ip}:{port}" for ip in IPS)
+            options = [("grpc.lb_policy_name", "round_robin")]
+            channel = grpc.insecure_channel(target, options=options)
+        else:
+            channel = grpc.insecure_channel(f"127.0.0.1:{listen}")
         grpc.channel_ready_future(channel).result(timeout=10)
         call = channel.unary_unary(METHOD)
         # Every endpoint healthy before the load starts.

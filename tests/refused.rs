@@ -121,3 +121,87 @@ async fn streams_an_endpoint_never_processed_go_elsewhere_without_spending_the_b
         .sum();
     assert_eq!(exhausted, 0.0, "the budget was asked to pay");
 }
+
+/// An h2c gRPC endpoint that answers every call `UNAVAILABLE` in a
+/// trailers-only response, as a grpcio server answers the calls it had not
+/// started when it stops.
+async fn unavailable_endpoint() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .header("grpc-status", "14")
+                        .header("grpc-message", "Cancelling all calls")
+                        .body(())
+                        .unwrap();
+                    let _ = respond.send_response(resp, true);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// gRPC calls to `p` on one h2c connection: (grpc-status of the head, body) each.
+async fn grpc_calls(listen: SocketAddr, n: usize) -> Vec<(Option<String>, Bytes)> {
+    let stream = TcpStream::connect(listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let req = http::Request::post(format!("http://{listen}/pkg.Svc/Call"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .header("x-call", i.to_string())
+            .body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_owned());
+        out.push((status, resp.into_body().collect().await.unwrap().to_bytes()));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_unavailable_answer_goes_elsewhere_only_when_retry_on_names_it() {
+    let unavailable = unavailable_endpoint().await;
+    let fine = header_checking_endpoint().await;
+    let extra = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n";
+    let with = proxy(
+        &[unavailable, fine],
+        "HTTP, appProtocol: kubernetes.io/h2c",
+        &format!("{extra}  retry: {{on: [Error, Timeout, GrpcUnavailable]}}"),
+        2,
+    )
+    .await;
+    for (i, (status, body)) in grpc_calls(with.listen, 10).await.into_iter().enumerate() {
+        // A POST, retried without NonIdempotent: the condition names gRPC calls.
+        assert_eq!((status, &body[..]), (None, &b"fine"[..]), "call {i}");
+    }
+    let (_, metrics) = http_get(with.admin, "/metrics").await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("balanced_upstream_retries_total") && l.contains("GrpcUnavailable")),
+        "retries counted under their condition"
+    );
+    let without = proxy(&[unavailable, fine], "HTTP, appProtocol: kubernetes.io/h2c", extra, 2).await;
+    let answers = grpc_calls(without.listen, 10).await;
+    let relayed = answers.iter().filter(|(s, _)| s.as_deref() == Some("14")).count();
+    assert_eq!(
+        relayed, 5,
+        "round robin: every other call gets the endpoint's own answer: {answers:?}"
+    );
+}

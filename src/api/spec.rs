@@ -905,6 +905,21 @@ pub enum RetryCondition {
     Http429,
     /// Also retry POST, PATCH and LOCK after they were sent.
     NonIdempotent,
+    /// A gRPC call answered `CANCELLED` (1) without a message (a
+    /// trailers-only response). Like the other gRPC conditions it applies
+    /// to gRPC's POSTs without `NonIdempotent`: listing it says the
+    /// service's calls may be retried on that status (Envoy `retry_on:
+    /// cancelled`, gRPC's `retryableStatusCodes`).
+    GrpcCancelled,
+    /// A gRPC call answered `DEADLINE_EXCEEDED` (4) without a message.
+    GrpcDeadlineExceeded,
+    /// A gRPC call answered `RESOURCE_EXHAUSTED` (8) without a message.
+    GrpcResourceExhausted,
+    /// A gRPC call answered `INTERNAL` (13) without a message.
+    GrpcInternal,
+    /// A gRPC call answered `UNAVAILABLE` (14) without a message (a server
+    /// shutting down answers the calls it had not started so).
+    GrpcUnavailable,
 }
 
 impl RetryCondition {
@@ -923,6 +938,11 @@ impl RetryCondition {
             Http404 => "Http404",
             Http429 => "Http429",
             NonIdempotent => "NonIdempotent",
+            GrpcCancelled => "GrpcCancelled",
+            GrpcDeadlineExceeded => "GrpcDeadlineExceeded",
+            GrpcResourceExhausted => "GrpcResourceExhausted",
+            GrpcInternal => "GrpcInternal",
+            GrpcUnavailable => "GrpcUnavailable",
         }
     }
 }

@@ -156,11 +156,15 @@ impl<'a> Attempts<'a> {
         self.snap.members[i].endpoint.passive.record_success();
     }
 
-    /// Endpoint `i` answered `status`: true when that answer should be retried
+    /// Endpoint `i` answered `status` (and, for a gRPC call answered in its
+    /// head, `grpc` status): true when that answer should be retried
     /// elsewhere (a `retry.on` status within the rules and budget), false when
     /// it goes to the client.
-    pub fn answered(&mut self, i: usize, status: u16, request: RequestFacts<'_>) -> bool {
-        let failure = Failure::Status(status);
+    pub fn answered(&mut self, i: usize, status: u16, grpc: Option<u8>, request: RequestFacts<'_>) -> bool {
+        let failure = match grpc {
+            Some(code) if status == 200 => Failure::Grpc(code),
+            _ => Failure::Status(status),
+        };
         let retryable = failure.condition().is_some_and(|c| self.retry.retries_on(c));
         if retryable {
             return self.failed(i, failure, request);
@@ -190,6 +194,7 @@ impl<'a> Attempts<'a> {
         let member = &self.snap.members[i];
         match &failure {
             Failure::Status(s) => member.endpoint.stats.record_status(*s),
+            Failure::Grpc(_) => member.endpoint.stats.record_status(200),
             // Our own exhaustion says nothing about the endpoint.
             Failure::Local(_) => {}
             f => member.endpoint.stats.record_failure(*f == Failure::Timeout),
@@ -456,10 +461,10 @@ mod tests {
         let snap = rt.current().snap.clone();
         let mut a = Attempts::new(&rt, &cfg, &snap, None);
         let i = a.next_endpoint().unwrap();
-        assert!(a.answered(i, 503, GET), "503 is in retry.on");
+        assert!(a.answered(i, 503, None, GET), "503 is in retry.on");
         let j = a.next_endpoint().unwrap();
         assert_ne!(i, j);
-        assert!(!a.answered(j, 500, GET), "500 is not");
+        assert!(!a.answered(j, 500, None, GET), "500 is not");
         assert_eq!(cfg.retry.on, vec![RetryCondition::Http503]);
     }
 

@@ -31,6 +31,9 @@ pub enum Failure {
     InvalidHeader(String),
     /// The upstream answered with this status.
     Status(u16),
+    /// The upstream answered a gRPC call with this status and no message
+    /// (a trailers-only response: `grpc-status` in the response head).
+    Grpc(u8),
     /// The proxy itself could not open a connection (out of descriptors,
     /// buffers or local ports): not the endpoint's fault, and no other
     /// endpoint would fare better.
@@ -51,7 +54,12 @@ impl Failure {
             Failure::Status(403) => RetryCondition::Http403,
             Failure::Status(404) => RetryCondition::Http404,
             Failure::Status(429) => RetryCondition::Http429,
-            Failure::Status(_) | Failure::Local(_) => return None,
+            Failure::Grpc(1) => RetryCondition::GrpcCancelled,
+            Failure::Grpc(4) => RetryCondition::GrpcDeadlineExceeded,
+            Failure::Grpc(8) => RetryCondition::GrpcResourceExhausted,
+            Failure::Grpc(13) => RetryCondition::GrpcInternal,
+            Failure::Grpc(14) => RetryCondition::GrpcUnavailable,
+            Failure::Status(_) | Failure::Grpc(_) | Failure::Local(_) => return None,
         })
     }
 
@@ -66,7 +74,7 @@ impl Failure {
             Failure::Status(502) => PassiveCondition::Http502,
             Failure::Status(503) => PassiveCondition::Http503,
             Failure::Status(504) => PassiveCondition::Http504,
-            Failure::Status(_) | Failure::Local(_) => return false,
+            Failure::Status(_) | Failure::Grpc(_) | Failure::Local(_) => return false,
         };
         passive.on.contains(&condition)
     }
@@ -82,9 +90,19 @@ impl std::fmt::Display for Failure {
             Failure::Error(e) => f.write_str(e),
             Failure::InvalidHeader(e) => write!(f, "invalid response header: {e}"),
             Failure::Status(s) => write!(f, "status {s}"),
+            Failure::Grpc(s) => write!(f, "grpc-status {s}"),
             Failure::Local(e) => write!(f, "local: {e}"),
         }
     }
+}
+
+/// The status of a gRPC answer given in its head (a trailers-only
+/// response, the form a server uses when it has no message to send).
+pub fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    std::str::from_utf8(headers.get("grpc-status")?.as_bytes())
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// Methods nginx refuses to resend after they were sent (`non_idempotent`).
@@ -132,8 +150,11 @@ pub fn decide(policy: &RetryPolicy, a: &Attempted<'_>) -> Result<RetryCondition,
     if !policy.retries_on(condition) {
         return Err(NoRetry::NotConfigured);
     }
+    // gRPC calls are all POSTs: a gRPC condition in `retry.on` is the
+    // service saying its calls may be retried on that status.
     let nothing_sent = matches!(a.failure, Failure::Connect(_) | Failure::Refused(_));
-    if !nothing_sent && !is_idempotent(a.method) && !policy.retries_on(RetryCondition::NonIdempotent) {
+    let grpc = matches!(a.failure, Failure::Grpc(_));
+    if !nothing_sent && !grpc && !is_idempotent(a.method) && !policy.retries_on(RetryCondition::NonIdempotent) {
         return Err(NoRetry::NonIdempotent);
     }
     if !a.replayable {
@@ -175,6 +196,11 @@ fn after_send(condition: RetryCondition) -> &'static [Failure] {
         Http403 => &[Failure::Status(403)],
         Http404 => &[Failure::Status(404)],
         Http429 => &[Failure::Status(429)],
+        GrpcCancelled => &[Failure::Grpc(1)],
+        GrpcDeadlineExceeded => &[Failure::Grpc(4)],
+        GrpcResourceExhausted => &[Failure::Grpc(8)],
+        GrpcInternal => &[Failure::Grpc(13)],
+        GrpcUnavailable => &[Failure::Grpc(14)],
         NonIdempotent => &[],
     }
 }
@@ -342,6 +368,44 @@ mod tests {
         );
         assert!(is_idempotent(&Method::PUT) && is_idempotent(&Method::DELETE));
         assert!(!is_idempotent(&Method::PATCH));
+    }
+
+    #[test]
+    fn grpc_statuses_retry_calls_when_named_and_only_then() {
+        let post = Method::POST;
+        let unavailable = Failure::Grpc(14);
+        assert_eq!(
+            decide(&policy(&[Error, Timeout], 3), &attempt(&unavailable, &post)),
+            Err(NoRetry::NotConfigured)
+        );
+        assert_eq!(
+            decide(&policy(&[GrpcUnavailable], 3), &attempt(&unavailable, &post)),
+            Ok(GrpcUnavailable),
+            "a gRPC POST needs no NonIdempotent"
+        );
+        assert_eq!(
+            decide(&policy(&[GrpcUnavailable], 3), &attempt(&Failure::Grpc(13), &post)),
+            Err(NoRetry::NotConfigured)
+        );
+        assert_eq!(Failure::Grpc(2).condition(), None, "UNKNOWN has no condition");
+        let streamed = Attempted {
+            replayable: false,
+            ..attempt(&unavailable, &post)
+        };
+        assert_eq!(
+            decide(&policy(&[GrpcUnavailable], 3), &streamed),
+            Err(NoRetry::BodyNotBuffered)
+        );
+        assert!(may_retry_after_send(
+            &policy(&[GrpcUnavailable], 3),
+            &attempt(&Failure::Timeout, &post)
+        ));
+        let mut head = http::HeaderMap::new();
+        assert_eq!(grpc_status(&head), None);
+        head.insert("grpc-status", http::HeaderValue::from_static("14"));
+        assert_eq!(grpc_status(&head), Some(14));
+        head.insert("grpc-status", http::HeaderValue::from_static("x"));
+        assert_eq!(grpc_status(&head), None);
     }
 
     #[test]

@@ -100,8 +100,9 @@ impl<'a> Race<'a> {
                     match outcome {
                         Ok((resp, release)) => {
                             let status = resp.status().as_u16();
+                            let grpc = crate::proxy::retry::grpc_status(resp.headers());
                             let answer = relayed(resp, guard, release, addr, config.endpoint_header);
-                            if !attempts.answered(i, status, facts) {
+                            if !attempts.answered(i, status, grpc, facts) {
                                 up.endpoint = Some(addr);
                                 if fallback.is_some() || attempts.tries() > 1 && status >= 500 {
                                     up.flags.set(Flags::RETRIES_EXHAUSTED);

@@ -210,7 +210,7 @@ pub async fn forward(
                     pool: pool.clone(),
                     guard,
                 });
-                if !attempts.answered(i, status, facts) {
+                if !attempts.answered(i, status, None, facts) {
                     if fallback.is_some() || attempts.tries() > 1 && status >= 500 {
                         up.flags.set(Flags::RETRIES_EXHAUSTED);
                     }
