@@ -216,7 +216,9 @@ impl HttpProxy {
             return Answer::local(refused);
         }
         let mut answer = if is_upgrade(&req) {
-            self.upgrade(req, client, current, listener).await
+            // Boxed: a tunnel's setup is larger than a request's and rare, and
+            // every request in flight would otherwise carry room for it.
+            Box::pin(self.upgrade(req, client, current, listener)).await
         } else {
             self.request(req, client, current, listener).await
         };

@@ -42,7 +42,10 @@ pub async fn exchange(
     timeout: Duration,
 ) -> Result<(Response<EndpointBody>, Release), Failure> {
     let reused = matches!(conn, Conn::H1 { reused: true, .. });
-    let outcome = after_upload(upload, timeout, send(pool, conn, request)).await;
+    // Pinned here and lent: an async fn's argument is stored again as its
+    // local, and every request in flight would carry the send twice.
+    let first = std::pin::pin!(send(pool, conn, request));
+    let outcome = after_upload(upload, timeout, first).await;
     let (failure, unsent) = match outcome {
         Err((f @ (Failure::Error(_) | Failure::Connect(_) | Failure::Refused(_)), unsent)) if reused => (f, unsent),
         other => return other.map_err(|(failure, _)| failure),
@@ -50,23 +53,28 @@ pub async fn exchange(
     let Some(resend) = unsent.or_else(copy) else {
         return Err(failure);
     };
-    let sender = pool.fresh_h1().await?;
+    // Boxed, as rare: an exchange's future (held by every request in
+    // flight) is not twice the size for this second send.
+    let sender = Box::pin(pool.fresh_h1()).await?;
     let conn = Conn::H1 { sender, reused: false };
-    after_upload(upload, timeout, send(pool, conn, resend))
+    let again = Box::pin(send(pool, conn, resend));
+    after_upload(upload, timeout, again)
         .await
         .map_err(|(failure, _)| failure)
 }
 
 /// Runs `send` with `timeout` counted from the end of the upload.
-async fn after_upload<T>(
+async fn after_upload<T, F>(
     upload: Option<&UploadState>,
     timeout: Duration,
-    send: impl Future<Output = Result<T, (Failure, Option<Request<UpBody>>)>>,
-) -> Result<T, (Failure, Option<Request<UpBody>>)> {
-    tokio::pin!(send);
+    mut send: Pin<F>,
+) -> Result<T, (Failure, Option<Request<UpBody>>)>
+where
+    F: std::ops::DerefMut<Target: Future<Output = Result<T, (Failure, Option<Request<UpBody>>)>>>,
+{
     if let Some(upload) = upload {
         tokio::select! {
-            r = &mut send => return r,
+            r = send.as_mut() => return r,
             _ = upload.ended() => {}
         }
     }

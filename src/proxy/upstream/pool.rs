@@ -82,6 +82,9 @@ pub struct Pool {
     idle: Mutex<VecDeque<Idle>>,
     raw: Mutex<VecDeque<(RawConn, Instant)>>,
     h2: Mutex<Vec<H2Conn>>,
+    /// Held while an HTTP/2 connection is being made, with the last
+    /// attempt's failure and when it came (see [`Pool::checkout`]).
+    h2_connecting: tokio::sync::Mutex<Option<(Instant, Failure)>>,
 }
 
 /// An HTTP/1.1 connection the fast path speaks on itself (no hyper task
@@ -159,6 +162,7 @@ impl Pool {
             idle: Mutex::new(VecDeque::new()),
             raw: Mutex::new(VecDeque::new()),
             h2: Mutex::new(Vec::new()),
+            h2_connecting: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -194,8 +198,10 @@ impl Pool {
                         return Ok(Conn::H1 { sender, reused: true });
                     }
                 }
+                // New connections are boxed: a checkout's future (held by
+                // every request in flight) stays the size of taking one.
                 Ok(Conn::H1 {
-                    sender: self.connect_h1().await?,
+                    sender: Box::pin(self.connect_h1()).await?,
                     reused: false,
                 })
             }
@@ -203,7 +209,27 @@ impl Pool {
                 if let Some(conn) = self.shared_h2() {
                     return Ok(conn);
                 }
-                let conn = self.connect_h2().await?;
+                // One connection made at a time: the requests that come
+                // meanwhile share it (a burst of 320 streams opened 150
+                // connections, 30-40 KiB each, where 4 carry them), and
+                // share its failure too rather than each trying in turn.
+                let asked = Instant::now();
+                let mut connecting = self.h2_connecting.lock().await;
+                if let Some(conn) = self.shared_h2() {
+                    return Ok(conn);
+                }
+                if let Some((at, failure)) = &*connecting
+                    && *at >= asked
+                {
+                    return Err(failure.clone());
+                }
+                let conn = match Box::pin(self.connect_h2()).await {
+                    Ok(conn) => conn,
+                    Err(failure) => {
+                        *connecting = Some((Instant::now(), failure.clone()));
+                        return Err(failure);
+                    }
+                };
                 conn.streams.fetch_add(1, Ordering::Relaxed);
                 let out = Conn::H2 {
                     sender: conn.sender.clone(),
@@ -566,5 +592,38 @@ mod tests {
         held.truncate(5);
         assert!(matches!(pool.checkout(Protocol::H2c).await.unwrap(), Conn::H2 { .. }));
         assert_eq!(pool.h2_count(), 2, "room again on the first connection");
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_h2_requests_shares_the_connection_being_made() {
+        let backend = Backend::http("a", Behavior::Status(200)).await;
+        let pool = Pool::new(backend.addr, PoolSettings::new(Duration::from_secs(1)), None);
+        let burst = (0..50).map(|_| pool.checkout(Protocol::H2c));
+        let conns = futures::future::join_all(burst).await;
+        assert!(conns.iter().all(Result::is_ok));
+        assert_eq!(pool.h2_count(), 1, "50 streams arriving at once, one connection");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_waiting_on_a_failed_connect_shares_its_failure() {
+        // A listener that never accepts: its backlog of one fills, and later
+        // connects hang (a blackholed endpoint) until the connect timeout.
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let _fill: Vec<_> = (0..4)
+            .filter_map(|_| std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200)).ok())
+            .collect();
+        let pool = Pool::new(addr, PoolSettings::new(Duration::from_secs(2)), None);
+        let started = Instant::now();
+        let burst = (0..20).map(|_| pool.checkout(Protocol::H2c));
+        let outcomes = futures::future::join_all(burst).await;
+        assert!(outcomes.iter().all(Result::is_err), "nothing connected");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "one connect timeout for the burst, not one each in turn: {:?}",
+            started.elapsed()
+        );
     }
 }
