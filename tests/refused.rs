@@ -15,8 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::standalone::proxy;
 use tokio::net::{TcpListener, TcpStream};
 
-/// An h2c endpoint that takes connections and refuses every stream.
-async fn refusing_endpoint() -> SocketAddr {
+/// An h2c endpoint that hands every stream of every connection to `answer`.
+async fn h2_endpoint(answer: fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>)) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -25,13 +25,18 @@ async fn refusing_endpoint() -> SocketAddr {
                 let Ok(mut conn) = h2::server::handshake(s).await else {
                     return;
                 };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    respond.send_reset(Reason::REFUSED_STREAM);
+                while let Some(Ok((req, respond))) = conn.accept().await {
+                    answer(req, respond);
                 }
             });
         }
     });
     addr
+}
+
+/// An h2c endpoint that takes connections and refuses every stream.
+async fn refusing_endpoint() -> SocketAddr {
+    h2_endpoint(|_, mut respond| respond.send_reset(Reason::REFUSED_STREAM)).await
 }
 
 /// An h2c endpoint that answers every connection with GOAWAY (last stream
@@ -59,28 +64,17 @@ async fn going_away_endpoint() -> SocketAddr {
 /// An h2c endpoint that answers `200 fine` to requests that carry the
 /// client's `x-call` header, and `400` to those that lost it on the way.
 async fn header_checking_endpoint() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let ok = req.headers().contains_key("x-call");
-                    let resp = http::Response::builder()
-                        .status(if ok { 200 } else { 400 })
-                        .body(())
-                        .unwrap();
-                    if let Ok(mut body) = respond.send_response(resp, false) {
-                        let _ = body.send_data(Bytes::from_static(if ok { b"fine" } else { b"headers lost" }), true);
-                    }
-                }
-            });
+    h2_endpoint(|req, mut respond| {
+        let ok = req.headers().contains_key("x-call");
+        let resp = http::Response::builder()
+            .status(if ok { 200 } else { 400 })
+            .body(())
+            .unwrap();
+        if let Ok(mut body) = respond.send_response(resp, false) {
+            let _ = body.send_data(Bytes::from_static(if ok { b"fine" } else { b"headers lost" }), true);
         }
-    });
-    addr
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,27 +120,16 @@ async fn streams_an_endpoint_never_processed_go_elsewhere_without_spending_the_b
 /// trailers-only response, as a grpcio server answers the calls it had not
 /// started when it stops.
 async fn unavailable_endpoint() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                    let resp = http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .header("grpc-status", "14")
-                        .header("grpc-message", "Cancelling all calls")
-                        .body(())
-                        .unwrap();
-                    let _ = respond.send_response(resp, true);
-                }
-            });
-        }
-    });
-    addr
+    h2_endpoint(|_, mut respond| {
+        let resp = http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "14")
+            .header("grpc-message", "Cancelling all calls")
+            .body(())
+            .unwrap();
+        let _ = respond.send_response(resp, true);
+    })
+    .await
 }
 
 /// gRPC calls to `p` on one h2c connection: (grpc-status of the head, body) each.
