@@ -4,23 +4,22 @@
 //! wait for the response head, and sort what went wrong into a [`Failure`]
 //! the retry rules understand.
 
+pub mod answer;
 pub mod body;
 pub mod http2;
 pub mod pool;
+
+pub use self::answer::EndpointBody;
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use self::body::{BoxError, UpBody, UploadState};
-use self::http2::H2Body;
+use self::body::{UpBody, UploadState};
 use self::pool::{Conn, Pool, Release};
 use crate::net::io_text;
 use crate::proxy::retry::Failure;
@@ -103,41 +102,6 @@ async fn send(
             Ok(resp) => Ok((resp.map(EndpointBody::H2), Release::H2(slot))),
             Err(failure) => Err((failure, None)),
         },
-    }
-}
-
-/// An endpoint's answer body, as hyper's HTTP/1.1 client or our HTTP/2 one read it.
-#[derive(Debug)]
-pub enum EndpointBody {
-    /// From an HTTP/1.1 connection.
-    H1(Incoming),
-    /// From an HTTP/2 stream.
-    H2(H2Body),
-}
-
-impl Body for EndpointBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
-            Self::H2(b) => Pin::new(b).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::H1(b) => b.is_end_stream(),
-            Self::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::H1(b) => b.size_hint(),
-            Self::H2(b) => b.size_hint(),
-        }
     }
 }
 

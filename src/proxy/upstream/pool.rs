@@ -25,7 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::EndpointBody;
+use super::answer::EndpointBody;
 use super::body::{BoxError, UpBody};
 use super::http2::{self, H2Sender};
 use crate::balance::ActiveGuard;
