@@ -1,6 +1,7 @@
 //! The endpoint's side of a request: the connections kept per endpoint
-//! ([`pool`]), the request body as it goes up ([`body`]), HTTP/2 spoken on
-//! the request's own task ([`http2`]), and one exchange on a connection: send,
+//! ([`pool`]), the request body as it goes up ([`body`]) and the answer's as
+//! it comes back ([`answer`]), HTTP/2 spoken on the request's own task
+//! ([`http2`]), and one exchange on a connection: send,
 //! wait for the response head, and sort what went wrong into a [`Failure`]
 //! the retry rules understand.
 
