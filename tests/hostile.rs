@@ -1,6 +1,7 @@
 //! Hostile clients and the framing rules the README promises, against real
 //! sockets: a recording backend that shows exactly what was forwarded, and
-//! a backend with an endless answer for clients that never read.
+//! a backend with an endless answer for clients that never read. (What 200
+//! such clients cost in memory is `hostile_memory.rs`: a process of its own.)
 
 mod support;
 
@@ -11,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::endless_backend;
 use support::standalone::proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -233,41 +235,6 @@ async fn more_header_fields_than_max_request_headers_get_431_on_http1_and_http2(
     assert_eq!(sender.send_request(req).await.unwrap().status(), 431);
 }
 
-/// A backend whose every answer is endless zeros, or, to a WebSocket
-/// upgrade, a tunnel that floods zeros (a download that a
-/// non-reading client never finishes).
-pub async fn endless_backend() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let block = Bytes::from(vec![0u8; 64 * 1024]);
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let block = block.clone();
-            tokio::spawn(async move {
-                let mut head = [0u8; 4096];
-                let n = s.read(&mut head).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                let upgrade = String::from_utf8_lossy(&head[..n])
-                    .to_lowercase()
-                    .contains("upgrade: websocket");
-                let answer: &[u8] = if upgrade {
-                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n"
-                };
-                let _ = s.write_all(answer).await;
-                while s.write_all(&block).await.is_ok() {}
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_is_closed_at_response_write() {
     let backend = endless_backend().await;
@@ -301,97 +268,6 @@ async fn a_client_that_never_reads_is_closed_at_response_write() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-}
-
-/// Resident memory of this process, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap()
-}
-
-/// 200 clients that ask for an endless answer and never read, over HTTP/1.1,
-/// HTTP/2 and a WebSocket tunnel: the proxy (in this process) grows by less
-/// than 20 MB for each. One test, so no other test's memory is counted.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_clients_that_never_read_grow_memory_by_less_than_20_mb() {
-    const CLIENTS: usize = 200;
-    const LIMIT_KIB: u64 = 20 * 1024;
-    let backend = endless_backend().await;
-    let p = proxy(&[backend], "HTTP", "", 1).await;
-    let small_window = |s: &std::net::TcpStream| {
-        socket2::SockRef::from(s).set_recv_buffer_size(4096).unwrap();
-    };
-    // The windows below are the scenario (clients that do not read), not waits.
-    let settle = || tokio::time::sleep(Duration::from_secs(2));
-
-    let before = rss_kib();
-    let mut held = Vec::new();
-    for _ in 0..CLIENTS {
-        let s = std::net::TcpStream::connect(p.listen).unwrap();
-        small_window(&s);
-        let mut w = &s;
-        std::io::Write::write_all(&mut w, b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-        held.push(s);
-    }
-    settle().await;
-    let h1 = rss_kib().saturating_sub(before);
-    drop(held);
-    settle().await;
-
-    let before = rss_kib();
-    let mut streams = Vec::new();
-    for _ in 0..CLIENTS {
-        let stream = TcpStream::connect(p.listen).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(4096)
-            .initial_connection_window_size(4096)
-            .handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let task = tokio::spawn(conn);
-        let req = http::Request::get("http://a/big")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        // The answer's head comes; its body is never read.
-        let resp = sender.send_request(req).await.unwrap();
-        streams.push((sender, resp, task));
-    }
-    settle().await;
-    let h2 = rss_kib().saturating_sub(before);
-    for (_, _, task) in &streams {
-        task.abort();
-    }
-    drop(streams);
-    settle().await;
-
-    let before = rss_kib();
-    let mut held = Vec::new();
-    for _ in 0..CLIENTS {
-        let s = std::net::TcpStream::connect(p.listen).unwrap();
-        small_window(&s);
-        let mut w = &s;
-        std::io::Write::write_all(
-            &mut w,
-            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .unwrap();
-        held.push(s);
-    }
-    settle().await;
-    let ws = rss_kib().saturating_sub(before);
-    drop(held);
-
-    eprintln!("RSS growth for {CLIENTS} non-reading clients: HTTP/1.1 {h1} KiB, HTTP/2 {h2} KiB, WebSocket {ws} KiB");
-    for (what, kib) in [("HTTP/1.1", h1), ("HTTP/2", h2), ("WebSocket", ws)] {
-        assert!(
-            kib < LIMIT_KIB,
-            "{what}: {kib} KiB for {CLIENTS} clients that never read"
-        );
-    }
 }
 
 /// A backend that expects exactly `chunked` after a chunked request's head

@@ -68,3 +68,39 @@ pub fn standalone_yaml(name: &str, endpoints: &[SocketAddr], health: &str) -> St
         balanced::testing::free_port()
     )
 }
+
+/// A backend whose every answer is endless zeros, or, to a WebSocket
+/// upgrade, a tunnel that floods zeros (a download that a
+/// non-reading client never finishes).
+pub async fn endless_backend() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let block = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let block = block.clone();
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                let n = s.read(&mut head).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                let upgrade = String::from_utf8_lossy(&head[..n])
+                    .to_lowercase()
+                    .contains("upgrade: websocket");
+                let answer: &[u8] = if upgrade {
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+                while s.write_all(&block).await.is_ok() {}
+            });
+        }
+    });
+    addr
+}
