@@ -33,21 +33,23 @@ async fn two_hundred_clients_that_never_read_grow_memory_by_less_than_20_mb() {
     const LIMIT_KIB: u64 = 20 * 1024;
     let backend = endless_backend().await;
     let p = proxy(&[backend], "HTTP", "", 1).await;
-    let small_window = |s: &std::net::TcpStream| {
-        socket2::SockRef::from(s).set_recv_buffer_size(4096).unwrap();
+    // CLIENTS connections that each send `request` and never read, through
+    // a small receive window.
+    let stalled = |request: &[u8]| -> Vec<std::net::TcpStream> {
+        (0..CLIENTS)
+            .map(|_| {
+                let s = std::net::TcpStream::connect(p.listen).unwrap();
+                socket2::SockRef::from(&s).set_recv_buffer_size(4096).unwrap();
+                std::io::Write::write_all(&mut &s, request).unwrap();
+                s
+            })
+            .collect()
     };
     // The windows below are the scenario (clients that do not read), not waits.
     let settle = || tokio::time::sleep(Duration::from_secs(2));
 
     let before = rss_kib();
-    let mut held = Vec::new();
-    for _ in 0..CLIENTS {
-        let s = std::net::TcpStream::connect(p.listen).unwrap();
-        small_window(&s);
-        let mut w = &s;
-        std::io::Write::write_all(&mut w, b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
-        held.push(s);
-    }
+    let held = stalled(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n");
     settle().await;
     let h1 = rss_kib().saturating_sub(before);
     drop(held);
@@ -80,18 +82,9 @@ async fn two_hundred_clients_that_never_read_grow_memory_by_less_than_20_mb() {
     settle().await;
 
     let before = rss_kib();
-    let mut held = Vec::new();
-    for _ in 0..CLIENTS {
-        let s = std::net::TcpStream::connect(p.listen).unwrap();
-        small_window(&s);
-        let mut w = &s;
-        std::io::Write::write_all(
-            &mut w,
-            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        )
-        .unwrap();
-        held.push(s);
-    }
+    let held = stalled(
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    );
     settle().await;
     let ws = rss_kib().saturating_sub(before);
     drop(held);
