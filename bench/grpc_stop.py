@@ -9,11 +9,14 @@ Three grpcio servers (a real gRPC implementation we did not write) on their
 own loopback addresses behind `balanced standalone`; 8 client threads share
 one channel to the proxy; a third of the way through each run one server is
 stopped abruptly. Streams it refused or never processed must be resent to
-another endpoint, and calls the server answered UNAVAILABLE without a message
-(what grpcio does with the calls it had not started) are retried with
-`retry.on: [GrpcUnavailable]`. DIRECT=1 runs the same load with no proxy
-(grpcio's own round robin over the servers); NO_GRPC_RETRY=1 leaves
-GrpcUnavailable out. Prints failed calls per run; exits non-zero if any failed.
+another endpoint. What grpcio 1.85 does as it stops is retried by the gRPC
+conditions of `retry.on`: it answers the calls it had not started UNAVAILABLE
+(`GrpcUnavailable`), the calls its handlers were running CANCELLED
+(`GrpcCancelled`), and closes the connection under calls it had taken but
+not answered (a gRPC client's UNAVAILABLE, `GrpcUnavailable` again).
+DIRECT=1 runs the same load with no proxy (grpcio's own round robin over the
+servers); NO_GRPC_RETRY=1 leaves both gRPC conditions out, NO_GRPC_CANCELLED=1
+only GrpcCancelled. Prints failed calls per run; exits non-zero if any failed.
 """
 
 import os
@@ -95,10 +98,11 @@ def run_once(run):
     servers = [start_server(n, ip, port) for n, ip in zip("abc", IPS)]
     listen, admin = free_port(), free_port()
     # grpcio (1.85) answers the calls it had not started UNAVAILABLE as it
-    # stops, to a direct client as well (DIRECT=1): the retry Envoy users set
-    # for gRPC (`retry_on: unavailable`) resends them. NO_GRPC_RETRY=1 leaves
-    # it out.
-    retry = "" if os.environ.get("NO_GRPC_RETRY") else "  retry: {on: [Error, Timeout, GrpcUnavailable]}\n"
+    # stops and those it was running CANCELLED, to a direct client as well
+    # (DIRECT=1): the retry Envoy users set for gRPC (`retry_on:
+    # unavailable,cancelled`) resends them.
+    grpc_on = "" if os.environ.get("NO_GRPC_CANCELLED") else ", GrpcCancelled"
+    retry = "" if os.environ.get("NO_GRPC_RETRY") else f"  retry: {{on: [Error, Timeout, GrpcUnavailable{grpc_on}]}}\n"
     spec = f"""apiVersion: balanced.dev/v1alpha1
 kind: BalancedService
 metadata: {{name: grpc}}

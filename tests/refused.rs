@@ -188,3 +188,45 @@ async fn a_grpc_unavailable_answer_goes_elsewhere_only_when_retry_on_names_it() 
         "round robin: every other call gets the endpoint's own answer: {answers:?}"
     );
 }
+
+/// An h2c endpoint that takes each connection's first call and closes the
+/// connection without answering it, as a grpcio server stopped with no grace
+/// drops the calls it had taken.
+async fn closing_endpoint() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                let _taken = conn.accept().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_call_whose_connection_broke_goes_elsewhere_only_when_retry_on_names_grpc_unavailable() {
+    let closing = closing_endpoint().await;
+    let fine = header_checking_endpoint().await;
+    let extra = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n";
+    let with = proxy(
+        &[closing, fine],
+        "HTTP, appProtocol: kubernetes.io/h2c",
+        &format!("{extra}  retry: {{on: [Error, Timeout, GrpcUnavailable]}}"),
+        2,
+    )
+    .await;
+    for (i, (status, body)) in grpc_calls(with.listen, 10).await.into_iter().enumerate() {
+        assert_eq!((status, &body[..]), (None, &b"fine"[..]), "call {i}");
+    }
+    // Without it the call was sent and may have been processed: a POST
+    // goes back to the client failed, as nginx and Envoy (no `reset`) do.
+    let without = proxy(&[closing, fine], "HTTP, appProtocol: kubernetes.io/h2c", extra, 2).await;
+    let answers = grpc_calls(without.listen, 10).await;
+    let fine_calls = answers.iter().filter(|(_, body)| &body[..] == b"fine").count();
+    assert_eq!(fine_calls, 5, "round robin: every other call is lost: {answers:?}");
+}

@@ -918,7 +918,9 @@ pub enum RetryCondition {
     /// A gRPC call answered `INTERNAL` (13) without a message.
     GrpcInternal,
     /// A gRPC call answered `UNAVAILABLE` (14) without a message (a server
-    /// shutting down answers the calls it had not started so).
+    /// shutting down answers the calls it had not started so), or whose
+    /// connection broke before any answer (what a gRPC client sees as
+    /// `UNAVAILABLE`: a server that stops closes the calls it had taken).
     GrpcUnavailable,
 }
 
@@ -944,6 +946,15 @@ impl RetryCondition {
             GrpcInternal => "GrpcInternal",
             GrpcUnavailable => "GrpcUnavailable",
         }
+    }
+
+    /// Whether this is one of the gRPC status conditions.
+    pub fn is_grpc(self) -> bool {
+        use RetryCondition::*;
+        matches!(
+            self,
+            GrpcCancelled | GrpcDeadlineExceeded | GrpcResourceExhausted | GrpcInternal | GrpcUnavailable
+        )
     }
 }
 

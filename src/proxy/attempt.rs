@@ -38,6 +38,8 @@ pub struct RequestFacts<'a> {
     pub method: Option<&'a Method>,
     /// The request body can be sent again.
     pub replayable: bool,
+    /// The request is a gRPC call (`content-type: application/grpc*`).
+    pub grpc: bool,
 }
 
 impl RequestFacts<'_> {
@@ -45,6 +47,7 @@ impl RequestFacts<'_> {
     pub const CONNECTION: RequestFacts<'static> = RequestFacts {
         method: None,
         replayable: true,
+        grpc: false,
     };
 }
 
@@ -144,6 +147,7 @@ impl<'a> Attempts<'a> {
             failure,
             method: request.method.unwrap_or(&Method::GET),
             replayable: request.replayable,
+            grpc: request.grpc,
             attempts: self.tried.len() as u32,
             endpoints: self.snap.members.len() as u32,
             elapsed: self.started.elapsed(),
@@ -394,6 +398,7 @@ mod tests {
     const GET: RequestFacts<'static> = RequestFacts {
         method: Some(&Method::GET),
         replayable: true,
+        grpc: false,
     };
 
     #[tokio::test]
@@ -425,6 +430,7 @@ mod tests {
         let post = RequestFacts {
             method: Some(&Method::POST),
             replayable: true,
+            grpc: false,
         };
         assert!(!a.may_hedge(post), "a POST would run twice");
         let streamed = RequestFacts {
@@ -475,6 +481,7 @@ mod tests {
         let post = RequestFacts {
             method: Some(&Method::POST),
             replayable: true,
+            grpc: false,
         };
         let mut a = Attempts::new(&rt, &cfg, &snap, None);
         let i = a.next_endpoint().unwrap();

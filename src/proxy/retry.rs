@@ -119,6 +119,8 @@ pub struct Attempted<'a> {
     pub method: &'a Method,
     /// The request body can be sent again (buffered or empty).
     pub replayable: bool,
+    /// The request is a gRPC call (`content-type: application/grpc*`).
+    pub grpc: bool,
     /// Attempts made so far.
     pub attempts: u32,
     /// Endpoints in the service (the limit when `tries` is 0).
@@ -146,15 +148,27 @@ pub enum NoRetry {
 
 /// Decides whether the attempt described by `a` may be retried under `policy`.
 pub fn decide(policy: &RetryPolicy, a: &Attempted<'_>) -> Result<RetryCondition, NoRetry> {
-    let condition = a.failure.condition().ok_or(NoRetry::NotConfigured)?;
+    let condition = match a.failure {
+        // A gRPC client sees a call whose connection broke before any answer
+        // as UNAVAILABLE, and gRPC's own retry policy resends it under
+        // `retryableStatusCodes: [UNAVAILABLE]`: a stopping grpcio server
+        // closes the connections of calls it had taken but not started.
+        Failure::Error(_) if a.grpc && policy.retries_on(RetryCondition::GrpcUnavailable) => {
+            RetryCondition::GrpcUnavailable
+        }
+        f => f.condition().ok_or(NoRetry::NotConfigured)?,
+    };
     if !policy.retries_on(condition) {
         return Err(NoRetry::NotConfigured);
     }
     // gRPC calls are all POSTs: a gRPC condition in `retry.on` is the
     // service saying its calls may be retried on that status.
     let nothing_sent = matches!(a.failure, Failure::Connect(_) | Failure::Refused(_));
-    let grpc = matches!(a.failure, Failure::Grpc(_));
-    if !nothing_sent && !grpc && !is_idempotent(a.method) && !policy.retries_on(RetryCondition::NonIdempotent) {
+    if !nothing_sent
+        && !condition.is_grpc()
+        && !is_idempotent(a.method)
+        && !policy.retries_on(RetryCondition::NonIdempotent)
+    {
         return Err(NoRetry::NonIdempotent);
     }
     if !a.replayable {
@@ -323,6 +337,7 @@ mod tests {
             failure,
             method,
             replayable: true,
+            grpc: false,
             attempts: 1,
             endpoints: 3,
             elapsed: Duration::ZERO,
@@ -406,6 +421,38 @@ mod tests {
         assert_eq!(grpc_status(&head), Some(14));
         head.insert("grpc-status", http::HeaderValue::from_static("x"));
         assert_eq!(grpc_status(&head), None);
+    }
+
+    #[test]
+    fn a_grpc_call_whose_connection_broke_is_unavailable_to_the_retry_rules() {
+        let post = Method::POST;
+        let broke = Failure::Error("stream closed because of a broken pipe".into());
+        let call = Attempted {
+            grpc: true,
+            ..attempt(&broke, &post)
+        };
+        assert_eq!(decide(&policy(&[GrpcUnavailable], 3), &call), Ok(GrpcUnavailable));
+        assert_eq!(
+            decide(&policy(&[Error, Timeout], 3), &call),
+            Err(NoRetry::NonIdempotent),
+            "without GrpcUnavailable a sent call is a POST like any other"
+        );
+        assert_eq!(
+            decide(&policy(&[GrpcUnavailable], 3), &attempt(&broke, &post)),
+            Err(NoRetry::NotConfigured),
+            "a POST that is not gRPC is not made retryable by a gRPC condition"
+        );
+        assert_eq!(
+            decide(
+                &policy(&[GrpcUnavailable], 3),
+                &Attempted {
+                    grpc: true,
+                    ..attempt(&Failure::Timeout, &post)
+                }
+            ),
+            Err(NoRetry::NotConfigured),
+            "a timeout is DEADLINE_EXCEEDED's business, not UNAVAILABLE's"
+        );
     }
 
     #[test]

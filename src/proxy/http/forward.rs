@@ -54,9 +54,11 @@ pub async fn forward(
         ..Default::default()
     };
     let mut attempts = routed.attempts(service, current, key);
+    let grpc = super::headers::is_grpc(&parts.headers);
     let replayed = RequestFacts {
         method: Some(&parts.method),
         replayable: body.replayable(),
+        grpc,
     };
     // Hedging resends what was sent: only a buffered body, only a request
     // the rules would retry after a timeout (not a POST, unless told).
@@ -79,6 +81,7 @@ pub async fn forward(
         let facts = RequestFacts {
             method: Some(&parts.method),
             replayable: body.replayable(),
+            grpc,
         };
         let guard = ActiveGuard::new(member.endpoint.clone());
         let conn = match pool.checkout(protocol).await {

@@ -68,6 +68,7 @@ impl<'a> Race<'a> {
         let facts = RequestFacts {
             method: Some(&self.parts.method),
             replayable: true,
+            grpc: super::headers::is_grpc(&self.parts.headers),
         };
         let mut racing: FuturesUnordered<Racer<'_>> = FuturesUnordered::new();
         let mut fallback: Option<Response<ProxyBody>> = None;

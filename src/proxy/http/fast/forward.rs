@@ -171,6 +171,8 @@ pub async fn forward(
     let facts = RequestFacts {
         method: Some(&method),
         replayable: wire.upload.is_none(),
+        // gRPC takes HTTP/2, which the fast path does not serve.
+        grpc: false,
     };
     let mut sent = false;
     let attempt_timeout = routed.retry.attempt_timeout(routed.response_timeout);
