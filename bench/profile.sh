@@ -17,7 +17,7 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null; rm -rf "$WORK"' EXIT
 command -v perf >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
 # The release build keeps no symbols; the profiling profile is the same code with them.
-cargo build --profile profiling -q
+[ -n "${BALANCED_BIN:-}" ] || cargo build --profile profiling -q
 BIN=${BALANCED_BIN:-target/profiling/balanced}
 
 start_backends "$WORK" 1

@@ -199,18 +199,30 @@ fn poll_pump<B: Body<Data = Bytes> + Unpin>(
 
 /// Headers HTTP/2 forbids (RFC 9113 8.2.2), in case a route or a filter put one back.
 fn strip_connection_headers(headers: &mut http::HeaderMap) {
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-    ] {
+    // Usually none: one pass over the names, not six hashed lookups.
+    if !headers.keys().any(is_connection_specific) {
+        return;
+    }
+    let forbidden: Vec<_> = headers
+        .keys()
+        .filter(|n| is_connection_specific(n) && *n != header::TE)
+        .cloned()
+        .collect();
+    for name in forbidden {
         headers.remove(name);
     }
     if headers.get(header::TE).is_some_and(|v| v != "trailers") {
         headers.remove(header::TE);
     }
+}
+
+/// Connection-specific headers (RFC 9113 8.2.2); `te` only as `trailers`.
+fn is_connection_specific(name: &header::HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::TE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// An endpoint's HTTP/2 answer body: its data, then its trailers, giving the
@@ -392,6 +404,29 @@ mod tests {
             .expect("the endpoint saw the stream end")
             .unwrap();
         assert_eq!(reason, h2::Reason::CANCEL);
+    }
+
+    #[test]
+    fn connection_specific_headers_never_go_out_on_h2() {
+        let mut h = http::HeaderMap::new();
+        for name in [
+            "connection",
+            "transfer-encoding",
+            "upgrade",
+            "keep-alive",
+            "proxy-connection",
+        ] {
+            h.insert(header::HeaderName::from_static(name), HeaderValue::from_static("x"));
+        }
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_connection_headers(&mut h);
+        let mut kept: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+        kept.sort();
+        assert_eq!(kept, ["te", "x-kept"]);
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_connection_headers(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"], "te only as trailers");
     }
 
     #[test]
