@@ -99,7 +99,8 @@ impl std::fmt::Display for Failure {
 /// The status of a gRPC answer given in its head (a trailers-only
 /// response, the form a server uses when it has no message to send).
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
-    std::str::from_utf8(headers.get("grpc-status")?.as_bytes())
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    std::str::from_utf8(headers.get(GRPC_STATUS)?.as_bytes())
         .ok()?
         .parse()
         .ok()
