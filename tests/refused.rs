@@ -15,23 +15,36 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::standalone::proxy;
 use tokio::net::{TcpListener, TcpStream};
 
-/// An h2c endpoint that hands every stream of every connection to `answer`.
-async fn h2_endpoint(answer: fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>)) -> SocketAddr {
+/// An h2c endpoint that runs `serve` on every connection it takes.
+async fn h2_connections<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(H2Conn) -> Fut + Copy + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                while let Some(Ok((req, respond))) = conn.accept().await {
-                    answer(req, respond);
+                if let Ok(conn) = h2::server::handshake(s).await {
+                    serve(conn).await;
                 }
             });
         }
     });
     addr
+}
+
+type H2Conn = h2::server::Connection<TcpStream, Bytes>;
+
+/// An h2c endpoint that hands every stream of every connection to `answer`.
+async fn h2_endpoint(answer: fn(http::Request<h2::RecvStream>, h2::server::SendResponse<Bytes>)) -> SocketAddr {
+    h2_connections(move |mut conn: H2Conn| async move {
+        while let Some(Ok((req, respond))) = conn.accept().await {
+            answer(req, respond);
+        }
+    })
+    .await
 }
 
 /// An h2c endpoint that takes connections and refuses every stream.
@@ -42,23 +55,14 @@ async fn refusing_endpoint() -> SocketAddr {
 /// An h2c endpoint that answers every connection with GOAWAY (last stream
 /// id 0) before it reads a stream: whatever was sent was not processed.
 async fn going_away_endpoint() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                conn.abrupt_shutdown(Reason::NO_ERROR);
-                while let Some(Ok(_)) = conn.accept().await {}
-                // A server that drains: the socket stays open a moment after
-                // the GOAWAY, so the client reads it before any reset.
-                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-            });
-        }
-    });
-    addr
+    h2_connections(|mut conn: H2Conn| async move {
+        conn.abrupt_shutdown(Reason::NO_ERROR);
+        while let Some(Ok(_)) = conn.accept().await {}
+        // A server that drains: the socket stays open a moment after
+        // the GOAWAY, so the client reads it before any reset.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    })
+    .await
 }
 
 /// An h2c endpoint that answers `200 fine` to requests that carry the
@@ -157,19 +161,28 @@ async fn grpc_calls(listen: SocketAddr, n: usize) -> Vec<(Option<String>, Bytes)
     out
 }
 
+/// Ten gRPC calls through a proxy over `bad` and a good endpoint in round
+/// robin, with `GrpcUnavailable` in `retry.on` or not: the proxy (for its
+/// metrics) and each call's answer.
+async fn grpc_calls_beside_a_good_endpoint(
+    bad: SocketAddr,
+    grpc_unavailable: bool,
+) -> (support::standalone::Proxy, Vec<(Option<String>, Bytes)>) {
+    let fine = header_checking_endpoint().await;
+    let mut extra = String::from("  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n");
+    if grpc_unavailable {
+        extra.push_str("  retry: {on: [Error, Timeout, GrpcUnavailable]}\n");
+    }
+    let p = proxy(&[bad, fine], "HTTP, appProtocol: kubernetes.io/h2c", &extra, 2).await;
+    let answers = grpc_calls(p.listen, 10).await;
+    (p, answers)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_unavailable_answer_goes_elsewhere_only_when_retry_on_names_it() {
     let unavailable = unavailable_endpoint().await;
-    let fine = header_checking_endpoint().await;
-    let extra = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n";
-    let with = proxy(
-        &[unavailable, fine],
-        "HTTP, appProtocol: kubernetes.io/h2c",
-        &format!("{extra}  retry: {{on: [Error, Timeout, GrpcUnavailable]}}"),
-        2,
-    )
-    .await;
-    for (i, (status, body)) in grpc_calls(with.listen, 10).await.into_iter().enumerate() {
+    let (with, answers) = grpc_calls_beside_a_good_endpoint(unavailable, true).await;
+    for (i, (status, body)) in answers.into_iter().enumerate() {
         // A POST, retried without NonIdempotent: the condition names gRPC calls.
         assert_eq!((status, &body[..]), (None, &b"fine"[..]), "call {i}");
     }
@@ -180,8 +193,7 @@ async fn a_grpc_unavailable_answer_goes_elsewhere_only_when_retry_on_names_it() 
             .any(|l| l.starts_with("balanced_upstream_retries_total") && l.contains("GrpcUnavailable")),
         "retries counted under their condition"
     );
-    let without = proxy(&[unavailable, fine], "HTTP, appProtocol: kubernetes.io/h2c", extra, 2).await;
-    let answers = grpc_calls(without.listen, 10).await;
+    let (_, answers) = grpc_calls_beside_a_good_endpoint(unavailable, false).await;
     let relayed = answers.iter().filter(|(s, _)| s.as_deref() == Some("14")).count();
     assert_eq!(
         relayed, 5,
@@ -193,40 +205,22 @@ async fn a_grpc_unavailable_answer_goes_elsewhere_only_when_retry_on_names_it() 
 /// connection without answering it, as a grpcio server stopped with no grace
 /// drops the calls it had taken.
 async fn closing_endpoint() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::handshake(s).await else {
-                    return;
-                };
-                let _taken = conn.accept().await;
-            });
-        }
-    });
-    addr
+    h2_connections(|mut conn: H2Conn| async move {
+        let _taken = conn.accept().await;
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_call_whose_connection_broke_goes_elsewhere_only_when_retry_on_names_grpc_unavailable() {
     let closing = closing_endpoint().await;
-    let fine = header_checking_endpoint().await;
-    let extra = "  algorithm: RoundRobin\n  passiveHealth: {maxFails: 0}\n";
-    let with = proxy(
-        &[closing, fine],
-        "HTTP, appProtocol: kubernetes.io/h2c",
-        &format!("{extra}  retry: {{on: [Error, Timeout, GrpcUnavailable]}}"),
-        2,
-    )
-    .await;
-    for (i, (status, body)) in grpc_calls(with.listen, 10).await.into_iter().enumerate() {
+    let (_with, answers) = grpc_calls_beside_a_good_endpoint(closing, true).await;
+    for (i, (status, body)) in answers.into_iter().enumerate() {
         assert_eq!((status, &body[..]), (None, &b"fine"[..]), "call {i}");
     }
     // Without it the call was sent and may have been processed: a POST
     // goes back to the client failed, as nginx and Envoy (no `reset`) do.
-    let without = proxy(&[closing, fine], "HTTP, appProtocol: kubernetes.io/h2c", extra, 2).await;
-    let answers = grpc_calls(without.listen, 10).await;
+    let (_without, answers) = grpc_calls_beside_a_good_endpoint(closing, false).await;
     let fine_calls = answers.iter().filter(|(_, body)| &body[..] == b"fine").count();
     assert_eq!(fine_calls, 5, "round robin: every other call is lost: {answers:?}");
 }
