@@ -181,7 +181,7 @@ pub fn add_forwarding(headers: &mut HeaderMap, client: &Downstream, trust: bool)
 }
 
 /// Whether `name` is a header [`strip_hop_by_hop`] takes out.
-pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+fn is_hop_by_hop(name: &HeaderName) -> bool {
     *name == header::CONNECTION
         || *name == header::TE
         || *name == header::TRAILER
