@@ -21,6 +21,8 @@
 #   tlsnew: the same with `Connection: close`: a full TLS handshake per request
 #           (wrk resumes no session), the new-connection rate
 #   (ONLY="https tlsnew" bench/compare.sh runs just those two)
+#   SYSCALLS=1 adds a column: the proxy's system calls and context switches per
+#   request (perf stat on the process), to see whether a gap is in the kernel
 # Installs what it needs from Debian when missing. Everything runs on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -221,11 +223,15 @@ sleep 2 # every proxy's first checks have passed
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
-declare -A RPS P99 CPU
+declare -A RPS P99 CPU SYS
 
 # measure NAME PID KIND URL: one run, appends "rps p99 cpu_us" to the arrays.
 measure() {
-  local name=$1 pid=$2 kind=$3 url=$4 out rps p99 reqs t0 t1
+  local name=$1 pid=$2 kind=$3 url=$4 out rps p99 reqs t0 t1 perf=""
+  if [ -n "${SYSCALLS:-}" ]; then
+    perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$WORK/perf.out" &
+    perf=$!
+  fi
   t0=$(ticks "$pid")
   case $kind in
     h1|https|tlsnew)
@@ -257,6 +263,13 @@ measure() {
       ;;
   esac
   t1=$(ticks "$pid")
+  if [ -n "$perf" ]; then
+    kill -INT "$perf"; wait "$perf" || true
+    local sc cs
+    sc=$(awk -F, '/raw_syscalls:sys_enter/ {print $1}' "$WORK/perf.out")
+    cs=$(awk -F, '/context-switches/ {print $1}' "$WORK/perf.out")
+    SYS[$name]+=$(awk -v s="$sc" -v c="$cs" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.2f/%.3f", s / n, c / n; else print "nan" }')" "
+  fi
   local cpu
   cpu=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.1f", (b - a) / t * 1e6 / n; else print "nan" }')
   RPS[$name]+="$rps "; P99[$name]+="$p99 "; CPU[$name]+="$cpu "
@@ -298,6 +311,9 @@ for kind in $ONLY; do
     k="$kind/$name"
     printf '%-10s %12s %14s %12s   %s\n' "$name" "$(median <<<"${RPS[$k]}")" "$(tr ' ' '\n' <<<"${P99[$k]}" | grep -v '^$' | tail -1)" \
       "$(median <<<"${CPU[$k]}")" "${RPS[$k]}"
+    if [ -n "${SYSCALLS:-}" ]; then
+      printf '%-10s syscalls/context switches per request, by round: %s\n' "" "${SYS[$k]}"
+    fi
   done
   b=$(median <<<"${RPS[$kind/balanced]}"); h=$(median <<<"${RPS[$kind/haproxy]}"); n=$(median <<<"${RPS[$kind/nginx]}")
   bc=$(median <<<"${CPU[$kind/balanced]}"); hc=$(median <<<"${CPU[$kind/haproxy]}"); nc=$(median <<<"${CPU[$kind/nginx]}")

@@ -402,6 +402,58 @@ async fn body_text(resp: http::Response<hyper::body::Incoming>) -> String {
     String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
 }
 
+/// A client's RST_STREAM while its endpoint is still working ends the
+/// request at the endpoint too (its connection closes), long before
+/// `timeouts.response` (60 s): nothing waits for an answer nobody will read.
+#[tokio::test]
+async fn an_h2_client_that_resets_its_stream_cancels_the_request_at_the_endpoint() {
+    // An HTTP/1.1 endpoint that reads a request head and never answers; it
+    // says when it holds one and when that connection closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let events = events.clone();
+            tokio::spawn(async move {
+                let (mut buf, mut head, mut held) = (vec![0; 4096], Vec::new(), false);
+                while let Ok(n @ 1..) = s.read(&mut buf).await {
+                    head.extend_from_slice(&buf[..n]);
+                    if !held && head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        held = true;
+                        let _ = events.send("held");
+                    }
+                }
+                if held {
+                    let _ = events.send("closed");
+                }
+            });
+        }
+    });
+    let p = proxy(&[backend], "HTTP", "", 1).await;
+    let (client, conn) = h2::client::handshake(TcpStream::connect(p.listen).await.unwrap())
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::get(format!("http://{}/hold", p.listen))
+        .body(())
+        .unwrap();
+    let (_response, mut stream) = client.send_request(req, true).unwrap();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(10), seen.recv())
+            .await
+            .expect("the endpoint reports within 10 s")
+    };
+    assert_eq!(next().await, Some("held"));
+    stream.send_reset(h2::Reason::CANCEL);
+    assert_eq!(
+        next().await,
+        Some("closed"),
+        "the endpoint's request ends with the client's stream"
+    );
+}
+
 #[tokio::test]
 async fn an_h2_client_is_answered_by_an_http1_only_backend() {
     let backend = echo_server(false).await;

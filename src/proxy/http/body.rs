@@ -11,13 +11,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::proxy::access::{AccessLog, Entry, Flags};
 use crate::proxy::client::conn::InFlight;
 use crate::proxy::gate::Pass;
-use crate::proxy::upstream::body::{BoxError, UpBody, Upload, UploadState};
+use crate::proxy::upstream::body::{BoxError, IncomingBody, UpBody, Upload, UploadState};
 
 /// The one body type the proxy answers with.
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -39,8 +39,8 @@ pub enum ReadError {
     #[error("no body bytes for spec.timeouts.requestBody ({0:?})")]
     Timeout(Duration),
     /// The body broke off.
-    #[error(transparent)]
-    Body(#[from] hyper::Error),
+    #[error("{0}")]
+    Body(BoxError),
 }
 
 /// A request body as the retry loop holds it.
@@ -54,7 +54,7 @@ pub enum RequestBody {
 impl RequestBody {
     /// Reads up to `limit` bytes, each read within `timeout`; a larger body is
     /// passed on as a stream that starts with what was already read.
-    pub async fn read(mut body: Incoming, limit: u64, timeout: Duration) -> Result<RequestBody, ReadError> {
+    pub async fn read(mut body: IncomingBody, limit: u64, timeout: Duration) -> Result<RequestBody, ReadError> {
         if body.is_end_stream() {
             return Ok(RequestBody::Replayable(Bytes::new()));
         }
@@ -68,7 +68,7 @@ impl RequestBody {
         let mut buf = BytesMut::new();
         loop {
             let frame = match tokio::time::timeout(timeout, body.frame()).await {
-                Ok(Some(frame)) => frame?,
+                Ok(Some(frame)) => frame.map_err(ReadError::Body)?,
                 Ok(None) => break,
                 Err(_) => return Err(ReadError::Timeout(timeout)),
             };

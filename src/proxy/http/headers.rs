@@ -262,6 +262,27 @@ pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
     }
 }
 
+/// The `Date` of an answer that has none (RFC 9110 6.6.1: an origin with a
+/// clock sends one; hyper adds it too), rendered once a second per thread.
+pub fn date() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: RefCell<(u64, HeaderValue)> = const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs
+            && let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+        {
+            *d = (secs, v);
+        }
+        d.1.clone()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;

@@ -21,6 +21,7 @@ pub mod answer;
 pub mod body;
 pub mod fast;
 pub mod forward;
+pub mod h2;
 pub mod headers;
 pub mod hedge;
 pub mod relay;
@@ -33,7 +34,6 @@ use std::time::{Duration, SystemTime};
 
 use http::header::{HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
@@ -50,6 +50,7 @@ use super::client::Downstream;
 use super::client::conn::InFlight;
 use super::gate::Pass;
 use super::service::{Current, ServiceRuntime};
+use super::upstream::body::IncomingBody;
 use crate::api::config::{Config, Limits};
 use crate::metrics::{ConnectionLabels, DownstreamLabels, PathLabels, ServiceLabels};
 
@@ -161,7 +162,12 @@ impl HttpProxy {
 
     /// Answers one client request; `flight` marks it on its connection until
     /// the answer's last byte is gone.
-    pub async fn handle(&self, req: Request<Incoming>, client: &Downstream, flight: InFlight) -> Response<ClientBody> {
+    pub async fn handle(
+        &self,
+        req: Request<IncomingBody>,
+        client: &Downstream,
+        flight: InFlight,
+    ) -> Response<ClientBody> {
         if req.version() <= http::Version::HTTP_11 {
             self.paths[1].inc();
         }
@@ -207,7 +213,7 @@ impl HttpProxy {
 
     /// Phases 2 to 5, then what the route adds to the answer: its counter
     /// and, with `debug.endpointHeader`, `x-balanced-route`.
-    async fn proxy(&self, req: Request<Incoming>, client: &Downstream, current: &Current) -> Answer {
+    async fn proxy(&self, req: Request<IncomingBody>, client: &Downstream, current: &Current) -> Answer {
         let Some(listener) = current.listener(&self.listener) else {
             return Answer::local(plain(StatusCode::SERVICE_UNAVAILABLE, "listener removed\n"));
         };
@@ -237,7 +243,13 @@ impl HttpProxy {
     }
 
     /// Phases 3 to 5 for a plain request.
-    async fn request(&self, req: Request<Incoming>, client: &Downstream, current: &Current, listener: usize) -> Answer {
+    async fn request(
+        &self,
+        req: Request<IncomingBody>,
+        client: &Downstream,
+        current: &Current,
+        listener: usize,
+    ) -> Answer {
         let config = &current.config;
         let request = match prepare(req, client, config, listener).await {
             Ok(prepared) => prepared,
@@ -266,7 +278,13 @@ impl HttpProxy {
     }
 
     /// Phases 4 and 5 for an upgrade (its body is the tunnel, never read here).
-    async fn upgrade(&self, req: Request<Incoming>, client: &Downstream, current: &Current, listener: usize) -> Answer {
+    async fn upgrade(
+        &self,
+        req: Request<IncomingBody>,
+        client: &Downstream,
+        current: &Current,
+        listener: usize,
+    ) -> Answer {
         let key = hash_key(&current.config, req.headers(), client.peer);
         let routed = match route::route(current, req.method(), req.uri(), req.headers(), None, client.peer).await {
             Ok(routed) => routed,
@@ -343,7 +361,7 @@ fn check<B>(req: &Request<B>, limits: &Limits) -> Option<Response<ProxyBody>> {
 /// endpoints' protocol are read from the client's own headers, before
 /// hop-by-hop headers go.
 async fn prepare(
-    req: Request<Incoming>,
+    req: Request<IncomingBody>,
     client: &Downstream,
     config: &Config,
     listener: usize,

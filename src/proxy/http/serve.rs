@@ -1,7 +1,8 @@
 //! An HTTP listener's connections: each admitted connection on its own clock
 //! (`client::conn`), its protocol sniffed (HTTP/1.1 or h2c with prior
-//! knowledge), served by hyper with our limits, and closed gracefully when
-//! asked (GOAWAY on h2, close-after-response on HTTP/1).
+//! knowledge), served with our limits (HTTP/1.1 by the fast path, then
+//! hyper; h2 by [`super::h2`]), and closed gracefully when asked (GOAWAY on
+//! h2, close-after-response on HTTP/1).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,9 +22,7 @@ use crate::proxy::client::conn::{ClientIo, ClientStream, Clock, ConnState};
 use crate::proxy::listen::{Gatekeeper, Serving};
 use crate::proxy::tasks::Tasks;
 use crate::proxy::tls::{Session, Terminator};
-
-/// The most an h2 stream queues for a client beyond its flow-control window.
-const H2_SEND_BUFFER: usize = 32 * 1024;
+use crate::proxy::upstream::body::IncomingBody;
 
 /// Serves HTTP/1.1 and h2c on `listener` (or, with `tls`, HTTPS with ALPN
 /// `h2` and `http/1.1`) until `stop`, then drains.
@@ -104,8 +103,16 @@ async fn serve_connection(
         return;
     };
     let client = Arc::new(Downstream::new(state.peer, state.clone(), tasks).with_tls(tls));
+    if h2 {
+        // Boxed, as the hyper half below: most connections are HTTP/1.1.
+        let served = Box::pin(super::h2::serve(io, proxy, client, state.close_asked(), max_headers)).await;
+        if let Err(e) = served {
+            tracing::debug!(peer = %state.peer, error = %e, "client h2 connection ended with an error");
+        }
+        return;
+    }
     let mut prefix = bytes::Bytes::new();
-    if !h2 && super::fast::enabled() {
+    if super::fast::enabled() {
         match super::fast::serve(&mut io, &proxy, &client, max_headers).await {
             super::fast::Served::Closed => return,
             super::fast::Served::Hyper(read) => prefix = read,
@@ -116,7 +123,6 @@ async fn serve_connection(
     // the connections the fast path serves (most) then never carry hyper's.
     Box::pin(serve_with_hyper(
         io,
-        h2,
         proxy,
         client,
         state,
@@ -126,11 +132,10 @@ async fn serve_connection(
     .await;
 }
 
-/// The rest of a connection on hyper: h2c, or HTTP/1.1 from the request the
-/// fast path did not take.
+/// The rest of an HTTP/1.1 connection on hyper, from the request the fast
+/// path did not take.
 async fn serve_with_hyper(
     io: Rewind,
-    h2: bool,
     proxy: Arc<HttpProxy>,
     client: Arc<Downstream>,
     state: Arc<ConnState>,
@@ -141,50 +146,29 @@ async fn serve_with_hyper(
         let flight = client.conn.begin();
         let proxy = proxy.clone();
         let client = client.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, &client, flight).await) }
+        async move { Ok::<_, Infallible>(proxy.handle(req.map(IncomingBody::Http1), &client, flight).await) }
     });
     let io = TokioIo::new(io);
     let peer = state.peer;
     let close = state.close_asked();
-    let result = if h2 {
-        let streams = Inline::default();
-        // Windows (hyper's 1 MiB per stream and per connection), frames
-        // (16 KiB) and adaptive windows (off) are the defaults on purpose:
-        // A/B'd with `bench/ab.sh`, none beat the noise on small answers;
-        // 4/16 MiB windows made 256 KiB uploads ~9% cheaper but let one
-        // client park 16 MiB per connection in our buffers.
-        let conn = hyper::server::conn::http2::Builder::new(streams.clone())
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(100)
-            .max_header_list_size(max_headers as u32)
-            // What one stream may queue beyond the client's flow-control
-            // window (hyper: 400 KiB): a client that opens a window and never
-            // reads would otherwise hold that much per stream. (A/B: 400 KiB
-            // made 256 KiB answers ~8% cheaper and small ones ~8% dearer.)
-            .max_send_buf_size(H2_SEND_BUFFER)
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .serve_connection(io, service);
-        streams.drive(conn, close, |c| c.graceful_shutdown()).await
-    } else {
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            // Our clock (ClientIo) keeps the header and idle deadlines apart
-            // and always fires first; hyper's, set past ours, only makes
-            // hyper read (so ours is armed) as soon as a connection goes idle.
-            .header_read_timeout(clock.idle + clock.request_header + Duration::from_secs(1))
-            // hyper's buffer cannot be smaller than 8 KiB; validation keeps
-            // the limit at or above 1 KiB, and the smaller limit is checked
-            // on the parsed head.
-            .max_buf_size(max_headers.max(8192))
-            .max_headers(max_fields)
-            // Small answers: one flattened buffer per write beats writev's iovecs
-            // (A/B: about 4% less CPU per request).
-            .writev(false)
-            .keep_alive(true)
-            .serve_connection(io, service)
-            .with_upgrades();
-        until_closed(conn, close, |c| c.graceful_shutdown()).await
-    };
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        // Our clock (ClientIo) keeps the header and idle deadlines apart
+        // and always fires first; hyper's, set past ours, only makes
+        // hyper read (so ours is armed) as soon as a connection goes idle.
+        .header_read_timeout(clock.idle + clock.request_header + Duration::from_secs(1))
+        // hyper's buffer cannot be smaller than 8 KiB; validation keeps
+        // the limit at or above 1 KiB, and the smaller limit is checked
+        // on the parsed head.
+        .max_buf_size(max_headers.max(8192))
+        .max_headers(max_fields)
+        // Small answers: one flattened buffer per write beats writev's iovecs
+        // (A/B: about 4% less CPU per request).
+        .writev(false)
+        .keep_alive(true)
+        .serve_connection(io, service)
+        .with_upgrades();
+    let result = until_closed(conn, close, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
@@ -243,73 +227,6 @@ impl tokio::io::AsyncWrite for Rewind {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// Runs an h2 connection's streams on the connection's own task, not a task
-/// each: hyper hands every stream to this executor, which queues it for
-/// [`Inline::drive`] to poll beside the connection. Per request that saves
-/// a spawn, a scheduler round trip and a cross-task wake-up (A/B: 0.90x the
-/// CPU per h2c request); the streams of one connection share one task, as
-/// they shared one socket.
-#[derive(Clone, Default)]
-struct Inline(Arc<InlineQueue>);
-
-#[derive(Default)]
-struct InlineQueue {
-    new: std::sync::Mutex<Vec<Pin<Box<dyn Future<Output = ()> + Send>>>>,
-    waker: futures::task::AtomicWaker,
-}
-
-impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for Inline {
-    fn execute(&self, fut: F) {
-        self.0.new.lock().expect("stream queue lock").push(Box::pin(fut));
-        self.0.waker.wake();
-    }
-}
-
-impl Inline {
-    /// [`until_closed`] for an h2 connection whose streams this executor
-    /// holds: polls the connection, then every stream it started, until the
-    /// connection ends (its streams end with it).
-    async fn drive<C: Future>(
-        &self,
-        conn: C,
-        close: impl Future<Output = ()>,
-        graceful: impl FnOnce(Pin<&mut C>),
-    ) -> C::Output {
-        use futures::StreamExt;
-        tokio::pin!(conn);
-        tokio::pin!(close);
-        let mut graceful = Some(graceful);
-        let mut running = futures::stream::FuturesUnordered::new();
-        std::future::poll_fn(|cx| {
-            if graceful.is_some()
-                && close.as_mut().poll(cx).is_ready()
-                && let Some(g) = graceful.take()
-            {
-                g(conn.as_mut());
-            }
-            loop {
-                if let std::task::Poll::Ready(out) = conn.as_mut().poll(cx) {
-                    return std::task::Poll::Ready(out);
-                }
-                self.0.waker.register(cx.waker());
-                let new = std::mem::take(&mut *self.0.new.lock().expect("stream queue lock"));
-                if new.is_empty() && running.is_empty() {
-                    return std::task::Poll::Pending;
-                }
-                let started = !new.is_empty();
-                running.extend(new);
-                while let std::task::Poll::Ready(Some(())) = running.poll_next_unpin(cx) {}
-                // New streams may have answered already: the connection
-                // sends what they queued before this task sleeps.
-                if !started {
-                    return std::task::Poll::Pending;
-                }
-            }
-        })
-        .await
     }
 }
 

@@ -4,7 +4,6 @@
 //! 101 the two upgraded connections joined byte for byte.
 
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 
@@ -17,7 +16,7 @@ use crate::proxy::access;
 use crate::proxy::attempt::{self, Connected};
 use crate::proxy::client::Downstream;
 use crate::proxy::service::{Current, ServiceRuntime};
-use crate::proxy::upstream::body::{UpBody, Upload};
+use crate::proxy::upstream::body::{IncomingBody, UpBody, Upload};
 use crate::proxy::upstream::pool::{Protocol, Release};
 use crate::proxy::upstream::{EndpointBody, classify};
 use crate::tls::upstream::Alpn;
@@ -26,7 +25,7 @@ use crate::tls::upstream::Alpn;
 /// not replayed.
 pub async fn tunnel(
     service: &ServiceRuntime,
-    mut req: Request<Incoming>,
+    mut req: Request<IncomingBody>,
     client: &Downstream,
     current: &Current,
     listener: usize,

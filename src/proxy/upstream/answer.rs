@@ -7,7 +7,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use super::body::BoxError;
-use super::http2::H2Body;
+use super::body::H2Body;
 
 /// An endpoint's answer body, as hyper's HTTP/1.1 client or our HTTP/2 one read it.
 #[derive(Debug)]

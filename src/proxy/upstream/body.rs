@@ -1,22 +1,122 @@
 //! The request body as it goes to an endpoint: empty, buffered (sent again on
 //! a retry), or streamed from the client as it arrives, with the client's
 //! body timeout between reads and the upload's end shared with the attempt
-//! loop (so `timeouts.response` starts there).
+//! loop (so `timeouts.response` starts there). Also the bodies as they
+//! arrive: a client's (hyper's HTTP/1.1 or an h2 stream) and an h2 stream's
+//! from either side.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use h2::RecvStream;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Boxed error of any body the proxy forwards.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A client's request body as it arrives.
+#[derive(Debug)]
+pub enum IncomingBody {
+    /// Read by hyper's HTTP/1.1 server.
+    Http1(Incoming),
+    /// An h2 stream's DATA frames (`proxy::http::h2`), its window given back as
+    /// they are read.
+    H2(H2Body),
+}
+
+impl Body for IncomingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            IncomingBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(|e| Box::new(e) as BoxError),
+            IncomingBody::H2(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            IncomingBody::Http1(b) => b.is_end_stream(),
+            IncomingBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            IncomingBody::Http1(b) => b.size_hint(),
+            IncomingBody::H2(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An HTTP/2 stream's incoming body (an endpoint's answer, or a client's
+/// request on our h2 server): its data, then its trailers, giving the window
+/// back as it is read.
+#[derive(Debug)]
+pub struct H2Body {
+    recv: RecvStream,
+    // What the declared length says is still to come.
+    remaining: Option<u64>,
+    data_done: bool,
+}
+
+impl H2Body {
+    /// The body of a stream whose head declared `content_length`.
+    pub fn new(recv: RecvStream, content_length: Option<u64>) -> Self {
+        let remaining = if recv.is_end_stream() { Some(0) } else { content_length };
+        Self {
+            recv,
+            remaining,
+            data_done: false,
+        }
+    }
+}
+
+impl Body for H2Body {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if let Some(n) = self.remaining.as_mut() {
+                        *n = n.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.remaining {
+            _ if self.recv.is_end_stream() => SizeHint::with_exact(0),
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
 
 /// How a client's request body ended, as far as the proxy read it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,7 +222,7 @@ impl Upload {
     /// Polls the client's body for the next frame, within the body timeout.
     pub fn poll_next(
         &mut self,
-        body: Pin<&mut Incoming>,
+        body: Pin<&mut IncomingBody>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match body.poll_frame(cx) {
@@ -135,7 +235,7 @@ impl Upload {
             }
             Poll::Ready(Some(Err(e))) => {
                 self.state.finish(UploadEnd::Failed);
-                Poll::Ready(Some(Err(Box::new(e))))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 self.state.finish(UploadEnd::Done);
@@ -178,7 +278,7 @@ pub enum UpBody {
         /// What was read before the buffer limit was passed.
         head: Option<Bytes>,
         /// The rest, as it arrives.
-        rest: Incoming,
+        rest: IncomingBody,
         /// The client's side of the upload: its body timeout and its end.
         upload: Upload,
     },

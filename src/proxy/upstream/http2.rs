@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use h2::SendStream;
 use h2::client::SendRequest;
-use h2::{RecvStream, SendStream};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::Body;
 use tokio::sync::oneshot;
 
-use super::body::BoxError;
+use super::body::{BoxError, H2Body};
 use crate::net::io_text;
 use crate::proxy::retry::Failure;
 use crate::tls::upstream::MaybeTls;
@@ -73,7 +73,7 @@ pub async fn handshake(io: MaybeTls, endpoint: std::net::SocketAddr) -> Result<H
 /// stream sends while it receives), reset if this future is dropped first.
 pub async fn send<B>(sender: H2Sender, req: Request<B>) -> Result<Response<H2Body>, Failure>
 where
-    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
 {
     let closed = sender.closed;
     let mut sender = match sender.sender.ready().await {
@@ -115,11 +115,7 @@ where
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    Ok(resp.map(|recv| H2Body {
-        recv,
-        content_length,
-        data_done: false,
-    }))
+    Ok(resp.map(|recv| H2Body::new(recv, content_length)))
 }
 
 /// Resets the stream's upload if the request is dropped before its answer
@@ -135,7 +131,7 @@ impl Drop for CancelOnDrop {
 }
 
 /// Copies `body` to `stream` within the endpoint's flow control window.
-async fn pump<B: Body<Data = Bytes> + Unpin>(
+async fn pump<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
     mut body: B,
     mut stream: SendStream<Bytes>,
     mut cancelled: oneshot::Receiver<()>,
@@ -144,7 +140,7 @@ async fn pump<B: Body<Data = Bytes> + Unpin>(
         if let Poll::Ready(Ok(())) = Pin::new(&mut cancelled).poll(cx) {
             return Poll::Ready(Err(h2::Reason::CANCEL));
         }
-        poll_pump(&mut body, &mut stream, cx)
+        poll_send_body(&mut body, &mut stream, cx)
     })
     .await;
     if let Err(reason) = outcome {
@@ -152,21 +148,25 @@ async fn pump<B: Body<Data = Bytes> + Unpin>(
     }
 }
 
-fn poll_pump<B: Body<Data = Bytes> + Unpin>(
+/// Copies `body` into `stream` within the peer's flow-control window (plus
+/// the connection's send buffer), then its trailers: the upload to an
+/// endpoint here, an answer to a client in `proxy::http::h2`. A body that
+/// breaks off is the `Err` to reset the stream with.
+pub fn poll_send_body<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
     body: &mut B,
     stream: &mut SendStream<Bytes>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), h2::Reason>> {
     loop {
-        // Room first (what the window takes plus the send buffer), so a client
-        // faster than the endpoint waits on us instead of piling up here.
+        // Room first (what the window takes plus the send buffer), so a
+        // sender faster than the receiver waits on us instead of piling up.
         stream.reserve_capacity(1);
         if stream.capacity() == 0 {
             loop {
                 match ready!(stream.poll_capacity(cx)) {
                     Some(Ok(0)) => {}
                     Some(Ok(_)) => break,
-                    // The endpoint reset the stream or the connection ended.
+                    // The peer reset the stream or the connection ended.
                     Some(Err(_)) | None => return Poll::Ready(Ok(())),
                 }
             }
@@ -188,7 +188,7 @@ fn poll_pump<B: Body<Data = Bytes> + Unpin>(
                     }
                 }
             },
-            Some(Err(_)) => return Poll::Ready(Err(h2::Reason::INTERNAL_ERROR)),
+            Some(Err(e)) => return Poll::Ready(Err(reason_of(&*e))),
             None => {
                 let _ = stream.send_data(Bytes::new(), true);
                 return Poll::Ready(Ok(()));
@@ -197,8 +197,22 @@ fn poll_pump<B: Body<Data = Bytes> + Unpin>(
     }
 }
 
+/// The reset code for a body that broke off: the h2 reason behind it, when
+/// an h2 stream on the other side was reset (a gRPC peer tells `CANCEL` from
+/// a failure), else `INTERNAL_ERROR`.
+pub fn reason_of(e: &(dyn std::error::Error + 'static)) -> h2::Reason {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if let Some(reason) = e.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        next = e.source();
+    }
+    h2::Reason::INTERNAL_ERROR
+}
+
 /// Headers HTTP/2 forbids (RFC 9113 8.2.2), in case a route or a filter put one back.
-fn strip_connection_headers(headers: &mut http::HeaderMap) {
+pub fn strip_connection_headers(headers: &mut http::HeaderMap) {
     // Usually none: one pass over the names, not six hashed lookups.
     if !headers.keys().any(is_connection_specific) {
         return;
@@ -223,50 +237,6 @@ fn is_connection_specific(name: &header::HeaderName) -> bool {
         || *name == header::UPGRADE
         || *name == header::TE
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
-}
-
-/// An endpoint's HTTP/2 answer body: its data, then its trailers, giving the
-/// window back as it is read.
-#[derive(Debug)]
-pub struct H2Body {
-    recv: RecvStream,
-    content_length: Option<u64>,
-    data_done: bool,
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(Box::new(e)))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.content_length {
-            Some(n) if self.recv.is_end_stream() || n == 0 => SizeHint::with_exact(0),
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
-    }
 }
 
 /// An error from the h2 crate about our own request (a header it will not
@@ -301,7 +271,8 @@ mod tests {
     use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::proxy::upstream::body::UpBody;
+    use crate::proxy::upstream::body::{BoxError, UpBody};
+    use hyper::body::Frame;
 
     /// An h2c endpoint that reads each request's body whole and answers its
     /// length, then a trailer; or, not `reading`, reads nothing (the upload
@@ -436,5 +407,13 @@ mod tests {
         let cancelled = h2::Error::from(h2::Reason::CANCEL);
         assert!(matches!(classify(&cancelled), Failure::Error(_)));
         assert!(!is_user(&refused));
+    }
+
+    #[test]
+    fn an_answer_that_broke_off_resets_with_the_endpoints_reason() {
+        let endpoint: BoxError = Box::new(h2::Error::from(h2::Reason::CANCEL));
+        assert_eq!(reason_of(&*endpoint), h2::Reason::CANCEL);
+        let other: BoxError = "read timed out".into();
+        assert_eq!(reason_of(&*other), h2::Reason::INTERNAL_ERROR);
     }
 }

@@ -5,9 +5,6 @@
 //! hop-by-hop headers out, and a chunked body followed to its end so it can
 //! be relayed as it came, in whole reads.
 
-use std::cell::RefCell;
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
@@ -387,22 +384,11 @@ fn itoa3(status: u16) -> [u8; 3] {
 }
 
 /// Writes `date: <now>` (RFC 9110 6.6.1: an origin with a clock sends one;
-/// hyper adds it too), rendered once a second per thread.
+/// hyper adds it too).
 pub fn write_date(out: &mut Vec<u8>) {
-    thread_local! {
-        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
-    }
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    DATE.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.0 != secs {
-            *d = (secs, httpdate::fmt_http_date(now));
-        }
-        out.extend_from_slice(b"date: ");
-        out.extend_from_slice(d.1.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    });
+    out.extend_from_slice(b"date: ");
+    out.extend_from_slice(crate::proxy::http::headers::date().as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Follows a chunked body (RFC 9112 7.1) through the bytes relayed, to know
