@@ -76,6 +76,9 @@ cat "$WORK/cert.pem" "$WORK/key.pem" > "$WORK/haproxy.pem"
 # --- the three proxies, configured as alike as their words allow -----------
 # Least connections, upstream keep-alive, retry on connect error/timeout to
 # another server, active checks every 1 s, passive ejection after 1 failure.
+# Each adds the forwarding headers balanced always adds (X-Forwarded-For,
+# X-Forwarded-Proto, Forwarded): a proxy that sends fewer headers upstream
+# does less work per request (h2c: hpack encoding is ~10% of ours).
 cat > "$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
@@ -89,6 +92,9 @@ defaults
 frontend h1
   mode http
   bind 127.0.0.1:28001
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request add-header Forwarded for=%[src];proto=http
   default_backend h1
 backend h1
   mode http
@@ -101,10 +107,16 @@ backend h1
 frontend https
   mode http
   bind 127.0.0.1:28004 ssl crt $WORK/haproxy.pem alpn h2,http/1.1
+  option forwardfor
+  http-request set-header X-Forwarded-Proto https
+  http-request add-header Forwarded for=%[src];proto=https
   default_backend h1
 frontend h2
   mode http
   bind 127.0.0.1:28002 proto h2
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request add-header Forwarded for=%[src];proto=http
   default_backend h2
 backend h2
   mode http
@@ -142,7 +154,10 @@ http {
   server { listen 127.0.0.1:29001; listen 127.0.0.1:29002 http2; listen 127.0.0.1:29004 ssl;
            ssl_certificate $WORK/cert.pem; ssl_certificate_key $WORK/key.pem;
            location / { proxy_pass http://h1; proxy_http_version 1.1;
-                        proxy_set_header Connection ""; proxy_next_upstream error timeout; } }
+                        proxy_set_header Connection ""; proxy_next_upstream error timeout;
+                        proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+                        proxy_set_header X-Forwarded-Proto \$scheme;
+                        proxy_set_header Forwarded "for=\$remote_addr;proto=\$scheme"; } }
 }
 stream {
   upstream tcp { hash \$remote_addr consistent;
