@@ -3,7 +3,7 @@
 //! request for it (origin-form and `Host` for HTTP/1.1, `:authority` and no
 //! `Host` for h2).
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Uri, Version};
 
@@ -174,8 +174,16 @@ fn is_standard_connection_token(v: &[u8]) -> bool {
 /// proxy that terminated TLS says `https`; anyone else could lie).
 pub fn add_forwarding(headers: &mut HeaderMap, client: &Downstream, trust: bool) {
     append_list(headers, X_FORWARDED_FOR, client.ip_header());
-    if !(trust && headers.contains_key(X_FORWARDED_PROTO)) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(client.scheme()));
+    // One lookup per header (entries): these three were ~1.7% of an h2c
+    // request's instructions with a lookup to read and another to write.
+    match headers.entry(X_FORWARDED_PROTO) {
+        Entry::Occupied(_) if trust => {}
+        Entry::Occupied(mut e) => {
+            e.insert(HeaderValue::from_static(client.scheme()));
+        }
+        Entry::Vacant(e) => {
+            e.insert(HeaderValue::from_static(client.scheme()));
+        }
     }
     append_list(headers, header::FORWARDED, client.forwarded_header());
 }
@@ -192,19 +200,22 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || matches!(name.as_str(), "keep-alive" | "proxy-connection" | "http2-settings")
 }
 
-/// Sets `name` to `value`, or appends `, value` to what an outer proxy wrote.
+/// Sets `name` to `value`, or appends `, value` to what an outer proxy wrote
+/// (every line of it, joined: RFC 9110 5.3).
 fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
-    match headers.get(&name) {
-        None => {
-            headers.insert(name, value.clone());
+    match headers.entry(name) {
+        Entry::Vacant(e) => {
+            e.insert(value.clone());
         }
-        Some(prior) => {
-            let mut joined = Vec::with_capacity(prior.len() + 2 + value.len());
-            joined.extend_from_slice(prior.as_bytes());
-            joined.extend_from_slice(b", ");
+        Entry::Occupied(mut e) => {
+            let mut joined = Vec::new();
+            for prior in e.iter() {
+                joined.extend_from_slice(prior.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
             joined.extend_from_slice(value.as_bytes());
             if let Ok(v) = HeaderValue::from_bytes(&joined) {
-                headers.insert(name, v);
+                e.insert(v);
             }
         }
     }
@@ -371,6 +382,11 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(h["x-forwarded-proto"], "http", "an untrusted client cannot claim https");
         assert_eq!(h["forwarded"], "for=10.0.0.9;proto=http");
+        // Two lines from outer proxies are one list (RFC 9110 5.3): both kept.
+        let mut h = headers(&[("x-forwarded-for", "1.2.3.4"), ("x-forwarded-for", "5.6.7.8")]);
+        add_forwarding(&mut h, &downstream("10.0.0.9:5555"), false);
+        let all: Vec<_> = h.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(all, ["1.2.3.4, 5.6.7.8, 10.0.0.9"]);
         let mut h = headers(&[("x-forwarded-proto", "https")]);
         add_forwarding(&mut h, &downstream("10.0.0.9:5555"), true);
         assert_eq!(
