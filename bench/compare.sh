@@ -15,7 +15,9 @@
 #   h2:  h2load, h2c clients, h2c backends (nginx `listen ... http2`);
 #        nginx cannot proxy to h2 upstreams, so its row is h2c -> HTTP/1.1
 #   tcp: iperf3 through a TCP listener (HAProxy mode tcp, nginx stream), balanced
-#        by source address everywhere: iperf3's two connections must meet one server
+#        by source address everywhere: iperf3's two connections must meet one server.
+#        IPERF_ARGS=-Z sends with sendfile: where iperf3 itself fills the load
+#        core at the same Gbit/s for every proxy, a cheaper sender lets them differ
 #   https:  wrk -t1 -cCONNS keep-alive over TLS (one ECDSA P-256 certificate for
 #           all three; HAProxy `bind ssl crt`, nginx `listen ssl`), HTTP/1.1 backends
 #   tlsnew: the same with `Connection: close`: a full TLS handshake per request
@@ -271,7 +273,7 @@ measure() {
       reqs=${ok2xx:-0}
       ;;
     tcp)
-      out=$(taskset -c "$LOAD_CORE" iperf3 -c 127.0.0.1 -p "$url" -t "$DUR" -f g -J 2>/dev/null)
+      out=$(taskset -c "$LOAD_CORE" iperf3 -c 127.0.0.1 -p "$url" -t "$DUR" ${IPERF_ARGS:-} -f g -J 2>/dev/null)
       rps=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print(round(d.get("end",{}).get("sum_received",{}).get("bits_per_second",0)/1e9,2))' <<<"$out" || echo 0)
       reqs=$(python3 -c 'import json,sys; d=json.load(sys.stdin); print(int(d.get("end",{}).get("sum_received",{}).get("bytes",0)/1048576))' <<<"$out" || echo 0)
       p99="-"
