@@ -6,6 +6,8 @@
 #
 #   bench/instructions.sh BIN [BIN...]       h2c clients to h2c backends
 #   PROTO=h1 bench/instructions.sh BIN...    HTTP/1.1 keep-alive clients
+#   bench/instructions.sh BIN haproxy        HAProxy too (nbthread 1, the forwarding
+#                                            headers balanced adds): the same count for it
 #   N=4000 bench/instructions.sh ...         requests counted (default 3000)
 #   KEEP=/tmp/ir bench/instructions.sh ...   keeps each build's profile as
 #                                            /tmp/ir.1, .2, ... (callgrind_annotate)
@@ -44,7 +46,34 @@ port=18501
 for bin in "$@"; do
   base=18081 app=""
   if [ "$PROTO" = h2 ]; then base=18181 app=", appProtocol: kubernetes.io/h2c"; fi
-  cat >"$WORK/$port.yaml" <<EOF
+  out="$WORK/callgrind.$port"
+  if [ "$bin" = haproxy ]; then
+    proto=""; [ "$PROTO" = h2 ] && proto=" proto h2"
+    cat >"$WORK/$port.cfg" <<EOF
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 60s
+  timeout server 60s
+frontend f
+  bind 127.0.0.1:$port$proto
+  option forwardfor
+  http-request set-header X-Forwarded-Proto http
+  http-request add-header Forwarded for=%[src];proto=http
+  default_backend b
+backend b
+  balance leastconn
+  http-reuse always
+  server s1 127.0.0.1:$base$proto
+  server s2 127.0.0.1:$((base + 1))$proto
+  server s3 127.0.0.1:$((base + 2))$proto
+EOF
+    valgrind --tool=callgrind --callgrind-out-file="$out.%p" haproxy -db -f "$WORK/$port.cfg" \
+      >"$WORK/$port.log" 2>&1 &
+  else
+    cat >"$WORK/$port.yaml" <<EOF
 apiVersion: balanced.dev/v1alpha1
 kind: BalancedService
 metadata: {name: ir}
@@ -53,13 +82,20 @@ spec:
   listeners: [{name: http, port: $port$app}]
   healthCheck: {protocol: TCP, interval: 60s}
 EOF
-  out="$WORK/callgrind.$port"
-  BALANCED_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
-    "$bin" standalone -f "$WORK/$port.yaml" --admin "127.0.0.1:$((port + 1000))" --bind 127.0.0.1 \
-    >"$WORK/$port.log" 2>&1 &
+    BALANCED_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+      "$bin" standalone -f "$WORK/$port.yaml" --admin "127.0.0.1:$((port + 1000))" --bind 127.0.0.1 \
+      >"$WORK/$port.log" 2>&1 &
+  fi
   pid=$!
   PIDS+=("$pid")
-  for _ in $(seq 1 300); do curl -fsS -o /dev/null "http://127.0.0.1:$((port + 1000))/readyz" 2>/dev/null && break; sleep 0.2; done
+  for _ in $(seq 1 300); do
+    if [ "$bin" = haproxy ]; then
+      curl -fsS -o /dev/null ${app:+--http2-prior-knowledge} "http://127.0.0.1:$port/" 2>/dev/null && break
+    else
+      curl -fsS -o /dev/null "http://127.0.0.1:$((port + 1000))/readyz" 2>/dev/null && break
+    fi
+    sleep 0.2
+  done
   sleep 2
   load "$port" 1000
   callgrind_control -z "$pid" >/dev/null 2>&1
