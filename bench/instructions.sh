@@ -12,7 +12,8 @@
 #   KEEP=/tmp/ir bench/instructions.sh ...   keeps each build's profile as
 #                                            /tmp/ir.1, .2, ... (callgrind_annotate)
 #
-# Each build runs under callgrind; a first round of requests warms its pools
+# Each build runs under callgrind on core 0 (so balanced picks the
+# current-thread runtime, as in bench/compare.sh), the load on core 1; a first round of requests warms its pools
 # and caches, the counters are zeroed, N requests are sent, and the counters
 # dumped. Prints each build's instructions per request and its ratio to the
 # first build. Instructions are not time (a cache miss or a syscall costs more
@@ -34,10 +35,10 @@ start_backends "$WORK" 1
 
 load() { # port requests
   if [ "$PROTO" = h2 ]; then
-    h2load -c8 -m10 -n"$2" "http://127.0.0.1:$1/" >/dev/null 2>&1
+    taskset -c 1 h2load -c8 -m10 -n"$2" "http://127.0.0.1:$1/" >/dev/null 2>&1
   else
     # hey keeps its connections alive; -c8 spreads the load like h2load's.
-    hey -c 8 -n "$2" "http://127.0.0.1:$1/" >/dev/null 2>&1
+    taskset -c 1 hey -c 8 -n "$2" "http://127.0.0.1:$1/" >/dev/null 2>&1
   fi
 }
 
@@ -70,7 +71,7 @@ backend b
   server s2 127.0.0.1:$((base + 1))$proto
   server s3 127.0.0.1:$((base + 2))$proto
 EOF
-    valgrind --tool=callgrind --callgrind-out-file="$out.%p" haproxy -db -f "$WORK/$port.cfg" \
+    taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$out.%p" haproxy -db -f "$WORK/$port.cfg" \
       >"$WORK/$port.log" 2>&1 &
   else
     cat >"$WORK/$port.yaml" <<EOF
@@ -82,7 +83,7 @@ spec:
   listeners: [{name: http, port: $port$app}]
   healthCheck: {protocol: TCP, interval: 60s}
 EOF
-    BALANCED_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
+    BALANCED_LOG=warn taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
       "$bin" standalone -f "$WORK/$port.yaml" --admin "127.0.0.1:$((port + 1000))" --bind 127.0.0.1 \
       >"$WORK/$port.log" 2>&1 &
   fi
