@@ -268,12 +268,11 @@ impl HttpProxy {
                 return answer;
             }
         };
-        // Boxed: the attempt loop's state is most of a request's (4 KiB), and
-        // each future above it (`proxy`, `handle`, an h2 stream) is copied
-        // whole as it is built; one allocation costs less than carrying it up
-        // (bench/instructions.sh).
-        let forwarding = forward::forward(&self.service, &self.meters, current, listener, request, &routed);
-        let (response, upstream) = Box::pin(forwarding).await;
+        // Not boxed, though every future above it is copied with room for it:
+        // boxing saved 0.2% of an h2c request's instructions and added 0.7 MiB
+        // to the peak RSS under h2load -c32 -m10 (a second allocation per stream).
+        let (response, upstream) =
+            forward::forward(&self.service, &self.meters, current, listener, request, &routed).await;
         Answer {
             response,
             route: routed.route,
