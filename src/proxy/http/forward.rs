@@ -37,6 +37,7 @@ pub struct Prepared {
 // An `async move` block, not an `async fn`, and the request used where it was
 // captured: an `async fn` keeps its arguments twice, and taking the request
 // apart would keep its head and body a third time, in every request in flight.
+#[allow(clippy::manual_async_fn)]
 pub fn forward<'a>(
     service: &'a ServiceRuntime,
     meters: &'a Meters,
@@ -72,8 +73,8 @@ pub fn forward<'a>(
             let race = super::hedge::Race {
                 current,
                 listener,
-                parts: &parts,
-                body: &body,
+                parts,
+                body,
                 protocol,
                 response_timeout: routed.response_timeout,
             };
@@ -109,9 +110,9 @@ pub fn forward<'a>(
             } else {
                 std::mem::take(&mut parts.headers)
             };
-            let request = upstream_request(&parts, headers, attempt_body);
+            let request = upstream_request(parts, headers, attempt_body);
             let copy = || {
-                keep.then(|| body.take().map(|b| upstream_request(&parts, parts.headers.clone(), b)))
+                keep.then(|| body.take().map(|b| upstream_request(parts, parts.headers.clone(), b)))
                     .flatten()
             };
             let started = Instant::now();

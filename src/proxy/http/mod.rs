@@ -166,6 +166,7 @@ impl HttpProxy {
     // `handle`, `proxy` and `request` return an `async move` block rather than
     // being `async fn`s: an `async fn` keeps each argument twice (captured, and
     // again as its local), and every request in flight holds all three nested.
+    #[allow(clippy::manual_async_fn)]
     pub fn handle<'a>(
         &'a self,
         req: Request<IncomingBody>,
@@ -222,6 +223,7 @@ impl HttpProxy {
 
     /// Phases 2 to 5, then what the route adds to the answer: its counter
     /// and, with `debug.endpointHeader`, `x-balanced-route`.
+    #[allow(clippy::manual_async_fn)] // an async fn would keep `req` twice (see `handle`)
     fn proxy<'a>(
         &'a self,
         req: Request<IncomingBody>,
@@ -259,6 +261,7 @@ impl HttpProxy {
     }
 
     /// Phases 3 to 5 for a plain request.
+    #[allow(clippy::manual_async_fn)] // an async fn would keep `req` twice (see `handle`)
     fn request<'a>(
         &'a self,
         req: Request<IncomingBody>,
