@@ -21,14 +21,7 @@ DUR=${4:-5}
 PROTO=${PROTO:-h1}
 URL_PATH=${URL_PATH:-/}
 UPLOAD=${UPLOAD:-}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+work_dir
 start_backends "$WORK" 1
 
 serve() { # bin port admin -> pid

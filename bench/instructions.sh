@@ -23,14 +23,7 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 PROTO=${PROTO:-h2}
 N=${N:-3000}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+work_dir
 start_backends "$WORK" 1
 
 load() { # port requests

@@ -1,4 +1,19 @@
-# Shared by the bench scripts: the nginx backends every proxy is put in front of.
+# Shared by the bench scripts: a work directory cleaned up on exit, and the
+# nginx backends every proxy is put in front of.
+
+# work_dir: sets WORK to a new temporary directory and PIDS to an empty list;
+# on exit, kills every pid in PIDS and the backends' nginx, and removes WORK.
+work_dir() {
+  WORK=$(mktemp -d)
+  PIDS=()
+  trap _work_cleanup EXIT
+}
+
+_work_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
 
 # start_backends DIR CORE: one nginx worker pinned to CORE answering "ok" (2
 # bytes), /256k with 256 KiB, and /sink "ok" once it read the whole request

@@ -10,6 +10,7 @@
 #   PERF=1 bench/prober-compare.sh 10 1     also perf-records balanced and prints its top symbols
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 DUR=${1:-20}
 ROUNDS=${2:-2}
 SERVICES=${SERVICES:-100}
@@ -17,14 +18,7 @@ PER=100
 PORTS=100
 PROBER_CORE=${PROBER_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+work_dir
 need() { command -v "$1" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
 need nginx nginx
 need haproxy haproxy

@@ -14,14 +14,7 @@ DUR=${2:-8}
 CONNS=${CONNS:-32}
 PROXY_CORE=${PROXY_CORE:-0}
 LOAD_CORE=${LOAD_CORE:-1}
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+work_dir
 command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }
 if [ -z "${BALANCED_BIN:-}" ]; then cargo build --release -q; fi
