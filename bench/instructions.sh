@@ -74,7 +74,7 @@ metadata: {name: ir}
 spec:
   endpoints: [{address: 127.0.0.1, port: $base}, {address: 127.0.0.1, port: $((base + 1))}, {address: 127.0.0.1, port: $((base + 2))}]
   listeners: [{name: http, port: $port$app}]
-  healthCheck: {protocol: TCP, interval: 60s}
+  healthCheck: {protocol: TCP, interval: 1s, timeout: 500ms, rise: 1}
 EOF
     BALANCED_LOG=warn taskset -c 0 valgrind --tool=callgrind --callgrind-out-file="$out.%p" \
       "$bin" standalone -f "$WORK/$port.yaml" --admin "127.0.0.1:$((port + 1000))" --bind 127.0.0.1 \
