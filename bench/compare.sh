@@ -10,7 +10,9 @@
 #                                    with --access-log to a file (the log's cost)
 #
 # Prints, per proxy and per protocol: req/s (median of rounds), p99, CPU
-# microseconds per request of the proxy process, and balanced's ratios.
+# microseconds per request of the proxy process, the share of that CPU spent
+# in the proxy's own code (user time; the rest is the kernel's, for the
+# proxy's system calls), and balanced's ratios.
 #   h1:  wrk -t1 -cCONNS keep-alive, HTTP/1.1 clients, HTTP/1.1 backends (2-byte body)
 #   h2:  h2load, h2c clients, h2c backends (nginx `listen ... http2`);
 #        nginx cannot proxy to h2 upstreams, so its row is h2c -> HTTP/1.1
@@ -243,17 +245,18 @@ wait_up http://127.0.0.1:29001/
 sleep 2 # every proxy's first checks have passed
 
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+user_ticks() { awk '{print $14}' "/proc/$1/stat"; }
 TCK=$(getconf CLK_TCK)
-declare -A RPS P99 CPU SYS
+declare -A RPS P99 CPU SYS USER
 
 # measure NAME PID KIND URL: one run, appends "rps p99 cpu_us" to the arrays.
 measure() {
-  local name=$1 pid=$2 kind=$3 url=$4 out rps p99 reqs t0 t1 perf=""
+  local name=$1 pid=$2 kind=$3 url=$4 out rps p99 reqs t0 t1 u0 u1 perf=""
   if [ -n "${SYSCALLS:-}" ]; then
     perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$pid" -o "$WORK/perf.out" &
     perf=$!
   fi
-  t0=$(ticks "$pid")
+  t0=$(ticks "$pid"); u0=$(user_ticks "$pid")
   case $kind in
     h1|https|tlsnew)
       local close=()
@@ -283,7 +286,7 @@ measure() {
       p99="-"
       ;;
   esac
-  t1=$(ticks "$pid")
+  t1=$(ticks "$pid"); u1=$(user_ticks "$pid")
   if [ -n "$perf" ]; then
     kill -INT "$perf"; wait "$perf" || true
     local sc cs
@@ -294,6 +297,7 @@ measure() {
   local cpu
   cpu=$(awk -v a="$t0" -v b="$t1" -v t="$TCK" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.1f", (b - a) / t * 1e6 / n; else print "nan" }')
   RPS[$name]+="$rps "; P99[$name]+="$p99 "; CPU[$name]+="$cpu "
+  USER[$name]+=$(awk -v a="$t0" -v b="$t1" -v c="$u0" -v d="$u1" 'BEGIN { if (b > a) printf "%.0f", (d - c) / (b - a) * 100; else print "nan" }')" "
 }
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR ? a[int((NR+1)/2)] : "nan")}'; }
@@ -327,11 +331,11 @@ for kind in $ONLY; do
   esac
   echo
   echo "== $kind: $what; proxies on core $PROXY_CORE, load+backends on core $LOAD_CORE; $ROUNDS rounds"
-  printf '%-10s %12s %14s %12s   %s\n' proxy "$unit" p99 "cpu us/req" "rounds"
+  printf '%-10s %12s %14s %12s %6s   %s\n' proxy "$unit" p99 "cpu us/req" "user%" "rounds"
   for name in $NAMES; do
     k="$kind/$name"
-    printf '%-10s %12s %14s %12s   %s\n' "$name" "$(median <<<"${RPS[$k]}")" "$(tr ' ' '\n' <<<"${P99[$k]}" | grep -v '^$' | tail -1)" \
-      "$(median <<<"${CPU[$k]}")" "${RPS[$k]}"
+    printf '%-10s %12s %14s %12s %6s   %s\n' "$name" "$(median <<<"${RPS[$k]}")" "$(tr ' ' '\n' <<<"${P99[$k]}" | grep -v '^$' | tail -1)" \
+      "$(median <<<"${CPU[$k]}")" "$(median <<<"${USER[$k]}")" "${RPS[$k]}"
     if [ -n "${SYSCALLS:-}" ]; then
       printf '%-10s syscalls/context switches per request, by round: %s\n' "" "${SYS[$k]}"
     fi
