@@ -27,7 +27,7 @@ use super::body::ClientBody;
 use crate::proxy::client::Downstream;
 use crate::proxy::client::conn::{ClientIo, InFlight};
 use crate::proxy::upstream::body::{H2Body, IncomingBody};
-use crate::proxy::upstream::http2::{poll_send_body, strip_connection_headers};
+use crate::proxy::upstream::http2::{Room, poll_send_body, strip_connection_headers};
 
 /// The most an h2 stream queues for a client beyond its flow-control window:
 /// a client that opens a window and never reads would otherwise hold this
@@ -166,8 +166,10 @@ async fn stream(
         let _ = respond.send_response(Response::from_parts(head, ()), true);
         return;
     }
-    if let Some(len) = body.size_hint().exact()
-        && !head.headers.contains_key(header::CONTENT_LENGTH)
+    // The header first: an endpoint's answer usually has it, and asking the
+    // body takes the endpoint connection's lock.
+    if !head.headers.contains_key(header::CONTENT_LENGTH)
+        && let Some(len) = body.size_hint().exact()
     {
         head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
@@ -181,7 +183,8 @@ async fn stream(
 /// (plus [`SEND_BUFFER`]), so a client that does not read makes us stop
 /// reading the endpoint rather than buffer; trailers follow the data.
 async fn copy_answer(mut body: ClientBody, mut send: SendStream<Bytes>) {
-    let outcome = std::future::poll_fn(|cx| poll_send_body(&mut body, &mut send, cx)).await;
+    let mut room = Room::default();
+    let outcome = std::future::poll_fn(|cx| poll_send_body(&mut body, &mut send, &mut room, cx)).await;
     if let Err(reason) = outcome {
         send.send_reset(reason);
     }

@@ -252,6 +252,16 @@ pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
             parts.version = Version::HTTP_11;
         }
         Protocol::H2c => {
+            parts.version = Version::HTTP_2;
+            // An h2c client's target is already in the form h2 sends: kept,
+            // rather than taken apart and validated again.
+            if parts.uri.scheme() == Some(&Scheme::HTTP)
+                && parts.uri.authority().is_some()
+                && parts.uri.path_and_query().is_some_and(|p| p.as_str().starts_with('/'))
+            {
+                parts.headers.remove(header::HOST);
+                return;
+            }
             let authority = match parts.uri.authority() {
                 Some(a) => Some(a.clone()),
                 None => parts
@@ -268,7 +278,6 @@ pub fn shape_for(parts: &mut http::request::Parts, protocol: Protocol) {
             if let Ok(u) = Uri::from_parts(uri) {
                 parts.uri = u;
             }
-            parts.version = Version::HTTP_2;
         }
     }
 }
@@ -458,6 +467,16 @@ mod tests {
             "grpc.example",
             "the client's authority is kept"
         );
+        // Kept as it came (the h2c client's common case), its Host still dropped.
+        let mut p = request(Version::HTTP_2, "http://grpc.example/svc/Method", Some("grpc.example"));
+        shape_for(&mut p, Protocol::H2c);
+        assert_eq!(p.uri, "http://grpc.example/svc/Method");
+        assert!(!p.headers.contains_key("host"), "no Host beside :authority");
+        assert_eq!(p.version, Version::HTTP_2);
+        // A TLS client's https target goes to an h2c endpoint as http.
+        let mut p = request(Version::HTTP_2, "https://shop.example/a", None);
+        shape_for(&mut p, Protocol::H2c);
+        assert_eq!(p.uri, "http://shop.example/a");
     }
 
     #[test]

@@ -136,11 +136,12 @@ async fn pump<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
     mut stream: SendStream<Bytes>,
     mut cancelled: oneshot::Receiver<()>,
 ) {
+    let mut room = Room::default();
     let outcome = std::future::poll_fn(|cx| {
         if let Poll::Ready(Ok(())) = Pin::new(&mut cancelled).poll(cx) {
             return Poll::Ready(Err(h2::Reason::CANCEL));
         }
-        poll_send_body(&mut body, &mut stream, cx)
+        poll_send_body(&mut body, &mut stream, &mut room, cx)
     })
     .await;
     if let Err(reason) = outcome {
@@ -151,35 +152,52 @@ async fn pump<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
 /// Copies `body` into `stream` within the peer's flow-control window (plus
 /// the connection's send buffer), then its trailers: the upload to an
 /// endpoint here, an answer to a client in `proxy::http::h2`. A body that
-/// breaks off is the `Err` to reset the stream with.
+/// breaks off is the `Err` to reset the stream with. `room` is the copy's
+/// state between polls: set once a frame went out, so the next waits for
+/// the window.
 pub fn poll_send_body<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
     body: &mut B,
     stream: &mut SendStream<Bytes>,
+    room: &mut Room,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), h2::Reason>> {
     loop {
-        // Room first (what the window takes plus the send buffer), so a
-        // sender faster than the receiver waits on us instead of piling up.
-        stream.reserve_capacity(1);
-        if stream.capacity() == 0 {
-            loop {
-                match ready!(stream.poll_capacity(cx)) {
-                    Some(Ok(0)) => {}
-                    Some(Ok(_)) => break,
-                    // The peer reset the stream or the connection ended.
-                    Some(Err(_)) | None => return Poll::Ready(Ok(())),
+        // Room before the next frame (what the window takes plus the send
+        // buffer), so a sender faster than the receiver waits on us instead
+        // of piling up. Not before the first: most bodies are one frame, and
+        // each of these calls takes the connection's lock.
+        if *room == Room::WaitBeforeNext {
+            stream.reserve_capacity(1);
+            if stream.capacity() == 0 {
+                loop {
+                    match ready!(stream.poll_capacity(cx)) {
+                        Some(Ok(0)) => {}
+                        Some(Ok(_)) => break,
+                        // The peer reset the stream or the connection ended.
+                        Some(Err(_)) | None => return Poll::Ready(Ok(())),
+                    }
                 }
             }
-        } else if stream.poll_reset(cx).is_ready() {
-            return Poll::Ready(Ok(()));
+            *room = Room::Free;
         }
-        match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+        let frame = match Pin::new(&mut *body).poll_frame(cx) {
+            Poll::Ready(frame) => frame,
+            Poll::Pending => {
+                // Waiting on the body: the peer's reset ends the copy here.
+                if stream.poll_reset(cx).is_ready() {
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Pending;
+            }
+        };
+        match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     let end = body.is_end_stream();
                     if stream.send_data(data, end).is_err() || end {
                         return Poll::Ready(Ok(()));
                     }
+                    *room = Room::WaitBeforeNext;
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
@@ -195,6 +213,16 @@ pub fn poll_send_body<B: Body<Data = Bytes, Error = BoxError> + Unpin>(
             }
         }
     }
+}
+
+/// Where a body's copy into an h2 stream stands on flow control.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Room {
+    /// The next frame may go without asking for room.
+    #[default]
+    Free,
+    /// A frame went out: the next waits until the window has room.
+    WaitBeforeNext,
 }
 
 /// The reset code for a body that broke off: the h2 reason behind it, when
