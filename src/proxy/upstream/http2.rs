@@ -5,6 +5,7 @@
 //! back through two channels; here it wakes the connection's task and is woken
 //! by it, as the h2 crate allows any task to open a stream.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,51 +72,57 @@ pub async fn handshake(io: MaybeTls, endpoint: std::net::SocketAddr) -> Result<H
 /// Sends `req` and waits for the response head. The body, when there is
 /// one, goes up from a task of its own (it may outlive the head: a gRPC
 /// stream sends while it receives), reset if this future is dropped first.
-pub async fn send<B>(sender: H2Sender, req: Request<B>) -> Result<Response<H2Body>, Failure>
+//
+// An `async move` block: an `async fn` would keep `sender` and `req` twice
+// in every request in flight (see `HttpProxy::handle`).
+#[allow(clippy::manual_async_fn)]
+pub fn send<B>(sender: H2Sender, req: Request<B>) -> impl Future<Output = Result<Response<H2Body>, Failure>>
 where
     B: Body<Data = Bytes, Error = BoxError> + Send + Unpin + 'static,
 {
-    let closed = sender.closed;
-    let mut sender = match sender.sender.ready().await {
-        Ok(ready) => ready,
-        Err(_) => {
-            // A GOAWAY came, or the connection ended: the pool stops handing it out.
-            closed.store(true, Ordering::Relaxed);
-            return Err(unsent());
+    async move {
+        let closed = sender.closed;
+        let mut sender = match sender.sender.ready().await {
+            Ok(ready) => ready,
+            Err(_) => {
+                // A GOAWAY came, or the connection ended: the pool stops handing it out.
+                closed.store(true, Ordering::Relaxed);
+                return Err(unsent());
+            }
+        };
+        let (mut head, body) = req.into_parts();
+        strip_connection_headers(&mut head.headers);
+        if let Some(len) = body.size_hint().exact()
+            && (len != 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH))
+            && !head.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         }
-    };
-    let (mut head, body) = req.into_parts();
-    strip_connection_headers(&mut head.headers);
-    if let Some(len) = body.size_hint().exact()
-        && (len != 0 || matches!(head.method, Method::POST | Method::PUT | Method::PATCH))
-        && !head.headers.contains_key(header::CONTENT_LENGTH)
-    {
-        head.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    let eos = body.is_end_stream();
-    let (response, stream) = sender.send_request(Request::from_parts(head, ()), eos).map_err(|e| {
-        if is_user(&e) {
-            Failure::Error(e.to_string())
+        let eos = body.is_end_stream();
+        let (response, stream) = sender.send_request(Request::from_parts(head, ()), eos).map_err(|e| {
+            if is_user(&e) {
+                Failure::Error(e.to_string())
+            } else {
+                unsent()
+            }
+        })?;
+        let cancel = if eos {
+            None
         } else {
-            unsent()
+            let (cancel, cancelled) = oneshot::channel();
+            tokio::spawn(pump(body, stream, cancelled));
+            Some(CancelOnDrop(Some(cancel)))
+        };
+        let resp = response.await.map_err(|e| classify(&e))?;
+        if let Some(mut c) = cancel {
+            c.0 = None;
         }
-    })?;
-    let cancel = if eos {
-        None
-    } else {
-        let (cancel, cancelled) = oneshot::channel();
-        tokio::spawn(pump(body, stream, cancelled));
-        Some(CancelOnDrop(Some(cancel)))
-    };
-    let resp = response.await.map_err(|e| classify(&e))?;
-    if let Some(mut c) = cancel {
-        c.0 = None;
+        let content_length = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        Ok(resp.map(|recv| H2Body::new(recv, content_length)))
     }
-    let content_length = resp
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    Ok(resp.map(|recv| H2Body::new(recv, content_length)))
 }
 
 /// Resets the stream's upload if the request is dropped before its answer

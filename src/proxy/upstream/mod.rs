@@ -83,26 +83,32 @@ where
         .unwrap_or(Err((Failure::Timeout, None)))
 }
 
+/// What one send gives: the answer with what its body must give back, or
+/// the failure with the request when it never left.
+type Sent = Result<(Response<EndpointBody>, Release), (Failure, Option<Request<UpBody>>)>;
+
 /// Sends `req` on `conn`; the response comes with what its body must give
 /// back. A failed request comes back too when hyper never sent it.
-async fn send(
-    pool: &Arc<Pool>,
-    conn: Conn,
-    req: Request<UpBody>,
-) -> Result<(Response<EndpointBody>, Release), (Failure, Option<Request<UpBody>>)> {
-    match conn {
-        Conn::H1 { mut sender, .. } => match sender.try_send_request(req).await {
-            Ok(resp) => Ok((resp.map(EndpointBody::H1), Release::H1(pool.clone(), sender))),
-            Err(mut e) => match e.take_message() {
-                // Nothing went out: as good as a connect failure.
-                Some(unsent) => Err((Failure::Connect(classify(e.error()).1), Some(unsent))),
-                None => Err((classify(e.error()).0, None)),
+//
+// An `async move` block: an `async fn` would keep `conn` and `req` twice in
+// every request in flight (see `HttpProxy::handle`).
+#[allow(clippy::manual_async_fn)]
+fn send<'a>(pool: &'a Arc<Pool>, conn: Conn, req: Request<UpBody>) -> impl Future<Output = Sent> + 'a {
+    async move {
+        match conn {
+            Conn::H1 { mut sender, .. } => match sender.try_send_request(req).await {
+                Ok(resp) => Ok((resp.map(EndpointBody::H1), Release::H1(pool.clone(), sender))),
+                Err(mut e) => match e.take_message() {
+                    // Nothing went out: as good as a connect failure.
+                    Some(unsent) => Err((Failure::Connect(classify(e.error()).1), Some(unsent))),
+                    None => Err((classify(e.error()).0, None)),
+                },
             },
-        },
-        Conn::H2 { sender, slot } => match http2::send(sender, req).await {
-            Ok(resp) => Ok((resp.map(EndpointBody::H2), Release::H2(slot))),
-            Err(failure) => Err((failure, None)),
-        },
+            Conn::H2 { sender, slot } => match http2::send(sender, req).await {
+                Ok(resp) => Ok((resp.map(EndpointBody::H2), Release::H2(slot))),
+                Err(failure) => Err((failure, None)),
+            },
+        }
     }
 }
 
