@@ -9,7 +9,8 @@
 #   ACCESS_LOG=1 bench/compare.sh    adds a row: a second balanced, the same but
 #                                    with --access-log to a file (the log's cost)
 #
-# Prints, per proxy and per protocol: req/s (median of rounds), p99, CPU
+# Prints, per proxy and per protocol: req/s and p99 (medians of rounds; each
+# round's p99 on the line below), CPU
 # microseconds per request of the proxy process, the share of that CPU spent
 # in the proxy's own code (user time; the rest is the kernel's, for the
 # proxy's system calls), and balanced's ratios.
@@ -263,7 +264,8 @@ measure() {
       [ "$kind" = tlsnew ] && close=(-H "Connection: close")
       out=$(taskset -c "$LOAD_CORE" wrk -t1 -c"$CONNS" -d"${DUR}s" --latency "${close[@]}" "$url")
       rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-      p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+      # In ms, so rounds compare: wrk prints us, ms or s as fits.
+      p99=$(awk '$1=="99%" { v = $2 + 0; if ($2 ~ /us$/) v /= 1000; else if ($2 ~ /[0-9]s$/) v *= 1000; printf "%.2f", v }' <<<"$out")
       reqs=$(awk '/requests in/ {print $1}' <<<"$out")
       if grep -q "Non-2xx" <<<"$out"; then echo "  $name: $(grep Non-2xx <<<"$out")" >&2; fi
       ;;
@@ -271,7 +273,7 @@ measure() {
       out=$(taskset -c "$LOAD_CORE" h2load -c"$CONNS" -m10 -t1 -D"$DUR" "$url" 2>&1)
       rps=$(awk '/^finished in/ {gsub(",","",$4); print $4}' <<<"$out")
       reqs=$(awk '/^requests:/ {print $8}' <<<"$out")
-      p99=$(awk '/time for request:/ {print $6}' <<<"$out")"(max)"
+      p99=$(awk '/time for request:/ { v = $6 + 0; if ($6 ~ /us$/) v /= 1000; else if ($6 ~ /[0-9]s$/) v *= 1000; printf "%.2f", v }' <<<"$out")
       local failed; failed=$(awk '/^requests:/ {print $10}' <<<"$out")
       local ok2xx; ok2xx=$(awk '/^status codes:/ {print $3}' <<<"$out")
       [ "${failed:-0}" != "0" ] && echo "  $name: $failed failed; $(awk '/^status codes:/' <<<"$out")" >&2
@@ -316,6 +318,13 @@ for kind in $ONLY; do
       tcp) targets+=("logged $LOGGED 26003") ;;
     esac
   fi
+  # A one-second round per proxy first, not counted: the page cache was
+  # dropped for the RSS figure, and the first requests read each proxy's code
+  # from disk (balanced's first round had a p99 of 16 ms, its next 0.8).
+  for t in "${targets[@]}"; do
+    read -r name pid url <<<"$t"
+    DUR=1 measure "warmup/$name" "$pid" "$kind" "$url"
+  done
   for r in $(seq "$ROUNDS"); do
     for t in "${targets[@]}"; do
       read -r name pid url <<<"$t"
@@ -334,8 +343,12 @@ for kind in $ONLY; do
   printf '%-10s %12s %14s %12s %6s   %s\n' proxy "$unit" p99 "cpu us/req" "user%" "rounds"
   for name in $NAMES; do
     k="$kind/$name"
-    printf '%-10s %12s %14s %12s %6s   %s\n' "$name" "$(median <<<"${RPS[$k]}")" "$(tr ' ' '\n' <<<"${P99[$k]}" | grep -v '^$' | tail -1)" \
+    p99=$(median <<<"${P99[$k]}")
+    case $kind in h2) p99="${p99}ms(max)" ;; tcp) ;; *) p99="${p99}ms" ;; esac
+    printf '%-10s %12s %14s %12s %6s   %s\n' "$name" "$(median <<<"${RPS[$k]}")" "$p99" \
       "$(median <<<"${CPU[$k]}")" "$(median <<<"${USER[$k]}")" "${RPS[$k]}"
+    # One round's stall moves its p99 and not the median: both are shown.
+    [ "$kind" != tcp ] && printf '%-10s %s by round: %s\n' "" "$([ "$kind" = h2 ] && echo "slowest request" || echo p99), ms" "${P99[$k]}"
     if [ -n "${SYSCALLS:-}" ]; then
       printf '%-10s syscalls/context switches per request, by round: %s\n' "" "${SYS[$k]}"
     fi
